@@ -1,0 +1,129 @@
+//! Wires the tunnel together, runs it, and shuts it down gracefully on SIGTERM.
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::admin::{self, AdminState, Endpoint};
+use crate::config::RunConfig;
+use crate::identity::{CertificateManager, LocalCa};
+use crate::logging::SetLogFilter;
+use crate::pods::{PodsStatus, run_pods};
+use crate::proxy::context::Tunnel;
+use crate::proxy::hbone::{Pool, PoolSettings};
+use crate::state::watch_state_file;
+use crate::telemetry::Metrics;
+use crate::tls::TlsContext;
+
+/// Runs the tunnel until SIGTERM or SIGINT, then drains.
+pub async fn run(config: RunConfig, set_log_filter: SetLogFilter) -> anyhow::Result<()> {
+    raise_fd_limit();
+    let crypto = Arc::new(rustls::crypto::ring::default_provider());
+    let ca = LocalCa::load(
+        &config.ca_cert,
+        &config.ca_key,
+        config.cert_lifetime,
+        crypto.clone(),
+    )?;
+    let certs = CertificateManager::new(Arc::new(ca));
+    let tls = TlsContext::new(crypto, certs.trust_roots(), &config.trust_domain)?;
+    let state = watch_state_file(config.state_file.clone(), config.state_poll).await?;
+    let metrics = Metrics::new();
+    let pool = Pool::new(
+        PoolSettings {
+            max_streams_per_connection: config.pool_max_streams,
+            idle_timeout: config.pool_idle_timeout,
+            connect_timeout: config.connect_timeout,
+        },
+        tls.clone(),
+        certs.clone(),
+        metrics.clone(),
+    );
+    pool.spawn_reaper();
+    let tunnel = Arc::new(Tunnel {
+        state,
+        tls,
+        certs,
+        pool,
+        metrics,
+        shutdown: CancellationToken::new(),
+        connections: TaskTracker::new(),
+        next_endpoint: AtomicUsize::new(0),
+    });
+
+    let pods = Arc::new(Mutex::new(PodsStatus::default()));
+    let admin_state = Arc::new(AdminState {
+        tunnel: tunnel.clone(),
+        node: config.node_name.clone(),
+        config: serde_json::to_value(&config).unwrap_or_default(),
+        pods: pods.clone(),
+        set_log_filter,
+        log_filter: Mutex::new(config.log.clone()),
+    });
+    // Admin endpoints outlive the drain, so readiness and metrics stay visible while it runs.
+    let admin_stop = CancellationToken::new();
+    for (addr, endpoint) in [
+        (config.admin_addr, Endpoint::Admin),
+        (config.metrics_addr, Endpoint::Metrics),
+        (config.readiness_addr, Endpoint::Readiness),
+    ] {
+        admin::serve(addr, endpoint, admin_state.clone(), admin_stop.clone())
+            .await
+            .with_context(|| format!("cannot listen on {addr} for {endpoint:?}"))?;
+    }
+    let pods_task = tokio::spawn(run_pods(
+        tunnel.clone(),
+        config.node_name.clone(),
+        Some(config.socket_mark),
+        pods,
+    ));
+    info!(node = %config.node_name, trust_domain = %config.trust_domain, "tunnel started");
+
+    wait_for_signal().await?;
+    info!(deadline = ?config.drain_timeout, live = tunnel.connections.len(), "shutting down: no new connections, draining live ones");
+    tunnel.shutdown.cancel();
+    tunnel.connections.close();
+    let _ = pods_task.await;
+    if tokio::time::timeout(config.drain_timeout, tunnel.connections.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            left = tunnel.connections.len(),
+            "drain deadline passed; closing remaining connections"
+        );
+    } else {
+        info!("all connections drained");
+    }
+    admin_stop.cancel();
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+    Ok(())
+}
+
+/// Each proxied connection takes two or three descriptors: lift the soft limit to the hard one.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                warn!(error = %e, soft, "cannot raise the open file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot read the open file limit"),
+    }
+}

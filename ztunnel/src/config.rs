@@ -1,0 +1,115 @@
+//! The tunnel's command line: one typed struct, flags with environment fallbacks.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Weft's per-node tunnel.
+#[derive(Debug, Parser)]
+#[command(name = "ztunnel", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the tunnel of one node.
+    Run(Box<RunConfig>),
+    /// Create a new root CA (ca.pem, ca.key) for a local mesh.
+    CreateCa {
+        /// Folder to write ca.pem and ca.key into.
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Settings of a running tunnel.
+#[derive(Debug, clap::Args, serde::Serialize)]
+pub struct RunConfig {
+    /// The node this tunnel serves: workloads whose `node` matches get listeners.
+    #[arg(long, env = "WEFT_NODE_NAME")]
+    pub node_name: String,
+    /// YAML file of workloads and services, reloaded on change.
+    #[arg(long, env = "WEFT_STATE_FILE")]
+    pub state_file: PathBuf,
+    /// How often the state file is checked for changes.
+    #[arg(long, env = "WEFT_STATE_POLL", default_value = "500ms", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub state_poll: Duration,
+    /// SPIFFE trust domain of the mesh.
+    #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Root certificate (PEM) of the local CA; also the trust bundle.
+    #[arg(long, env = "WEFT_CA_CERT")]
+    pub ca_cert: PathBuf,
+    /// Root key (PEM) of the local CA.
+    #[arg(long, env = "WEFT_CA_KEY")]
+    pub ca_key: PathBuf,
+    /// Lifetime of workload certificates; they are renewed at half life.
+    #[arg(long, env = "WEFT_CERT_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub cert_lifetime: Duration,
+    /// Admin endpoint: /config_dump, /logging.
+    #[arg(long, env = "WEFT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+    /// Prometheus endpoint: /metrics.
+    #[arg(long, env = "WEFT_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+    /// Readiness endpoint: /healthz/ready.
+    #[arg(long, env = "WEFT_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+    /// Log filter, in `RUST_LOG` syntax; changeable at run time on the admin endpoint.
+    #[arg(long, env = "WEFT_LOG", default_value = "info")]
+    pub log: String,
+    #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// On SIGTERM, how long live connections may finish before the tunnel exits.
+    #[arg(long, env = "WEFT_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Most streams on one pooled HBONE connection before another is opened.
+    #[arg(long, env = "WEFT_POOL_MAX_STREAMS", default_value_t = 128)]
+    pub pool_max_streams: usize,
+    /// Pooled HBONE connections idle this long are closed.
+    #[arg(long, env = "WEFT_POOL_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    /// Timeout for connecting to another tunnel or an application.
+    #[arg(long, env = "WEFT_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// SO_MARK put on every socket the tunnel makes, so capture can leave them alone.
+    #[arg(long, env = "WEFT_SOCKET_MARK", default_value_t = 0x539)]
+    pub socket_mark: u32,
+}
+
+impl RunConfig {
+    /// Checks what clap cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.pool_max_streams == 0 {
+            return Err("--pool-max-streams must be at least 1".into());
+        }
+        if self.cert_lifetime < Duration::from_secs(2) {
+            return Err("--cert-lifetime must be at least 2s".into());
+        }
+        if self.trust_domain.is_empty() || self.trust_domain.contains('/') {
+            return Err(format!(
+                "--trust-domain {:?} is not a trust domain name",
+                self.trust_domain
+            ));
+        }
+        Ok(())
+    }
+}

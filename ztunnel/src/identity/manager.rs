@@ -1,0 +1,141 @@
+//! Keeps one current certificate per identity in use and renews it at half life.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use tracing::{info, warn};
+
+use super::{CertificateError, CertificateProvider, Identity, WorkloadCertificate};
+
+/// The current certificate of one identity; swapped in place on renewal, so TLS configs that
+/// hold the slot always present a valid certificate without being rebuilt.
+#[derive(Debug)]
+pub struct CertificateSlot {
+    current: ArcSwap<WorkloadCertificate>,
+}
+
+impl CertificateSlot {
+    /// The certificate to present right now.
+    pub fn current(&self) -> Arc<WorkloadCertificate> {
+        self.current.load_full()
+    }
+}
+
+/// Certificate cache shared by all listeners and outbound connections of the tunnel.
+pub struct CertificateManager {
+    provider: Arc<dyn CertificateProvider>,
+    /// Renewal tasks hold only a Weak to their slot, so forgetting an identity stops its task.
+    slots: tokio::sync::Mutex<HashMap<Identity, Arc<CertificateSlot>>>,
+}
+
+/// How long to wait before retrying a failed renewal.
+const RETRY: Duration = Duration::from_secs(1);
+
+impl CertificateManager {
+    /// A manager that asks `provider` for certificates.
+    pub fn new(provider: Arc<dyn CertificateProvider>) -> Arc<Self> {
+        Arc::new(CertificateManager {
+            provider,
+            slots: Default::default(),
+        })
+    }
+
+    /// The provider's trust bundle.
+    pub fn trust_roots(&self) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+        self.provider.trust_roots()
+    }
+
+    /// The slot for `identity`, fetching the first certificate if needed. Concurrent callers
+    /// for the same identity wait for one fetch.
+    pub async fn get(&self, identity: &Identity) -> Result<Arc<CertificateSlot>, CertificateError> {
+        let mut slots = self.slots.lock().await;
+        if let Some(slot) = slots.get(identity) {
+            return Ok(slot.clone());
+        }
+        let first = self.provider.fetch(identity).await?;
+        info!(%identity, not_after = ?first.not_after, "issued workload certificate");
+        let slot = Arc::new(CertificateSlot {
+            current: ArcSwap::from_pointee(first),
+        });
+        slots.insert(identity.clone(), slot.clone());
+        tokio::spawn(renew(
+            self.provider.clone(),
+            identity.clone(),
+            Arc::downgrade(&slot),
+        ));
+        Ok(slot)
+    }
+
+    /// Drops the certificate of an identity no local workload uses any more.
+    pub async fn forget(&self, identity: &Identity) {
+        self.slots.lock().await.remove(identity);
+    }
+}
+
+async fn renew(
+    provider: Arc<dyn CertificateProvider>,
+    identity: Identity,
+    slot: Weak<CertificateSlot>,
+) {
+    loop {
+        let due = match slot.upgrade() {
+            Some(slot) => slot.current().refresh_at(),
+            None => return,
+        };
+        let wait = due.duration_since(SystemTime::now()).unwrap_or_default();
+        tokio::time::sleep(wait).await;
+        let Some(slot) = slot.upgrade() else { return };
+        match provider.fetch(&identity).await {
+            Ok(fresh) => {
+                info!(%identity, not_after = ?fresh.not_after, "renewed workload certificate");
+                slot.current.store(Arc::new(fresh));
+            }
+            Err(error) => {
+                warn!(%identity, %error, "certificate renewal failed; retrying");
+                drop(slot);
+                tokio::time::sleep(RETRY).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::LocalCa;
+
+    #[tokio::test]
+    async fn renews_at_half_life_and_stops_when_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = LocalCa::create_root(dir.path(), "td").unwrap();
+        let crypto = Arc::new(rustls::crypto::ring::default_provider());
+        let ca = LocalCa::load(&cert, &key, Duration::from_secs(2), crypto).unwrap();
+        let manager = CertificateManager::new(Arc::new(ca));
+        let id = Identity::new("td", "ns", "sa");
+        let slot = manager.get(&id).await.unwrap();
+        let again = manager.get(&id).await.unwrap();
+        assert!(Arc::ptr_eq(&slot, &again), "one slot per identity");
+        let first = slot.current();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let renewed = slot.current();
+        assert!(!Arc::ptr_eq(&first, &renewed), "renewed at half life");
+        assert!(renewed.not_after > first.not_after);
+        manager.forget(&id).await;
+        let fresh = manager.get(&id).await.unwrap();
+        assert!(
+            !Arc::ptr_eq(&slot, &fresh),
+            "a forgotten identity gets a new slot"
+        );
+        drop(slot);
+        drop(again);
+        let weak = Arc::downgrade(&fresh);
+        manager.forget(&id).await;
+        drop(fresh);
+        assert!(
+            weak.upgrade().is_none(),
+            "only the manager kept the slot alive"
+        );
+    }
+}

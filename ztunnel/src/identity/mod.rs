@@ -1,0 +1,36 @@
+//! Workload identities and the certificates that prove them.
+
+mod local_ca;
+mod manager;
+mod provider;
+mod spiffe;
+
+pub use local_ca::LocalCa;
+pub use manager::{CertificateManager, CertificateSlot};
+pub use provider::{CertificateProvider, WorkloadCertificate};
+pub use spiffe::{Identity, IdentityError};
+
+/// Failures to obtain or use workload certificates.
+#[derive(Debug, thiserror::Error)]
+pub enum CertificateError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} holds no usable {what}: {reason}")]
+    BadPem {
+        path: std::path::PathBuf,
+        what: &'static str,
+        reason: String,
+    },
+    #[error("cannot sign a certificate for {identity}: {reason}")]
+    Signing { identity: Identity, reason: String },
+    #[error("the signing key cannot be used with rustls: {0}")]
+    Key(String),
+}

@@ -1,0 +1,257 @@
+//! Runs the listeners of every local pod in its own network namespace, following the state.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::identity::CertificateError;
+use crate::netns::{NetnsWorker, SocketFactory};
+use crate::proxy::context::{Pod, Tunnel};
+use crate::proxy::hbone::serve_hbone_connection;
+use crate::proxy::inbound_plaintext::{INBOUND_PLAINTEXT_PORT, serve_inbound_plaintext};
+use crate::proxy::outbound::{Entry, HBONE_PORT, serve_outbound};
+use crate::state::{Protocol, State, Workload};
+use crate::tls::TlsError;
+
+/// Outbound listener for captured connections.
+pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
+/// Explicit SOCKS5 entry into the mesh.
+pub const SOCKS5_PORT: u16 = 15080;
+
+/// Why a local pod's listeners could not start; retried on the next state change.
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error("pod {pod} is on this node but has no netns in the state")]
+    NoNetns { pod: String },
+    #[error("pod {pod}: {source}")]
+    Netns { pod: String, source: io::Error },
+    #[error("pod {pod}: cannot listen on {addr} in its network namespace: {source}")]
+    Listen {
+        pod: String,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+    #[error("pod {pod}: {source}")]
+    Certificate {
+        pod: String,
+        source: CertificateError,
+    },
+    #[error("pod {pod}: {source}")]
+    Tls { pod: String, source: TlsError },
+}
+
+struct RunningPod {
+    workload: Arc<Workload>,
+    stop: CancellationToken,
+}
+
+/// Which local pods run and which failed, for readiness and `/config_dump`.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct PodsStatus {
+    /// Set once the first state has been applied.
+    pub synced: bool,
+    pub running: Vec<String>,
+    pub failed: BTreeMap<String, String>,
+}
+
+/// Keeps the set of running pods equal to the local HBONE workloads of the state.
+pub async fn run_pods(
+    tunnel: Arc<Tunnel>,
+    node: String,
+    mark: Option<u32>,
+    status: Arc<Mutex<PodsStatus>>,
+) {
+    let mut running: HashMap<String, RunningPod> = HashMap::new();
+    let mut state_rx = tunnel.state.clone();
+    loop {
+        let state = state_rx.borrow_and_update().clone();
+        let failed = reconcile(&tunnel, &node, mark, &state, &mut running).await;
+        if let Ok(mut s) = status.lock() {
+            s.synced = true;
+            s.running = running.keys().cloned().collect();
+            s.running.sort();
+            s.failed = failed;
+        }
+        tokio::select! {
+            changed = state_rx.changed() => if changed.is_err() { return },
+            _ = tunnel.shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn reconcile(
+    tunnel: &Arc<Tunnel>,
+    node: &str,
+    mark: Option<u32>,
+    state: &State,
+    running: &mut HashMap<String, RunningPod>,
+) -> BTreeMap<String, String> {
+    let wanted: HashMap<String, Arc<Workload>> = state
+        .local_workloads(node)
+        .filter(|w| w.protocol == Protocol::Hbone)
+        .map(|w| (w.key(), w.clone()))
+        .collect();
+    running.retain(|key, pod| {
+        let keep = wanted.get(key).is_some_and(|w| **w == *pod.workload);
+        if !keep {
+            info!(pod = %key, "stopping pod listeners");
+            pod.stop.cancel();
+        }
+        keep
+    });
+    let mut failed = BTreeMap::new();
+    for (key, workload) in wanted {
+        if running.contains_key(&key) {
+            continue;
+        }
+        match start_pod(tunnel, workload.clone(), mark).await {
+            Ok(stop) => {
+                info!(pod = %key, identity = %workload.identity(tunnel.trust_domain()), "pod listeners running");
+                running.insert(key, RunningPod { workload, stop });
+            }
+            Err(e) => {
+                error!("{e}");
+                failed.insert(key, e.to_string());
+            }
+        }
+    }
+    failed
+}
+
+async fn start_pod(
+    tunnel: &Arc<Tunnel>,
+    workload: Arc<Workload>,
+    mark: Option<u32>,
+) -> Result<CancellationToken, PodError> {
+    let key = workload.key();
+    let netns = workload
+        .netns
+        .as_ref()
+        .ok_or_else(|| PodError::NoNetns { pod: key.clone() })?;
+    let worker = NetnsWorker::spawn(netns).map_err(|source| PodError::Netns {
+        pod: key.clone(),
+        source,
+    })?;
+    let sockets = SocketFactory::pod(worker, mark);
+    let identity = workload.identity(tunnel.trust_domain());
+    let slot = tunnel
+        .certs
+        .get(&identity)
+        .await
+        .map_err(|source| PodError::Certificate {
+            pod: key.clone(),
+            source,
+        })?;
+    let server_config = tunnel
+        .tls
+        .server_config(slot)
+        .map_err(|source| PodError::Tls {
+            pod: key.clone(),
+            source,
+        })?;
+    let has_v6 = workload.ips.iter().any(|ip| ip.is_ipv6());
+    let pod = Arc::new(Pod {
+        workload,
+        identity,
+        sockets: sockets.clone(),
+    });
+
+    let any4 = Ipv4Addr::UNSPECIFIED.into();
+    let any6 = Ipv6Addr::UNSPECIFIED.into();
+    let lo4 = Ipv4Addr::LOCALHOST.into();
+    let lo6 = Ipv6Addr::LOCALHOST.into();
+    let mut listeners = Vec::new();
+    for (ip, port, kind) in [
+        (any4, HBONE_PORT, Kind::Hbone),
+        (any4, INBOUND_PLAINTEXT_PORT, Kind::InboundPlaintext),
+        (lo4, OUTBOUND_CAPTURE_PORT, Kind::Outbound(Entry::Captured)),
+        (lo4, SOCKS5_PORT, Kind::Outbound(Entry::Socks5)),
+        (any6, HBONE_PORT, Kind::Hbone),
+        (any6, INBOUND_PLAINTEXT_PORT, Kind::InboundPlaintext),
+        (lo6, OUTBOUND_CAPTURE_PORT, Kind::Outbound(Entry::Captured)),
+        (lo6, SOCKS5_PORT, Kind::Outbound(Entry::Socks5)),
+    ] {
+        let addr = SocketAddr::new(ip, port);
+        match sockets.listen(addr).await {
+            Ok(listener) => listeners.push((listener, kind)),
+            // IPv6 listeners are best effort unless the pod has an IPv6 address.
+            Err(e) if addr.is_ipv6() && !has_v6 => {
+                debug!(pod = %key, %addr, error = %e, "no IPv6 listener")
+            }
+            Err(source) => {
+                return Err(PodError::Listen {
+                    pod: key,
+                    addr,
+                    source,
+                });
+            }
+        }
+    }
+
+    let stop = tunnel.shutdown.child_token();
+    for (listener, kind) in listeners {
+        let pod = pod.clone();
+        let tunnel_for_conn = tunnel.clone();
+        let config = server_config.clone();
+        let handler = move |stream: TcpStream, peer: SocketAddr| {
+            let pod = pod.clone();
+            let tunnel = tunnel_for_conn.clone();
+            let config = config.clone();
+            async move {
+                match kind {
+                    Kind::Hbone => serve_hbone_connection(stream, peer, config, pod, tunnel).await,
+                    Kind::InboundPlaintext => {
+                        serve_inbound_plaintext(stream, peer, pod, tunnel).await
+                    }
+                    Kind::Outbound(entry) => serve_outbound(stream, peer, entry, pod, tunnel).await,
+                }
+            }
+        };
+        tokio::spawn(accept_loop(listener, stop.clone(), tunnel.clone(), handler));
+    }
+    Ok(stop)
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Hbone,
+    InboundPlaintext,
+    Outbound(Entry),
+}
+
+/// Accepts until `stop`, running each connection as a tracked task (drained on shutdown).
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    stop: CancellationToken,
+    tunnel: Arc<Tunnel>,
+    handler: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let local = listener.local_addr().ok();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    tunnel.connections.spawn(handler(stream, peer));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!(listener = ?local, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            _ = stop.cancelled() => {
+                debug!(listener = ?local, "listener closed");
+                return;
+            }
+        }
+    }
+}

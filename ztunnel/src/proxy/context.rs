@@ -1,0 +1,54 @@
+//! What every proxy path shares: the tunnel-wide context and one local pod's context.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::hbone::Pool;
+use crate::identity::{CertificateManager, Identity};
+use crate::netns::SocketFactory;
+use crate::state::{StateHandle, Workload};
+use crate::telemetry::{Metrics, Peer};
+use crate::tls::TlsContext;
+
+/// Shared by every listener and connection of the tunnel.
+pub struct Tunnel {
+    pub state: StateHandle,
+    pub tls: TlsContext,
+    pub certs: Arc<CertificateManager>,
+    pub pool: Arc<Pool>,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled on SIGTERM: listeners stop accepting, HBONE servers send GOAWAY.
+    pub shutdown: CancellationToken,
+    /// Every live connection, so shutdown can wait for them to drain.
+    pub connections: TaskTracker,
+    /// Round-robin cursor for service endpoints.
+    pub next_endpoint: AtomicUsize,
+}
+
+impl Tunnel {
+    /// The trust domain of this mesh.
+    pub fn trust_domain(&self) -> &str {
+        self.tls.trust_domain()
+    }
+
+    /// How metrics and logs describe a workload.
+    pub fn peer_of(&self, workload: &Workload, addr: Option<std::net::SocketAddr>) -> Peer {
+        Peer {
+            addr,
+            workload: Some(workload.name.clone()),
+            namespace: Some(workload.namespace.clone()),
+            identity: Some(workload.identity(self.trust_domain())),
+        }
+    }
+}
+
+/// One local pod whose listeners this tunnel runs.
+pub struct Pod {
+    pub workload: Arc<Workload>,
+    pub identity: Identity,
+    /// Makes sockets inside the pod's network namespace.
+    pub sockets: SocketFactory,
+}

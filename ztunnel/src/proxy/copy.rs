@@ -1,0 +1,169 @@
+//! Moving bytes both ways, between two TCP sockets or between a TCP socket and an HTTP/2
+//! stream, counting them as they go. Buffers are taken only when data is ready (an idle
+//! connection holds none) and grow while reads keep filling them (bulk transfer).
+
+use std::future::poll_fn;
+use std::io;
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use super::ProxyError;
+
+const MIN_READ: usize = 16 * 1024;
+const MAX_READ: usize = 256 * 1024;
+
+/// Bytes moved in each direction of a connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// From the accepting side (the client) onwards.
+    pub forward: u64,
+    /// Back towards the client.
+    pub backward: u64,
+}
+
+/// Reads in chunks sized by how busy the socket is.
+struct AdaptiveReader {
+    size: usize,
+}
+
+impl AdaptiveReader {
+    fn new() -> Self {
+        AdaptiveReader { size: MIN_READ }
+    }
+
+    /// The next chunk, or `None` at end of stream.
+    async fn next(&mut self, rd: &OwnedReadHalf) -> io::Result<Option<Bytes>> {
+        loop {
+            rd.readable().await?;
+            let mut buf = BytesMut::with_capacity(self.size);
+            match rd.try_read_buf(&mut buf) {
+                Ok(0) => return Ok(None),
+                Ok(n) => {
+                    if n == self.size {
+                        self.size = (self.size * 2).min(MAX_READ);
+                    } else if n < self.size / 4 {
+                        self.size = (self.size / 2).max(MIN_READ);
+                    }
+                    return Ok(Some(buf.freeze()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Copies between a client socket and an upstream socket until both directions end.
+pub async fn copy_tcp(
+    client: TcpStream,
+    upstream: TcpStream,
+    forward: &Counter,
+    backward: &Counter,
+) -> Result<Totals, ProxyError> {
+    let (crd, cwr) = client.into_split();
+    let (urd, uwr) = upstream.into_split();
+    let (f, b) = tokio::try_join!(
+        tcp_to_tcp(crd, uwr, forward),
+        tcp_to_tcp(urd, cwr, backward)
+    )?;
+    Ok(Totals {
+        forward: f,
+        backward: b,
+    })
+}
+
+async fn tcp_to_tcp(
+    rd: OwnedReadHalf,
+    mut wr: OwnedWriteHalf,
+    counter: &Counter,
+) -> io::Result<u64> {
+    let mut reader = AdaptiveReader::new();
+    let mut total = 0u64;
+    while let Some(chunk) = reader.next(&rd).await? {
+        wr.write_all(&chunk).await?;
+        counter.inc_by(chunk.len() as u64);
+        total += chunk.len() as u64;
+    }
+    wr.shutdown().await?;
+    Ok(total)
+}
+
+/// Copies between a TCP socket and an HTTP/2 stream until both directions end. `forward`
+/// counts TCP to HTTP/2, `backward` HTTP/2 to TCP.
+pub async fn copy_tcp_h2(
+    tcp: TcpStream,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    forward: &Counter,
+    backward: &Counter,
+) -> Result<Totals, ProxyError> {
+    let (rd, wr) = tcp.into_split();
+    let (f, b) = tokio::try_join!(tcp_to_h2(rd, send, forward), h2_to_tcp(recv, wr, backward))?;
+    Ok(Totals {
+        forward: f,
+        backward: b,
+    })
+}
+
+async fn tcp_to_h2(
+    rd: OwnedReadHalf,
+    mut send: SendStream<Bytes>,
+    counter: &Counter,
+) -> Result<u64, ProxyError> {
+    let mut reader = AdaptiveReader::new();
+    let mut total = 0u64;
+    while let Some(chunk) = reader.next(&rd).await? {
+        let len = chunk.len() as u64;
+        send_all(&mut send, chunk).await?;
+        counter.inc_by(len);
+        total += len;
+    }
+    send.send_data(Bytes::new(), true)?;
+    Ok(total)
+}
+
+/// Sends `data` as HTTP/2 DATA frames as fast as flow control allows.
+async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), ProxyError> {
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(granted) => granted?,
+            None => {
+                return Err(ProxyError::Io(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "the HTTP/2 stream was closed by the peer",
+                )));
+            }
+        };
+        if granted == 0 {
+            continue;
+        }
+        let chunk = data.split_to(granted.min(data.len()));
+        send.send_data(chunk, false)?;
+    }
+    Ok(())
+}
+
+async fn h2_to_tcp(
+    mut recv: RecvStream,
+    mut wr: OwnedWriteHalf,
+    counter: &Counter,
+) -> Result<u64, ProxyError> {
+    let mut total = 0u64;
+    while let Some(data) = recv.data().await {
+        let data = data?;
+        let len = data.len();
+        wr.write_all(&data).await?;
+        // Released only once written: a slow reader slows the sender (back-pressure).
+        recv.flow_control().release_capacity(len)?;
+        counter.inc_by(len as u64);
+        total += len as u64;
+    }
+    wr.shutdown().await?;
+    Ok(total)
+}

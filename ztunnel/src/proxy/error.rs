@@ -1,0 +1,93 @@
+//! Everything that can go wrong with one proxied connection, and how it is reported.
+
+use std::net::SocketAddr;
+
+use http::StatusCode;
+
+use crate::identity::CertificateError;
+use crate::tls::TlsError;
+
+/// Why a proxied connection failed. Each maps to a `response_flags` value for metrics and logs
+/// and, on the inbound side, to the HTTP status of the CONNECT response.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("SOCKS5 request refused: {0}")]
+    Socks(String),
+    #[error("cannot read the original destination of a captured connection: {0}")]
+    OriginalDestination(std::io::Error),
+    #[error("service {service} has no endpoints to send to")]
+    NoHealthyUpstream { service: String },
+    #[error("connection to {addr} failed: {source}; is the application listening on that port?")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot reach the tunnel at {addr}: {source}; maybe a NetworkPolicy blocks HBONE port 15008"
+    )]
+    HboneConnect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("timed out connecting to {addr}; maybe a NetworkPolicy blocks port {}", addr.port())]
+    ConnectTimeout { addr: SocketAddr },
+    #[error("TLS handshake with {addr} failed: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("no certificate for the source workload: {0}")]
+    Certificate(#[from] CertificateError),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] TlsError),
+    #[error("HTTP/2 error: {0}")]
+    Http2(#[from] h2::Error),
+    #[error("the peer tunnel refused CONNECT {target} with {status}{}", reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
+    ConnectRefused {
+        target: SocketAddr,
+        status: StatusCode,
+        reason: Option<String>,
+    },
+    #[error("CONNECT target {0:?} is not an address:port")]
+    BadTarget(String),
+    #[error("this listener serves {serves}, not {target}")]
+    Misdirected { target: SocketAddr, serves: String },
+    #[error("method {0} is not supported; HBONE uses CONNECT")]
+    BadMethod(http::Method),
+    #[error("I/O error while copying: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the tunnel is shutting down")]
+    ShuttingDown,
+}
+
+impl ProxyError {
+    /// Envoy-style short flag for the `response_flags` label and the access log.
+    pub fn response_flags(&self) -> &'static str {
+        match self {
+            ProxyError::Socks(_) | ProxyError::BadTarget(_) | ProxyError::BadMethod(_) => "DPE",
+            ProxyError::OriginalDestination(_) => "NOD",
+            ProxyError::NoHealthyUpstream { .. } => "UH",
+            ProxyError::Connect { .. } | ProxyError::HboneConnect { .. } => "UF",
+            ProxyError::ConnectTimeout { .. } => "UT",
+            ProxyError::Handshake { .. } | ProxyError::Tls(_) => "TLS",
+            ProxyError::Certificate(_) => "CERT",
+            ProxyError::Http2(_) => "H2",
+            ProxyError::ConnectRefused { .. } => "URX",
+            ProxyError::Misdirected { .. } => "NR",
+            ProxyError::Io(_) => "IO",
+            ProxyError::ShuttingDown => "SI",
+        }
+    }
+
+    /// HTTP status answering a CONNECT that failed for this reason.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadTarget(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadMethod(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
+            ProxyError::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}

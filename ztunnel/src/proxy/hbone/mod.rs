@@ -1,0 +1,19 @@
+//! HBONE: one HTTP/2 CONNECT stream per proxied connection, over pooled mutual TLS 1.3.
+
+mod client;
+mod pool;
+mod server;
+
+pub use client::{HboneStream, connect};
+pub use pool::{Checkout, Pool, PoolKey, PoolSettings};
+pub use server::serve_hbone_connection;
+
+/// HTTP/2 flow-control windows: large enough for one stream to fill a fast link.
+pub(crate) const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub(crate) const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+pub(crate) const MAX_FRAME_SIZE: u32 = 256 * 1024;
+/// Bytes HTTP/2 buffers per stream before a send waits for the socket.
+pub(crate) const SEND_BUFFER: usize = 1024 * 1024;
+
+/// Header carrying the reason of a refused CONNECT, for humans reading logs on the client side.
+pub(crate) const ERROR_HEADER: &str = "weft-error";

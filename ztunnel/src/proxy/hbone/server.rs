@@ -1,0 +1,224 @@
+//! The HBONE listener of a local pod (port 15008): terminate mutual TLS, take the client's
+//! identity, accept CONNECT streams for this pod only, connect to the application, copy.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Method, Request, Response};
+use rustls::ServerConfig;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, warn};
+
+use super::{CONNECTION_WINDOW, ERROR_HEADER, MAX_FRAME_SIZE, SEND_BUFFER, STREAM_WINDOW};
+use crate::identity::Identity;
+use crate::proxy::context::{Pod, Tunnel};
+use crate::proxy::{ProxyError, copy};
+use crate::telemetry::{ConnectionRecorder, Peer, Reporter};
+use crate::tls::peer_identity;
+
+/// Most concurrent CONNECT streams a client tunnel may open on one connection.
+const MAX_CONCURRENT_STREAMS: u32 = 1000;
+
+/// Serves one accepted TCP connection on a pod's 15008 listener until it closes.
+pub async fn serve_hbone_connection(
+    tcp: TcpStream,
+    client_addr: SocketAddr,
+    config: Arc<ServerConfig>,
+    pod: Arc<Pod>,
+    tunnel: Arc<Tunnel>,
+) {
+    let _ = tcp.set_nodelay(true);
+    let tls = match TlsAcceptor::from(config).accept(tcp).await {
+        Ok(tls) => tls,
+        Err(error) => {
+            warn!(client = %client_addr, pod = %pod.workload.key(), %error, "refused HBONE connection: TLS handshake failed");
+            return;
+        }
+    };
+    // The verifier accepted the chain and the SPIFFE ID, so both are present.
+    let client_identity = match tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(peer_identity)
+    {
+        Some(Ok(id)) => id,
+        _ => {
+            warn!(client = %client_addr, "refused HBONE connection: no client identity");
+            return;
+        }
+    };
+    let mut connection = match h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_send_buffer_size(SEND_BUFFER)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .handshake::<_, Bytes>(tls)
+        .await
+    {
+        Ok(c) => c,
+        Err(error) => {
+            warn!(client = %client_addr, %error, "refused HBONE connection: HTTP/2 handshake failed");
+            return;
+        }
+    };
+    debug!(client = %client_addr, identity = %client_identity, "accepted HBONE connection");
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            next = connection.accept() => match next {
+                Some(Ok((request, respond))) => {
+                    let stream = handle_stream(request, respond, client_addr, client_identity.clone(), pod.clone(), tunnel.clone());
+                    tunnel.connections.spawn(stream);
+                }
+                Some(Err(error)) => {
+                    warn!(client = %client_addr, %error, "HBONE connection failed");
+                    return;
+                }
+                None => return,
+            },
+            _ = tunnel.shutdown.cancelled(), if !draining => {
+                draining = true;
+                connection.graceful_shutdown();
+            }
+        }
+    }
+}
+
+async fn handle_stream(
+    request: Request<h2::RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    client_addr: SocketAddr,
+    client_identity: Identity,
+    pod: Arc<Pod>,
+    tunnel: Arc<Tunnel>,
+) {
+    let source = source_peer(&tunnel, client_addr, client_identity);
+    let destination = tunnel.peer_of(&pod.workload, None);
+    let target = match connect_target(&request, &pod) {
+        Ok(target) => target,
+        Err(error) => {
+            let recorder = ConnectionRecorder::open(
+                tunnel.metrics.clone(),
+                Reporter::destination,
+                source,
+                destination,
+                None,
+                true,
+            );
+            refuse(&mut respond, &error);
+            recorder.close(0, 0, Some(error.response_flags()), Some(&error));
+            return;
+        }
+    };
+    let destination = Peer {
+        addr: Some(target),
+        ..destination
+    };
+    let recorder = ConnectionRecorder::open(
+        tunnel.metrics.clone(),
+        Reporter::destination,
+        source,
+        destination,
+        None,
+        true,
+    );
+    let app = match pod.sockets.connect(target).await {
+        Ok(app) => app,
+        Err(source) => {
+            let error = ProxyError::Connect {
+                addr: target,
+                source,
+            };
+            refuse(&mut respond, &error);
+            recorder.close(0, 0, Some(error.response_flags()), Some(&error));
+            return;
+        }
+    };
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(send) => send,
+        Err(error) => {
+            let error = ProxyError::from(error);
+            recorder.close(0, 0, Some(error.response_flags()), Some(&error));
+            return;
+        }
+    };
+    let recv = request.into_body();
+    // Forward on this side is application to client: that is the response direction (sent).
+    match copy::copy_tcp_h2(
+        app,
+        send,
+        recv,
+        &recorder.sent.clone(),
+        &recorder.received.clone(),
+    )
+    .await
+    {
+        Ok(totals) => recorder.close(totals.backward, totals.forward, None, None),
+        Err(error) => recorder.close(0, 0, Some(error.response_flags()), Some(&error)),
+    }
+}
+
+fn source_peer(tunnel: &Tunnel, client_addr: SocketAddr, identity: Identity) -> Peer {
+    let state = tunnel.state.borrow().clone();
+    match state.workload_by_ip(client_addr.ip()) {
+        Some(w) if w.identity(tunnel.trust_domain()) == identity => Peer {
+            addr: Some(client_addr),
+            workload: Some(w.name.clone()),
+            namespace: Some(w.namespace.clone()),
+            identity: Some(identity),
+        },
+        _ => Peer {
+            addr: Some(client_addr),
+            workload: None,
+            namespace: Some(identity.namespace.clone()),
+            identity: Some(identity),
+        },
+    }
+}
+
+/// The CONNECT target, which must be an address of this pod.
+fn connect_target(request: &Request<h2::RecvStream>, pod: &Pod) -> Result<SocketAddr, ProxyError> {
+    if request.method() != Method::CONNECT {
+        return Err(ProxyError::BadMethod(request.method().clone()));
+    }
+    let authority = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .unwrap_or_default();
+    let target: SocketAddr = authority
+        .parse()
+        .map_err(|_| ProxyError::BadTarget(authority.to_owned()))?;
+    if !pod.workload.ips.contains(&target.ip()) {
+        let serves = pod
+            .workload
+            .ips
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(ProxyError::Misdirected {
+            target,
+            serves: format!("{} ({serves})", pod.workload.key()),
+        });
+    }
+    Ok(target)
+}
+
+fn refuse(respond: &mut SendResponse<Bytes>, error: &ProxyError) {
+    debug!(%error, "refusing CONNECT");
+    let mut response = Response::new(());
+    *response.status_mut() = error.status();
+    if let Ok(value) = http::HeaderValue::from_str(&error.to_string()) {
+        response.headers_mut().insert(ERROR_HEADER, value);
+    }
+    if respond.send_response(response, true).is_err() {
+        respond.send_reset(h2::Reason::CANCEL);
+    }
+}

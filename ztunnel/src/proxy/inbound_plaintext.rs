@@ -1,0 +1,76 @@
+//! The plaintext inbound listener of a local pod (15006): connections from outside the mesh,
+//! steered here with their original destination as the local address.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::context::{Pod, Tunnel};
+use super::{ProxyError, copy};
+use crate::telemetry::{ConnectionRecorder, Peer, Reporter};
+
+/// Port of the plaintext inbound listener.
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+
+/// Proxies one plaintext connection to the pod's application.
+pub async fn serve_inbound_plaintext(
+    client: TcpStream,
+    client_addr: SocketAddr,
+    pod: Arc<Pod>,
+    tunnel: Arc<Tunnel>,
+) {
+    let _ = client.set_nodelay(true);
+    let target = match client.local_addr() {
+        Ok(addr) if addr.port() != INBOUND_PLAINTEXT_PORT => addr,
+        _ => {
+            debug!(client = %client_addr, "refused a direct connection to the plaintext inbound port");
+            return;
+        }
+    };
+    let source = {
+        let state = tunnel.state.borrow().clone();
+        match state.workload_by_ip(client_addr.ip()) {
+            // Without TLS the peer's identity is unproven: keep only where it comes from.
+            Some(w) => Peer {
+                addr: Some(client_addr),
+                workload: Some(w.name.clone()),
+                namespace: Some(w.namespace.clone()),
+                identity: None,
+            },
+            None => Peer {
+                addr: Some(client_addr),
+                ..Peer::default()
+            },
+        }
+    };
+    let destination = Peer {
+        addr: Some(target),
+        ..tunnel.peer_of(&pod.workload, None)
+    };
+    let recorder = ConnectionRecorder::open(
+        tunnel.metrics.clone(),
+        Reporter::destination,
+        source,
+        destination,
+        None,
+        false,
+    );
+    match pod.sockets.connect(target).await {
+        Ok(app) => {
+            let (received, sent) = (recorder.received.clone(), recorder.sent.clone());
+            match copy::copy_tcp(client, app, &received, &sent).await {
+                Ok(t) => recorder.close(t.forward, t.backward, None, None),
+                Err(error) => recorder.close(0, 0, Some(error.response_flags()), Some(&error)),
+            }
+        }
+        Err(source) => {
+            let error = ProxyError::Connect {
+                addr: target,
+                source,
+            };
+            recorder.close(0, 0, Some(error.response_flags()), Some(&error));
+        }
+    }
+}

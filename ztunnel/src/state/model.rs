@@ -1,0 +1,299 @@
+//! The workload and service tables, validated and indexed for lookups on every connection.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::StateError;
+use crate::identity::Identity;
+
+/// How a workload accepts mesh traffic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Protocol {
+    /// Enrolled: reached through its node's tunnel on port 15008.
+    #[default]
+    #[serde(rename = "HBONE")]
+    Hbone,
+    /// Not enrolled: reached by plain TCP.
+    #[serde(rename = "TCP")]
+    Tcp,
+}
+
+/// One pod.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    pub ips: Vec<IpAddr>,
+    pub node: String,
+    /// The pod's network namespace, required for pods on this tunnel's node.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+fn default_service_account() -> String {
+    "default".to_owned()
+}
+
+impl Workload {
+    /// `namespace/name`, unique in the cluster.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The SPIFFE ID this workload proves.
+    pub fn identity(&self, trust_domain: &str) -> Identity {
+        Identity::new(trust_domain, &self.namespace, &self.service_account)
+    }
+}
+
+/// A service port and the workload port it forwards to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServicePort {
+    pub port: u16,
+    pub target_port: u16,
+}
+
+/// A service VIP and the workloads behind it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub addresses: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    /// Workloads as `namespace/name`.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+}
+
+impl Service {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The tables as a source hands them over, before validation.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSpec {
+    #[serde(default)]
+    pub workloads: Vec<Workload>,
+    #[serde(default)]
+    pub services: Vec<Service>,
+}
+
+/// Validated, indexed cluster state. Immutable: a change builds a new one.
+#[derive(Debug, Default)]
+pub struct State {
+    spec: StateSpec,
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+    by_key: HashMap<String, Arc<Workload>>,
+    by_vip: HashMap<SocketAddr, (Arc<Service>, u16)>,
+}
+
+impl State {
+    /// Validates `spec`; `source_name` (a file path, "agent") goes into error messages.
+    pub fn build(spec: StateSpec, source_name: &str) -> Result<Self, StateError> {
+        let invalid = |what: String, reason: String| StateError::Invalid {
+            source_name: source_name.to_owned(),
+            what,
+            reason,
+        };
+        let mut by_ip = HashMap::new();
+        let mut by_key = HashMap::new();
+        for (i, w) in spec.workloads.iter().enumerate() {
+            let what = format!("workloads[{i}] ({})", w.key());
+            for (field, value) in [
+                ("name", &w.name),
+                ("namespace", &w.namespace),
+                ("serviceAccount", &w.service_account),
+                ("node", &w.node),
+            ] {
+                if value.is_empty() || value.contains('/') {
+                    return Err(invalid(
+                        what,
+                        format!("{field} must be non-empty and hold no '/'"),
+                    ));
+                }
+            }
+            if w.ips.is_empty() {
+                return Err(invalid(what, "a workload needs at least one IP".into()));
+            }
+            let w = Arc::new(w.clone());
+            if by_key.insert(w.key(), w.clone()).is_some() {
+                return Err(invalid(
+                    what,
+                    "a workload of that namespace and name is already listed".into(),
+                ));
+            }
+            for ip in &w.ips {
+                if let Some(other) = by_ip.insert(*ip, w.clone()) {
+                    return Err(invalid(
+                        what,
+                        format!("IP {ip} is already used by {}", other.key()),
+                    ));
+                }
+            }
+        }
+        let mut by_vip = HashMap::new();
+        for (i, s) in spec.services.iter().enumerate() {
+            let what = format!("services[{i}] ({})", s.key());
+            if s.addresses.is_empty() || s.ports.is_empty() {
+                return Err(invalid(
+                    what,
+                    "a service needs at least one address and one port".into(),
+                ));
+            }
+            for endpoint in &s.endpoints {
+                if !by_key.contains_key(endpoint) {
+                    return Err(invalid(
+                        what,
+                        format!("endpoint {endpoint:?} is not a listed workload (namespace/name)"),
+                    ));
+                }
+            }
+            let service = Arc::new(s.clone());
+            let mut seen = HashSet::new();
+            for ip in &s.addresses {
+                if by_ip.contains_key(ip) {
+                    return Err(invalid(what, format!("address {ip} is also a workload IP")));
+                }
+                for port in &s.ports {
+                    let vip = SocketAddr::new(*ip, port.port);
+                    if !seen.insert(vip)
+                        || by_vip
+                            .insert(vip, (service.clone(), port.target_port))
+                            .is_some()
+                    {
+                        return Err(invalid(what, format!("{vip} is already a service address")));
+                    }
+                }
+            }
+        }
+        Ok(State {
+            spec,
+            by_ip,
+            by_key,
+            by_vip,
+        })
+    }
+
+    /// The workload owning `ip`.
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&ip)
+    }
+
+    /// The workload `namespace/name`.
+    pub fn workload(&self, key: &str) -> Option<&Arc<Workload>> {
+        self.by_key.get(key)
+    }
+
+    /// The service behind a VIP and port, with the target port its endpoints listen on.
+    pub fn service_by_vip(&self, vip: SocketAddr) -> Option<(&Arc<Service>, u16)> {
+        self.by_vip.get(&vip).map(|(s, p)| (s, *p))
+    }
+
+    /// Workloads scheduled on `node`.
+    pub fn local_workloads<'a>(
+        &'a self,
+        node: &'a str,
+    ) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
+        self.by_key.values().filter(move |w| w.node == node)
+    }
+
+    /// The tables as given, for `/config_dump`.
+    pub fn spec(&self) -> &StateSpec {
+        &self.spec
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(name: &str, ip: &str) -> Workload {
+        Workload {
+            name: name.into(),
+            namespace: "default".into(),
+            service_account: "sa".into(),
+            ips: vec![ip.parse().unwrap()],
+            node: "node1".into(),
+            netns: None,
+            protocol: Protocol::Hbone,
+        }
+    }
+
+    #[test]
+    fn indexes_workloads_and_service_addresses() {
+        let spec = StateSpec {
+            workloads: vec![workload("a", "10.0.0.1"), workload("b", "10.0.0.2")],
+            services: vec![Service {
+                name: "web".into(),
+                namespace: "default".into(),
+                addresses: vec!["10.96.0.1".parse().unwrap()],
+                ports: vec![ServicePort {
+                    port: 80,
+                    target_port: 8080,
+                }],
+                endpoints: vec!["default/b".into()],
+            }],
+        };
+        let state = State::build(spec, "test").unwrap();
+        assert_eq!(
+            state
+                .workload_by_ip("10.0.0.2".parse().unwrap())
+                .unwrap()
+                .name,
+            "b"
+        );
+        let (svc, port) = state
+            .service_by_vip("10.96.0.1:80".parse().unwrap())
+            .unwrap();
+        assert_eq!((svc.name.as_str(), port), ("web", 8080));
+        assert!(
+            state
+                .service_by_vip("10.96.0.1:81".parse().unwrap())
+                .is_none()
+        );
+        assert_eq!(state.local_workloads("node1").count(), 2);
+    }
+
+    #[test]
+    fn refuses_duplicate_ips_and_unknown_endpoints() {
+        let dup = StateSpec {
+            workloads: vec![workload("a", "10.0.0.1"), workload("b", "10.0.0.1")],
+            services: vec![],
+        };
+        let err = State::build(dup, "f.yaml").unwrap_err().to_string();
+        assert!(
+            err.contains("workloads[1] (default/b)") && err.contains("10.0.0.1"),
+            "{err}"
+        );
+        let unknown = StateSpec {
+            workloads: vec![workload("a", "10.0.0.1")],
+            services: vec![Service {
+                name: "web".into(),
+                namespace: "default".into(),
+                addresses: vec!["10.96.0.1".parse().unwrap()],
+                ports: vec![ServicePort {
+                    port: 80,
+                    target_port: 80,
+                }],
+                endpoints: vec!["default/zz".into()],
+            }],
+        };
+        let err = State::build(unknown, "f.yaml").unwrap_err().to_string();
+        assert!(err.contains("default/zz"), "{err}");
+    }
+}

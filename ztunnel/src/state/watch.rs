@@ -1,0 +1,127 @@
+//! Reloads the state file when it changes; a bad version is logged and the last good one kept.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{error, info};
+
+use super::{State, StateError, parse_state_file};
+
+/// The current state; cheap to clone, and `changed()` wakes on every accepted update.
+pub type StateHandle = watch::Receiver<Arc<State>>;
+
+/// Loads `path` (which must be valid now) and keeps polling it every `interval`.
+pub async fn watch_state_file(
+    path: PathBuf,
+    interval: Duration,
+) -> Result<StateHandle, StateError> {
+    let (text, state) = load(&path).await?;
+    info!(path = %path.display(), workloads = state.spec().workloads.len(), services = state.spec().services.len(), "loaded state file");
+    let (tx, rx) = watch::channel(Arc::new(state));
+    tokio::spawn(poll(path, interval, text, tx));
+    Ok(rx)
+}
+
+async fn load(path: &Path) -> Result<(String, State), StateError> {
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|source| StateError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+    let state = parse_state_file(path, &text)?;
+    Ok((text, state))
+}
+
+async fn poll(path: PathBuf, interval: Duration, mut last: String, tx: watch::Sender<Arc<State>>) {
+    let mut last_error: Option<String> = None;
+    loop {
+        tokio::time::sleep(interval).await;
+        if tx.is_closed() {
+            return;
+        }
+        let text = match tokio::fs::read_to_string(&path).await {
+            Ok(text) => text,
+            Err(e) => {
+                report(
+                    &mut last_error,
+                    format!(
+                        "cannot read state file {}: {e}; keeping the previous state",
+                        path.display()
+                    ),
+                );
+                continue;
+            }
+        };
+        if text == last {
+            continue;
+        }
+        match parse_state_file(&path, &text) {
+            Ok(state) => {
+                info!(path = %path.display(), workloads = state.spec().workloads.len(), services = state.spec().services.len(), "reloaded state file");
+                last_error = None;
+                tx.send_replace(Arc::new(state));
+            }
+            Err(e) => report(
+                &mut last_error,
+                format!("refused state file update: {e}; keeping the previous state"),
+            ),
+        }
+        last = text;
+    }
+}
+
+/// Logs an error once, not on every poll.
+fn report(last_error: &mut Option<String>, message: String) {
+    if last_error.as_deref() != Some(message.as_str()) {
+        error!("{message}");
+        *last_error = Some(message);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "workloads:\n  - {name: a, namespace: default, ips: [10.0.0.1], node: n}\n";
+    const BETTER: &str = "workloads:\n  - {name: a, namespace: default, ips: [10.0.0.1], node: n}\n  - {name: b, namespace: default, ips: [10.0.0.2], node: n}\n";
+
+    #[tokio::test]
+    async fn reloads_good_updates_and_keeps_state_on_bad_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.yaml");
+        std::fs::write(&path, GOOD).unwrap();
+        let mut rx = watch_state_file(path.clone(), Duration::from_millis(20))
+            .await
+            .unwrap();
+        assert_eq!(rx.borrow().spec().workloads.len(), 1);
+
+        std::fs::write(&path, "workloads: [ {name: broken").unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !rx.has_changed().unwrap(),
+            "a bad file must not replace the state"
+        );
+        assert_eq!(rx.borrow().spec().workloads.len(), 1);
+
+        std::fs::write(&path, BETTER).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rx.borrow().spec().workloads.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_bad_file_at_start_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.yaml");
+        std::fs::write(&path, "workloads: 3\n").unwrap();
+        let err = watch_state_file(path, Duration::from_millis(20))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("state.yaml:1:"), "{err}");
+    }
+}

@@ -1,0 +1,100 @@
+//! The metric families the tunnel exports on `:15020/metrics`.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Which side of the connection reports: Istio's `reporter` label.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // The variant names are the label values.
+pub enum Reporter {
+    source,
+    destination,
+}
+
+/// Labels of the TCP metrics, as Istio names them.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub reporter: Reporter,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_service: String,
+    /// `mutual_tls` or `none`.
+    pub connection_security_policy: String,
+    /// `-` when nothing went wrong.
+    pub response_flags: String,
+}
+
+/// Every metric the tunnel exports.
+pub struct Metrics {
+    pub registry: Registry,
+    pub opened: Family<ConnectionLabels, Counter>,
+    pub closed: Family<ConnectionLabels, Counter>,
+    /// Bytes from destination to source (Istio: "sent during response").
+    pub sent_bytes: Family<ConnectionLabels, Counter>,
+    /// Bytes from source to destination (Istio: "received during request").
+    pub received_bytes: Family<ConnectionLabels, Counter>,
+    /// Open pooled HBONE connections (TLS + HTTP/2) to other tunnels.
+    pub hbone_pool_connections: Gauge,
+}
+
+impl Metrics {
+    /// Registers every family under the `weft` prefix.
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("weft");
+        let opened = Family::default();
+        let closed = Family::default();
+        let sent_bytes = Family::default();
+        let received_bytes = Family::default();
+        let hbone_pool_connections = Gauge::default();
+        registry.register(
+            "tcp_connections_opened",
+            "TCP connections opened",
+            opened.clone(),
+        );
+        registry.register(
+            "tcp_connections_closed",
+            "TCP connections closed",
+            closed.clone(),
+        );
+        registry.register(
+            "tcp_sent_bytes",
+            "Bytes sent from destination to source (response direction)",
+            sent_bytes.clone(),
+        );
+        registry.register(
+            "tcp_received_bytes",
+            "Bytes received from source for destination (request direction)",
+            received_bytes.clone(),
+        );
+        registry.register(
+            "hbone_pool_connections",
+            "Open pooled HBONE connections to other tunnels",
+            hbone_pool_connections.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            opened,
+            closed,
+            sent_bytes,
+            received_bytes,
+            hbone_pool_connections,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

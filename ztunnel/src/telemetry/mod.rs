@@ -1,0 +1,7 @@
+//! Prometheus metrics and access logs, with Istio's names and labels under a `weft_` prefix.
+
+mod connection;
+mod metrics;
+
+pub use connection::{ConnectionRecorder, Peer};
+pub use metrics::{ConnectionLabels, Metrics, Reporter};

@@ -1,0 +1,116 @@
+//! Builds the rustls configurations of HBONE listeners and HBONE client connections.
+
+use std::sync::Arc;
+
+use rustls::client::ResolvesClientCert;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
+
+use super::TlsError;
+use super::verify::{SpiffeServerVerifier, TrustDomainClientVerifier};
+use crate::identity::{CertificateSlot, Identity};
+
+/// ALPN protocol of HBONE.
+const ALPN_H2: &[u8] = b"h2";
+
+/// What every TLS configuration of this tunnel shares: crypto, trust bundle, trust domain.
+#[derive(Clone, Debug)]
+pub struct TlsContext {
+    crypto: Arc<rustls::crypto::CryptoProvider>,
+    roots: Arc<RootCertStore>,
+    trust_domain: String,
+}
+
+impl TlsContext {
+    /// A context trusting `roots` for peers of `trust_domain`.
+    pub fn new(
+        crypto: Arc<rustls::crypto::CryptoProvider>,
+        roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+        trust_domain: &str,
+    ) -> Result<Self, TlsError> {
+        let mut store = RootCertStore::empty();
+        for root in roots {
+            store
+                .add(root)
+                .map_err(|e| TlsError::BadCertificate(format!("trust root: {e}")))?;
+        }
+        Ok(TlsContext {
+            crypto,
+            roots: Arc::new(store),
+            trust_domain: trust_domain.to_owned(),
+        })
+    }
+
+    /// The trust domain peers must belong to.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// Configuration of a workload's HBONE listener: presents the workload's certificate and
+    /// requires a client certificate of our trust domain.
+    pub fn server_config(&self, slot: Arc<CertificateSlot>) -> Result<Arc<ServerConfig>, TlsError> {
+        let inner =
+            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.crypto.clone())
+                .build()
+                .map_err(|e| TlsError::Config(e.to_string()))?;
+        let verifier = Arc::new(TrustDomainClientVerifier {
+            inner,
+            trust_domain: self.trust_domain.clone(),
+        });
+        let mut config = ServerConfig::builder_with_provider(self.crypto.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(Arc::new(SlotResolver(slot)));
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        config.max_early_data_size = 0;
+        Ok(Arc::new(config))
+    }
+
+    /// Configuration of an HBONE connection presenting the source workload's certificate and
+    /// accepting only a server that is one of `expected`.
+    pub fn client_config(
+        &self,
+        slot: Arc<CertificateSlot>,
+        expected: Vec<Identity>,
+    ) -> Result<Arc<ClientConfig>, TlsError> {
+        let verifier = Arc::new(SpiffeServerVerifier {
+            roots: self.roots.clone(),
+            expected,
+            crypto: self.crypto.clone(),
+        });
+        let mut config = ClientConfig::builder_with_provider(self.crypto.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_cert_resolver(Arc::new(SlotResolver(slot)));
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+/// Presents whatever certificate the slot holds now, so renewal needs no new config.
+#[derive(Debug)]
+struct SlotResolver(Arc<CertificateSlot>);
+
+impl ResolvesServerCert for SlotResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.current().certified_key.clone())
+    }
+}
+
+impl ResolvesClientCert for SlotResolver {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.current().certified_key.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}

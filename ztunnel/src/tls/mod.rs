@@ -1,0 +1,39 @@
+//! Mutual TLS 1.3 between workloads: SPIFFE-aware verification and rustls configurations.
+
+mod configs;
+mod verify;
+
+pub use configs::TlsContext;
+pub use verify::peer_identity;
+
+use crate::identity::Identity;
+
+/// Why a peer certificate is not accepted as a workload identity.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("peer certificate does not parse: {0}")]
+    BadCertificate(String),
+    #[error("peer certificate carries no SPIFFE ID (no spiffe:// URI SAN)")]
+    NoSpiffeId,
+    #[error("peer certificate carries several SPIFFE IDs")]
+    SeveralSpiffeIds,
+    #[error("peer certificate SPIFFE ID is malformed: {0}")]
+    BadSpiffeId(#[from] crate::identity::IdentityError),
+    #[error("peer identity {got} is from trust domain {:?}, expected {expected:?}", got.trust_domain)]
+    WrongTrustDomain { got: Identity, expected: String },
+    #[error("peer identity {got} is not the expected {}", expected.iter().map(ToString::to_string).collect::<Vec<_>>().join(" or "))]
+    UnexpectedIdentity {
+        got: Identity,
+        expected: Vec<Identity>,
+    },
+    #[error("no TLS 1.3 support in the crypto provider: {0}")]
+    Config(String),
+}
+
+impl From<TlsError> for rustls::Error {
+    fn from(e: TlsError) -> Self {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+            std::sync::Arc::new(e),
+        )))
+    }
+}

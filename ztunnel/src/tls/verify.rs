@@ -1,0 +1,161 @@
+//! Certificate verification: the chain to the trust bundle and the SPIFFE ID, both.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::ParsedCertificate;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use x509_parser::extensions::GeneralName;
+
+use super::TlsError;
+use crate::identity::Identity;
+
+/// The SPIFFE ID in a certificate's URI SAN.
+pub fn peer_identity(cert: &CertificateDer<'_>) -> Result<Identity, TlsError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+    let mut uris = san
+        .iter()
+        .flat_map(|san| san.value.general_names.iter())
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) if uri.starts_with("spiffe://") => Some(*uri),
+            _ => None,
+        });
+    let uri = uris.next().ok_or(TlsError::NoSpiffeId)?;
+    if uris.next().is_some() {
+        return Err(TlsError::SeveralSpiffeIds);
+    }
+    Ok(uri.parse()?)
+}
+
+/// Client side: the server must chain to our roots and be one of the expected identities.
+#[derive(Debug)]
+pub(super) struct SpiffeServerVerifier {
+    pub roots: Arc<RootCertStore>,
+    pub expected: Vec<Identity>,
+    pub crypto: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.crypto.signature_verification_algorithms.all,
+        )?;
+        let got = peer_identity(end_entity)?;
+        if !self.expected.contains(&got) {
+            return Err(TlsError::UnexpectedIdentity {
+                got,
+                expected: self.expected.clone(),
+            }
+            .into());
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.crypto.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.crypto.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.crypto
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Server side: a client certificate is required, must chain to our roots and carry a SPIFFE
+/// ID of our trust domain. Which identities may talk to whom is policy, not TLS.
+#[derive(Debug)]
+pub(super) struct TrustDomainClientVerifier {
+    pub inner: Arc<dyn ClientCertVerifier>,
+    pub trust_domain: String,
+}
+
+impl ClientCertVerifier for TrustDomainClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let got = peer_identity(end_entity)?;
+        if got.trust_domain != self.trust_domain {
+            return Err(TlsError::WrongTrustDomain {
+                got,
+                expected: self.trust_domain.clone(),
+            }
+            .into());
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
