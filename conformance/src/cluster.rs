@@ -1,0 +1,464 @@
+//! A simulated cluster: a router namespace joining node namespaces, each node with pod
+//! namespaces behind veth pairs (routed like a Calico node), and one real `ztunnel` per node.
+//!
+//! Addresses: node i reaches the router over 10.255.i.0/24; its pods are 10.10.i.j/32, with
+//! a default route to 169.254.1.1 answered by proxy ARP on the node side of their veth.
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::netns::{Netns, run};
+use crate::process::Process;
+
+/// A pod to create.
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    /// 1-based node index.
+    pub node: usize,
+    /// Enrolled (HBONE) or not (plain TCP).
+    pub mesh: bool,
+}
+
+impl PodSpec {
+    /// An enrolled pod in namespace `default` whose service account is its name.
+    pub fn new(name: &str, node: usize) -> Self {
+        PodSpec {
+            name: name.to_owned(),
+            namespace: "default".into(),
+            service_account: name.to_owned(),
+            node,
+            mesh: true,
+        }
+    }
+
+    /// The same pod, outside the mesh.
+    pub fn outside_mesh(mut self) -> Self {
+        self.mesh = false;
+        self
+    }
+}
+
+/// A service VIP in front of pods.
+#[derive(Clone, Debug)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub target_port: u16,
+    pub endpoints: Vec<String>,
+}
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct ClusterSpec {
+    pub nodes: usize,
+    pub pods: Vec<PodSpec>,
+    pub services: Vec<ServiceSpec>,
+    pub trust_domain: String,
+    /// Extra flags for every `ztunnel run`.
+    pub tunnel_args: Vec<String>,
+}
+
+impl ClusterSpec {
+    /// `nodes` nodes with the given pods, trust domain `cluster.local`.
+    pub fn new(nodes: usize, pods: Vec<PodSpec>) -> Self {
+        ClusterSpec {
+            nodes,
+            pods,
+            services: Vec::new(),
+            trust_domain: "cluster.local".into(),
+            tunnel_args: Vec::new(),
+        }
+    }
+}
+
+/// A pod: its namespace and address.
+#[derive(Debug)]
+pub struct Pod {
+    pub spec: PodSpec,
+    pub ip: Ipv4Addr,
+    pub netns: Netns,
+}
+
+impl Pod {
+    /// A command that runs inside the pod.
+    pub fn command<S: AsRef<std::ffi::OsStr>>(&self, program: S) -> Command {
+        self.netns.command(program)
+    }
+
+    /// The pod's SPIFFE ID in `trust_domain`.
+    pub fn identity(&self, trust_domain: &str) -> String {
+        format!(
+            "spiffe://{trust_domain}/ns/{}/sa/{}",
+            self.spec.namespace, self.spec.service_account
+        )
+    }
+}
+
+/// A node: its namespace, state file and tunnel.
+#[derive(Debug)]
+pub struct Node {
+    pub tunnel: Option<Process>,
+    pub name: String,
+    pub index: usize,
+    pub state_file: PathBuf,
+    pub netns: Netns,
+}
+
+impl Node {
+    /// GET `http://127.0.0.1:<port><path>` from inside the node: (status, body).
+    pub fn http_get(&self, port: u16, path: &str) -> Result<(u16, String)> {
+        let url = format!("http://127.0.0.1:{port}{path}");
+        let output = self
+            .netns
+            .command("curl")
+            .args(["-s", "--max-time", "5", "-w", "\n%{http_code}", &url])
+            .output()?;
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "000"));
+        Ok((code.trim().parse().unwrap_or(0), body.to_owned()))
+    }
+
+    /// The tunnel's metrics, parsed.
+    pub fn metrics(&self) -> Result<Vec<crate::metrics::Sample>> {
+        let (status, body) = self.http_get(15020, "/metrics")?;
+        if status != 200 {
+            bail!("{} metrics answered {status}: {body}", self.name);
+        }
+        Ok(crate::metrics::parse(&body))
+    }
+
+    /// Everything the tunnel logged.
+    pub fn log(&self) -> String {
+        self.tunnel
+            .as_ref()
+            .map(Process::output)
+            .unwrap_or_default()
+    }
+
+    /// The tunnel's JSON access-log events.
+    pub fn access_logs(&self) -> Vec<serde_json::Value> {
+        self.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "access")
+            .collect()
+    }
+}
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// A built cluster; dropping it stops every process and removes every namespace.
+pub struct Cluster {
+    /// Processes started in pods; stopped first.
+    pub apps: Vec<Process>,
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+    pub router: Netns,
+    pub spec: ClusterSpec,
+    /// Holds the CA, state files and logs.
+    pub dir: tempfile::TempDir,
+    pub prefix: String,
+}
+
+impl Cluster {
+    /// Builds namespaces, links, routes and the mesh CA; tunnels are not started yet.
+    pub fn build(spec: ClusterSpec) -> Result<Self> {
+        crate::require_root();
+        let prefix = format!(
+            "wf{}x{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{prefix}-"))
+            .tempdir()?;
+        let router = Netns::create(&format!("{prefix}-router"))?;
+        router.sysctl("net.ipv4.ip_forward", "1")?;
+        router.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+        let mut nodes = Vec::new();
+        for i in 1..=spec.nodes {
+            let netns = Netns::create(&format!("{prefix}-node{i}"))?;
+            netns.sysctl("net.ipv4.ip_forward", "1")?;
+            netns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+            let uplink = format!("n{i}");
+            router.ip(&[
+                "link",
+                "add",
+                &uplink,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "uplink",
+                "netns",
+                &netns.name,
+            ])?;
+            router.ip(&["addr", "add", &format!("10.255.{i}.1/24"), "dev", &uplink])?;
+            router.ip(&["link", "set", &uplink, "up"])?;
+            router.ip(&[
+                "route",
+                "add",
+                &format!("10.10.{i}.0/24"),
+                "via",
+                &format!("10.255.{i}.2"),
+            ])?;
+            netns.ip(&["addr", "add", &format!("10.255.{i}.2/24"), "dev", "uplink"])?;
+            netns.ip(&["link", "set", "uplink", "up"])?;
+            netns.ip(&["route", "add", "default", "via", &format!("10.255.{i}.1")])?;
+            nodes.push(Node {
+                tunnel: None,
+                name: format!("node{i}"),
+                index: i,
+                state_file: dir.path().join(format!("state-node{i}.yaml")),
+                netns,
+            });
+        }
+        let mut pods = Vec::new();
+        let mut per_node = vec![0u8; spec.nodes + 1];
+        for pod_spec in &spec.pods {
+            let node = nodes.get(pod_spec.node.wrapping_sub(1)).with_context(|| {
+                format!(
+                    "pod {} is on node {}, which does not exist",
+                    pod_spec.name, pod_spec.node
+                )
+            })?;
+            per_node[pod_spec.node] += 1;
+            let j = per_node[pod_spec.node];
+            let ip = Ipv4Addr::new(10, 10, pod_spec.node as u8, j);
+            let netns = Netns::create(&format!("{prefix}-{}", pod_spec.name))?;
+            let host_side = format!("p{j}");
+            node.netns.ip(&[
+                "link",
+                "add",
+                &host_side,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &netns.name,
+            ])?;
+            node.netns.ip(&["link", "set", &host_side, "up"])?;
+            node.netns
+                .sysctl(&format!("net.ipv4.conf.{host_side}.proxy_arp"), "1")?;
+            node.netns
+                .ip(&["route", "add", &format!("{ip}/32"), "dev", &host_side])?;
+            netns.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+            netns.ip(&["link", "set", "eth0", "up"])?;
+            netns.ip(&[
+                "route",
+                "add",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+                "scope",
+                "link",
+            ])?;
+            netns.ip(&[
+                "route",
+                "add",
+                "default",
+                "via",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+            ])?;
+            pods.push(Pod {
+                spec: pod_spec.clone(),
+                ip,
+                netns,
+            });
+        }
+        let ztunnel = crate::binary("ztunnel");
+        run(&[
+            ztunnel.to_str().context("path is UTF-8")?,
+            "create-ca",
+            "--dir",
+            dir.path().to_str().context("path is UTF-8")?,
+            "--trust-domain",
+            &spec.trust_domain,
+        ])?;
+        let cluster = Cluster {
+            apps: Vec::new(),
+            nodes,
+            pods,
+            router,
+            spec,
+            dir,
+            prefix,
+        };
+        let state = cluster.state_yaml(|_| {});
+        for node in &cluster.nodes {
+            std::fs::write(&node.state_file, &state)?;
+        }
+        Ok(cluster)
+    }
+
+    /// The pod named `name`.
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.spec.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} in this cluster"))
+    }
+
+    /// Node `i` (1-based).
+    pub fn node(&self, i: usize) -> &Node {
+        &self.nodes[i - 1]
+    }
+
+    /// Folder of the CA files (`ca.pem`, `ca.key`).
+    pub fn ca_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The state file text for the current pods; `edit` may change each pod's entry first.
+    pub fn state_yaml(&self, edit: impl Fn(&mut PodSpec)) -> String {
+        let mut out = String::from("workloads:\n");
+        for pod in &self.pods {
+            let mut spec = pod.spec.clone();
+            edit(&mut spec);
+            let _ = write!(
+                out,
+                "  - name: {}\n    namespace: {}\n    serviceAccount: {}\n    ips: [{}]\n    node: node{}\n    netns: {}\n    protocol: {}\n",
+                spec.name,
+                spec.namespace,
+                spec.service_account,
+                pod.ip,
+                spec.node,
+                pod.netns.path().display(),
+                if spec.mesh { "HBONE" } else { "TCP" }
+            );
+        }
+        out.push_str("services:\n");
+        for s in &self.spec.services {
+            let endpoints: Vec<String> =
+                s.endpoints.iter().map(|e| format!("default/{e}")).collect();
+            let _ = write!(
+                out,
+                "  - name: {}\n    namespace: default\n    addresses: [{}]\n    ports: [{{port: {}, targetPort: {}}}]\n    endpoints: [{}]\n",
+                s.name,
+                s.vip,
+                s.port,
+                s.target_port,
+                endpoints.join(", ")
+            );
+        }
+        if self.spec.services.is_empty() {
+            out.push_str("  []\n");
+        }
+        out
+    }
+
+    /// Starts every node's tunnel and waits until each is ready.
+    pub fn start_tunnels(&mut self) -> Result<()> {
+        for i in 1..=self.nodes.len() {
+            self.start_tunnel(i)?;
+        }
+        Ok(())
+    }
+
+    /// Starts node `i`'s tunnel (JSON logs) and waits for `/healthz/ready`.
+    pub fn start_tunnel(&mut self, i: usize) -> Result<()> {
+        let ztunnel = crate::binary("ztunnel");
+        let log = self.dir.path().join(format!("ztunnel-node{i}.log"));
+        let node = &self.nodes[i - 1];
+        let mut cmd = node.netns.command(&ztunnel);
+        cmd.arg("run")
+            .args(["--node-name", &node.name])
+            .arg("--state-file")
+            .arg(&node.state_file)
+            .args([
+                "--state-poll",
+                "100ms",
+                "--log-format",
+                "json",
+                "--trust-domain",
+                &self.spec.trust_domain,
+            ])
+            .arg("--ca-cert")
+            .arg(self.dir.path().join("ca.pem"))
+            .arg("--ca-key")
+            .arg(self.dir.path().join("ca.key"))
+            .args(&self.spec.tunnel_args);
+        let process = Process::spawn(&format!("ztunnel-{}", node.name), cmd, log)?;
+        self.nodes[i - 1].tunnel = Some(process);
+        self.wait_ready(i, Duration::from_secs(20))
+    }
+
+    /// Waits for node `i`'s tunnel to answer ready; fails with its log if it exits.
+    pub fn wait_ready(&mut self, i: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let node = &mut self.nodes[i - 1];
+            if let Some(status) = node.tunnel.as_mut().and_then(Process::exited) {
+                bail!(
+                    "tunnel of {} exited with {status}:\n{}",
+                    node.name,
+                    node.log()
+                );
+            }
+            if let Ok((200, _)) = node.http_get(15021, "/healthz/ready") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "tunnel of {} not ready after {timeout:?}:\n{}",
+                    node.name,
+                    node.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts a long-running program in pod `pod`, stopped when the cluster is dropped.
+    pub fn spawn_in(&mut self, pod: &str, program: &Path, args: &[&str]) -> Result<()> {
+        let log = self
+            .dir
+            .path()
+            .join(format!("{pod}-{}.log", self.apps.len()));
+        let mut cmd = self.pod(pod).command(program);
+        cmd.args(args);
+        let process = Process::spawn(&format!("{pod}:{}", program.display()), cmd, log)?;
+        self.apps.push(process);
+        Ok(())
+    }
+
+    /// Runs a command in pod `pod` to completion.
+    pub fn run_in(&self, pod: &str, program: &str, args: &[&str]) -> Result<Output> {
+        Ok(self.pod(pod).command(program).args(args).output()?)
+    }
+}
+
+/// Waits until something accepts TCP connections on `ip:port` inside `netns`.
+pub fn wait_for_port(netns: &Netns, ip: Ipv4Addr, port: u16, timeout: Duration) -> Result<()> {
+    let addr = std::net::SocketAddr::from((ip, port));
+    let deadline = Instant::now() + timeout;
+    loop {
+        let ok = netns.run_in(move || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        })?;
+        if ok {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "nothing listens on {addr} in {} after {timeout:?}",
+                netns.name
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
