@@ -20,18 +20,39 @@ fn main() -> Result<()> {
     let args = Args::parse();
     conformance::require_root();
     println!("== building a two-node cluster: pod 'client' on node1, pod 'server' on node2");
-    let mut cluster = Cluster::build(ClusterSpec::new(2, vec![PodSpec::new("client", 1), PodSpec::new("server", 2)]))?;
+    let mut cluster = Cluster::build(ClusterSpec::new(
+        2,
+        vec![PodSpec::new("client", 1), PodSpec::new("server", 2)],
+    ))?;
     let app = conformance::binary("weft-testapp");
-    cluster.spawn_in("server", &app, &["http", "--port", "8080", "--name", "server"])?;
+    cluster.spawn_in(
+        "server",
+        &app,
+        &["http", "--port", "8080", "--name", "server"],
+    )?;
     let server = cluster.pod("server");
     wait_for_port(&server.netns, server.ip, 8080, Duration::from_secs(10))?;
     cluster.start_tunnels()?;
     let server_ip = cluster.pod("server").ip;
-    println!("== tunnels ready; state file of node1:\n{}", std::fs::read_to_string(&cluster.node(1).state_file)?);
+    println!(
+        "== tunnels ready; state file of node1:\n{}",
+        std::fs::read_to_string(&cluster.node(1).state_file)?
+    );
 
     let url = format!("http://{server_ip}:8080/echo/hello-from-the-demo");
     println!("== in pod 'client': curl --socks5 127.0.0.1:15080 {url}");
-    let out = cluster.run_in("client", "curl", &["-sS", "--max-time", "10", "--socks5", "127.0.0.1:15080", &url])?;
+    let out = cluster.run_in(
+        "client",
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "10",
+            "--socks5",
+            "127.0.0.1:15080",
+            &url,
+        ],
+    )?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
     anyhow::ensure!(out.status.success(), "curl failed");
@@ -61,9 +82,18 @@ fn main() -> Result<()> {
     }
     if args.keep {
         println!("\n== the cluster stays up until Ctrl-C. Try:");
-        println!("   ip netns exec {} curl --socks5 127.0.0.1:15080 {url}", cluster.pod("client").netns.name);
-        println!("   ip netns exec {} curl -s 127.0.0.1:15000/config_dump", cluster.node(1).netns.name);
-        println!("   ip netns exec {} curl -s 127.0.0.1:15020/metrics", cluster.node(2).netns.name);
+        println!(
+            "   ip netns exec {} curl --socks5 127.0.0.1:15080 {url}",
+            cluster.pod("client").netns.name
+        );
+        println!(
+            "   ip netns exec {} curl -s 127.0.0.1:15000/config_dump",
+            cluster.node(1).netns.name
+        );
+        println!(
+            "   ip netns exec {} curl -s 127.0.0.1:15020/metrics",
+            cluster.node(2).netns.name
+        );
         let (tx, rx) = std::sync::mpsc::channel();
         ctrlc_channel(tx)?;
         let _ = rx.recv();
@@ -75,7 +105,10 @@ fn main() -> Result<()> {
 
 /// Waits for SIGINT/SIGTERM on a helper thread.
 fn ctrlc_channel(tx: std::sync::mpsc::Sender<()>) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("runtime")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("runtime")?;
     std::thread::spawn(move || {
         runtime.block_on(async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();

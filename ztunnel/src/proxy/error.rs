@@ -31,11 +31,8 @@ pub enum ProxyError {
     },
     #[error("timed out connecting to {addr}; maybe a NetworkPolicy blocks port {}", addr.port())]
     ConnectTimeout { addr: SocketAddr },
-    #[error("TLS handshake with {addr} failed: {source}")]
-    Handshake {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error("TLS handshake with {addr} failed: {reason}")]
+    Handshake { addr: SocketAddr, reason: String },
     #[error("no certificate for the source workload: {0}")]
     Certificate(#[from] CertificateError),
     #[error("TLS configuration: {0}")]

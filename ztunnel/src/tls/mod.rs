@@ -37,3 +37,23 @@ impl From<TlsError> for rustls::Error {
         )))
     }
 }
+
+/// A readable reason for a failed handshake: our own verification errors are shown with their
+/// message rather than rustls' debug wrapping.
+pub fn describe_handshake_error(error: &std::io::Error) -> String {
+    let Some(rustls_error) = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    else {
+        return error.to_string();
+    };
+    match rustls_error {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => {
+            match other.0.downcast_ref::<TlsError>() {
+                Some(ours) => format!("invalid peer certificate: {ours}"),
+                None => rustls_error.to_string(),
+            }
+        }
+        other => other.to_string(),
+    }
+}

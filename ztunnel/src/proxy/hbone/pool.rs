@@ -161,7 +161,10 @@ impl Pool {
         let tls = TlsConnector::from(config)
             .connect(ServerName::IpAddress(addr.ip().into()), tcp)
             .await
-            .map_err(|source| ProxyError::Handshake { addr, source })?;
+            .map_err(|e| ProxyError::Handshake {
+                addr,
+                reason: crate::tls::describe_handshake_error(&e),
+            })?;
         let (sender, connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)

@@ -17,7 +17,7 @@ use crate::identity::Identity;
 use crate::proxy::context::{Pod, Tunnel};
 use crate::proxy::{ProxyError, copy};
 use crate::telemetry::{ConnectionRecorder, Peer, Reporter};
-use crate::tls::peer_identity;
+use crate::tls::{describe_handshake_error, peer_identity};
 
 /// Most concurrent CONNECT streams a client tunnel may open on one connection.
 const MAX_CONCURRENT_STREAMS: u32 = 1000;
@@ -34,6 +34,7 @@ pub async fn serve_hbone_connection(
     let tls = match TlsAcceptor::from(config).accept(tcp).await {
         Ok(tls) => tls,
         Err(error) => {
+            let error = describe_handshake_error(&error);
             warn!(client = %client_addr, pod = %pod.workload.key(), %error, "refused HBONE connection: TLS handshake failed");
             return;
         }
