@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod hbone_client;
+pub mod load;
 pub mod metrics;
 pub mod netns;
 pub mod pattern;
