@@ -170,6 +170,17 @@ pub struct Cluster {
     pub prefix: String,
 }
 
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::env::var_os("WEFT_KEEP_LOGS").is_some() {
+            let kept =
+                std::mem::replace(&mut self.dir, tempfile::TempDir::new().expect("temp dir"))
+                    .keep();
+            eprintln!("cluster {}: logs kept in {}", self.prefix, kept.display());
+        }
+    }
+}
+
 impl Cluster {
     /// Builds namespaces, links, routes and the mesh CA; tunnels are not started yet.
     pub fn build(spec: ClusterSpec) -> Result<Self> {

@@ -2,6 +2,7 @@
 //! veth pairs on one machine, running the real binaries, plus the helpers end-to-end cases and
 //! `weft-bench` share. Everything here needs root.
 
+pub mod bench;
 pub mod cluster;
 pub mod hbone_client;
 pub mod load;

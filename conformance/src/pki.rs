@@ -12,6 +12,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 pub struct TestCa {
     pub issuer: Issuer<'static, KeyPair>,
     pub cert: CertificateDer<'static>,
+    pub pem: String,
 }
 
 impl TestCa {
@@ -19,10 +20,15 @@ impl TestCa {
     pub fn generate() -> Result<Self> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Weft test CA");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let cert = params.self_signed(&key)?;
         Ok(TestCa {
             cert: cert.der().clone(),
+            pem: cert.pem(),
             issuer: Issuer::new(params, key),
         })
     }
@@ -37,6 +43,7 @@ impl TestCa {
         Ok(TestCa {
             issuer: Issuer::from_ca_cert_der(&cert, key)?,
             cert,
+            pem,
         })
     }
 
@@ -46,7 +53,7 @@ impl TestCa {
         uri: Option<&str>,
     ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::default();
+        let mut params = leaf_params();
         if let Some(uri) = uri {
             params.subject_alt_names = vec![SanType::URI(uri.try_into()?)];
         }
@@ -62,9 +69,35 @@ impl TestCa {
     }
 }
 
+impl TestCa {
+    /// PEM files for tools such as stunnel: (ca.pem, cert.pem, key.pem) texts, the
+    /// certificate with the URI SAN `uri`.
+    pub fn issue_pem(&self, uri: &str) -> Result<(String, String, String)> {
+        let key = KeyPair::generate()?;
+        let mut params = leaf_params();
+        params.subject_alt_names = vec![SanType::URI(uri.try_into()?)];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((self.pem.clone(), cert.pem(), key.serialize_pem()))
+    }
+}
+
 fn rustls_pemfile_first(pem: &str) -> Result<CertificateDer<'static>> {
     rustls_pemfile::certs(&mut pem.as_bytes())
         .next()
         .context("ca.pem holds no certificate")?
         .context("ca.pem is not PEM")
+}
+
+/// A leaf's subject must differ from its issuer's, or OpenSSL takes it for self-signed.
+fn leaf_params() -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Weft test workload");
+    params
 }

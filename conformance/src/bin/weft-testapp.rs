@@ -38,6 +38,11 @@ enum Mode {
         #[arg(long)]
         port: u16,
     },
+    /// TCP source: reads an 8-byte big-endian length, writes that many bytes, closes.
+    Source {
+        #[arg(long)]
+        port: u16,
+    },
 }
 
 #[tokio::main]
@@ -45,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().mode {
         Mode::Http { port, name } => serve_http(port, name).await,
         Mode::Echo { port } => serve_echo(port).await,
+        Mode::Source { port } => serve_source(port).await,
     }
 }
 
@@ -153,6 +159,31 @@ async fn serve_echo(port: u16) -> anyhow::Result<()> {
                     }
                 }
             }
+        });
+    }
+}
+
+async fn serve_source(port: u16) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(("0.0.0.0", port)).await?;
+    eprintln!("source listening on {port}");
+    let block = Bytes::from(vec![0x5au8; 256 * 1024]);
+    loop {
+        let (mut stream, _) = listener.accept().await?;
+        let block = block.clone();
+        tokio::spawn(async move {
+            let mut len = [0u8; 8];
+            if stream.read_exact(&mut len).await.is_err() {
+                return;
+            }
+            let mut left = u64::from_be_bytes(len);
+            while left > 0 {
+                let n = left.min(block.len() as u64) as usize;
+                if stream.write_all(&block[..n]).await.is_err() {
+                    return;
+                }
+                left -= n as u64;
+            }
+            let _ = stream.shutdown().await;
         });
     }
 }

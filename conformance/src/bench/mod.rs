@@ -1,0 +1,39 @@
+//! Whole-system benchmarks behind `weft-bench`: each compares Weft with baselines measured in
+//! the same run, interleaved, and reports medians.
+
+pub mod client;
+pub mod stunnel;
+pub mod tunnel;
+
+/// Median of a list of figures (upper median for an even count).
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// The `q` quantile (0..=1) of a list of figures.
+pub fn quantile(values: &[f64], q: f64) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((v.len() - 1) as f64 * q).round() as usize;
+    v[i]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_and_quantiles() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(quantile(&[1.0, 2.0, 3.0, 4.0, 5.0], 0.5), 3.0);
+        assert_eq!(
+            quantile(&(1..=100).map(f64::from).collect::<Vec<_>>(), 0.99),
+            99.0
+        );
+    }
+}

@@ -1,0 +1,47 @@
+//! Weft's whole-system benchmarks. Each subcommand measures baselines in the same run,
+//! interleaved, prints medians and ratios, and ends with one JSON line of its figures.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use conformance::bench::tunnel::{self, TunnelBench};
+
+#[derive(Parser)]
+#[command(name = "weft-bench")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Two pods on two nodes: direct TCP vs Weft (HBONE) vs a stunnel4 TLS 1.3 pair.
+    Tunnel(TunnelBench),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    conformance::require_root();
+    build_tunnel()?;
+    let line = match cli.bench {
+        Bench::Tunnel(args) => tunnel::run(&args)?,
+    };
+    println!("{line}");
+    Ok(())
+}
+
+/// Under `cargo run`, builds `ztunnel` with the same profile first, so the benchmark never
+/// measures a stale binary.
+fn build_tunnel() -> Result<()> {
+    let Some(cargo) = std::env::var_os("CARGO") else {
+        return Ok(());
+    };
+    let release = conformance::bin_dir().ends_with("release");
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args(["build", "--locked", "-p", "ztunnel", "--bin", "ztunnel"]);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().context("cannot run cargo to build ztunnel")?;
+    anyhow::ensure!(status.success(), "building ztunnel failed");
+    Ok(())
+}
