@@ -23,7 +23,7 @@ use crate::tls::TlsContext;
 /// Runs the tunnel until SIGTERM or SIGINT, then drains.
 pub async fn run(config: RunConfig, set_log_filter: SetLogFilter) -> anyhow::Result<()> {
     raise_fd_limit();
-    let crypto = Arc::new(rustls::crypto::ring::default_provider());
+    let crypto = Arc::new(crate::tls::crypto_provider());
     let ca = LocalCa::load(
         &config.ca_cert,
         &config.ca_key,
