@@ -374,3 +374,64 @@ fn sigterm_drains_live_connections_before_exiting() {
     assert!(exit.is_some_and(|s| s.success()), "tunnel exit: {exit:?}");
     assert!(cluster.node(1).log().contains("all connections drained"));
 }
+
+#[test]
+fn certificates_renew_at_half_life_without_dropping_connections() {
+    let spec = ClusterSpec {
+        tunnel_args: vec!["--cert-lifetime".into(), "3s".into()],
+        ..ClusterSpec::new(
+            2,
+            vec![PodSpec::new("client", 1), PodSpec::new("server", 2)],
+        )
+    };
+    let mut cluster = Cluster::build(spec).unwrap();
+    let app = conformance::binary("weft-testapp");
+    cluster
+        .spawn_in("server", &app, &["echo", "--port", "9000"])
+        .unwrap();
+    let server = cluster.pod("server");
+    wait_for_port(&server.netns, server.ip, 9000, Duration::from_secs(10)).unwrap();
+    let target = std::net::SocketAddr::from((server.ip, 9000));
+    cluster.start_tunnels().unwrap();
+    // One connection lives through several renewals of both ends' certificates, echoing
+    // every 500 ms; new connections made after the first certificates expired also work.
+    let result = cluster
+        .pod("client")
+        .netns
+        .run_in(move || -> anyhow::Result<()> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut long = conformance::load::socks_connect(target).await?;
+                for i in 0..14 {
+                    let msg = format!("tick {i:02}");
+                    long.write_all(msg.as_bytes()).await?;
+                    let mut back = vec![0u8; msg.len()];
+                    long.read_exact(&mut back).await?;
+                    anyhow::ensure!(back == msg.as_bytes());
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                let mut fresh = conformance::load::socks_connect(target).await?;
+                fresh.write_all(b"fresh").await?;
+                let mut back = [0u8; 5];
+                fresh.read_exact(&mut back).await?;
+                anyhow::ensure!(&back == b"fresh");
+                Ok(())
+            })
+        })
+        .unwrap();
+    result.unwrap_or_else(|e| panic!("{e:#}\nnode1:\n{}", cluster.node(1).log()));
+    for node in [1, 2] {
+        let renewals = cluster
+            .node(node)
+            .log()
+            .matches("renewed workload certificate")
+            .count();
+        assert!(
+            renewals >= 3,
+            "node{node} renewed {renewals} times in 7 s with a 3 s lifetime"
+        );
+    }
+}
