@@ -10,7 +10,7 @@ use super::hbone::Pool;
 use crate::identity::{CertificateManager, Identity};
 use crate::netns::SocketFactory;
 use crate::state::{StateHandle, Workload};
-use crate::telemetry::{Metrics, Peer};
+use crate::telemetry::{ConnectionRecorder, Metrics, Peer, Reporter};
 use crate::tls::TlsContext;
 
 /// Shared by every listener and connection of the tunnel.
@@ -32,6 +32,25 @@ impl Tunnel {
     /// The trust domain of this mesh.
     pub fn trust_domain(&self) -> &str {
         self.tls.trust_domain()
+    }
+
+    /// Starts the record (metrics, access log) of one proxied connection.
+    pub fn record(
+        &self,
+        reporter: Reporter,
+        source: Peer,
+        destination: Peer,
+        service: Option<String>,
+        mutual_tls: bool,
+    ) -> ConnectionRecorder {
+        ConnectionRecorder::open(
+            self.metrics.clone(),
+            reporter,
+            source,
+            destination,
+            service,
+            mutual_tls,
+        )
     }
 
     /// How metrics and logs describe a workload.

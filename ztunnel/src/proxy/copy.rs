@@ -26,6 +26,16 @@ pub struct Totals {
     pub backward: u64,
 }
 
+impl Totals {
+    /// The same figures seen from the other end.
+    pub fn reversed(self) -> Totals {
+        Totals {
+            forward: self.backward,
+            backward: self.forward,
+        }
+    }
+}
+
 /// Reads in chunks sized by how busy the socket is.
 struct AdaptiveReader {
     size: usize,

@@ -8,8 +8,8 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::context::{Pod, Tunnel};
-use super::{ProxyError, copy};
-use crate::telemetry::{ConnectionRecorder, Peer, Reporter};
+use super::{ProxyError, copy, fail, finish};
+use crate::telemetry::{Peer, Reporter};
 
 /// Port of the plaintext inbound listener.
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
@@ -49,28 +49,19 @@ pub async fn serve_inbound_plaintext(
         addr: Some(target),
         ..tunnel.peer_of(&pod.workload, None)
     };
-    let recorder = ConnectionRecorder::open(
-        tunnel.metrics.clone(),
-        Reporter::destination,
-        source,
-        destination,
-        None,
-        false,
-    );
+    let recorder = tunnel.record(Reporter::destination, source, destination, None, false);
     match pod.sockets.connect(target).await {
         Ok(app) => {
             let (received, sent) = (recorder.received.clone(), recorder.sent.clone());
-            match copy::copy_tcp(client, app, &received, &sent).await {
-                Ok(t) => recorder.close(t.forward, t.backward, None, None),
-                Err(error) => recorder.close(0, 0, Some(error.response_flags()), Some(&error)),
-            }
+            let result = copy::copy_tcp(client, app, &received, &sent).await;
+            finish(recorder, result);
         }
-        Err(source) => {
-            let error = ProxyError::Connect {
+        Err(source) => fail(
+            recorder,
+            &ProxyError::Connect {
                 addr: target,
                 source,
-            };
-            recorder.close(0, 0, Some(error.response_flags()), Some(&error));
-        }
+            },
+        ),
     }
 }

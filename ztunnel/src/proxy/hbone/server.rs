@@ -15,8 +15,9 @@ use tracing::{debug, warn};
 use super::{CONNECTION_WINDOW, ERROR_HEADER, MAX_FRAME_SIZE, SEND_BUFFER, STREAM_WINDOW};
 use crate::identity::Identity;
 use crate::proxy::context::{Pod, Tunnel};
-use crate::proxy::{ProxyError, copy};
-use crate::telemetry::{ConnectionRecorder, Peer, Reporter};
+use crate::proxy::copy::{self, Totals};
+use crate::proxy::{ProxyError, fail, finish};
+use crate::telemetry::{Peer, Reporter};
 use crate::tls::{describe_handshake_error, peer_identity};
 
 /// Most concurrent CONNECT streams a client tunnel may open on one connection.
@@ -100,69 +101,38 @@ async fn handle_stream(
     tunnel: Arc<Tunnel>,
 ) {
     let source = source_peer(&tunnel, client_addr, client_identity);
-    let destination = tunnel.peer_of(&pod.workload, None);
-    let target = match connect_target(&request, &pod) {
-        Ok(target) => target,
-        Err(error) => {
-            let recorder = ConnectionRecorder::open(
-                tunnel.metrics.clone(),
-                Reporter::destination,
-                source,
-                destination,
-                None,
-                true,
-            );
-            refuse(&mut respond, &error);
-            recorder.close(0, 0, Some(error.response_flags()), Some(&error));
-            return;
-        }
-    };
+    let target = connect_target(&request, &pod);
     let destination = Peer {
-        addr: Some(target),
-        ..destination
+        addr: target.as_ref().ok().copied(),
+        ..tunnel.peer_of(&pod.workload, None)
     };
-    let recorder = ConnectionRecorder::open(
-        tunnel.metrics.clone(),
-        Reporter::destination,
-        source,
-        destination,
-        None,
-        true,
-    );
-    let app = match pod.sockets.connect(target).await {
-        Ok(app) => app,
-        Err(source) => {
-            let error = ProxyError::Connect {
+    let recorder = tunnel.record(Reporter::destination, source, destination, None, true);
+    let app = match target {
+        Ok(target) => pod
+            .sockets
+            .connect(target)
+            .await
+            .map_err(|source| ProxyError::Connect {
                 addr: target,
                 source,
-            };
+            }),
+        Err(error) => Err(error),
+    };
+    let app = match app {
+        Ok(app) => app,
+        Err(error) => {
             refuse(&mut respond, &error);
-            recorder.close(0, 0, Some(error.response_flags()), Some(&error));
-            return;
+            return fail(recorder, &error);
         }
     };
     let send = match respond.send_response(Response::new(()), false) {
         Ok(send) => send,
-        Err(error) => {
-            let error = ProxyError::from(error);
-            recorder.close(0, 0, Some(error.response_flags()), Some(&error));
-            return;
-        }
+        Err(error) => return fail(recorder, &error.into()),
     };
-    let recv = request.into_body();
-    // Forward on this side is application to client: that is the response direction (sent).
-    match copy::copy_tcp_h2(
-        app,
-        send,
-        recv,
-        &recorder.sent.clone(),
-        &recorder.received.clone(),
-    )
-    .await
-    {
-        Ok(totals) => recorder.close(totals.backward, totals.forward, None, None),
-        Err(error) => recorder.close(0, 0, Some(error.response_flags()), Some(&error)),
-    }
+    // Forward on this side is application to client: the response direction (sent).
+    let (sent, received) = (recorder.sent.clone(), recorder.received.clone());
+    let result = copy::copy_tcp_h2(app, send, request.into_body(), &sent, &received).await;
+    finish(recorder, result.map(Totals::reversed));
 }
 
 fn source_peer(tunnel: &Tunnel, client_addr: SocketAddr, identity: Identity) -> Peer {

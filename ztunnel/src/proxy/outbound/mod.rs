@@ -15,9 +15,9 @@ pub use original_dst::original_destination;
 pub use route::{HBONE_PORT, Route, route};
 
 use super::context::{Pod, Tunnel};
-use super::hbone::{self, PoolKey};
-use super::{ProxyError, copy};
-use crate::telemetry::{ConnectionRecorder, Peer, Reporter};
+use super::hbone::{self, HboneStream, PoolKey};
+use super::{ProxyError, copy, fail, finish};
+use crate::telemetry::{Peer, Reporter};
 use socks5::Reply;
 
 /// How an outbound connection reached the tunnel.
@@ -59,128 +59,103 @@ pub async fn serve_outbound(
         )
     };
     let source = tunnel.peer_of(&pod.workload, Some(client_addr));
-    match decision {
+    let recorder = match &decision {
         Route::Hbone {
             destination,
-            identity,
-            hbone,
             target,
             service,
+            ..
         } => {
             let peer = Peer {
-                addr: Some(target),
-                ..tunnel.peer_of(&destination, None)
+                addr: Some(*target),
+                ..tunnel.peer_of(destination, None)
             };
-            let recorder = ConnectionRecorder::open(
-                tunnel.metrics.clone(),
-                Reporter::source,
-                source,
-                peer,
-                service,
-                true,
-            );
-            let key = PoolKey {
-                source: pod.workload.key(),
-                source_identity: pod.identity.clone(),
-                destination_identity: identity,
-                destination: hbone,
-            };
-            match hbone::connect(&tunnel.pool, &key, &pod.sockets, target).await {
-                Ok(stream) => {
-                    accepted(&mut client, entry).await;
-                    let (received, sent) = (recorder.received.clone(), recorder.sent.clone());
-                    let result =
-                        copy::copy_tcp_h2(client, stream.send, stream.recv, &received, &sent).await;
-                    finish(recorder, result);
-                }
-                Err(error) => refuse(client, entry, recorder, error).await,
-            }
+            tunnel.record(Reporter::source, source, peer, service.clone(), true)
         }
         Route::Passthrough {
             target,
             destination,
             service,
         } => {
-            let peer = match &destination {
-                Some(w) => Peer {
-                    addr: Some(target),
-                    ..tunnel.peer_of(w, None)
-                },
-                None => Peer {
-                    addr: Some(target),
-                    ..Peer::default()
-                },
+            let known = destination
+                .as_ref()
+                .map(|w| tunnel.peer_of(w, None))
+                .unwrap_or_default();
+            let peer = Peer {
+                addr: Some(*target),
+                ..known
             };
-            let recorder = ConnectionRecorder::open(
-                tunnel.metrics.clone(),
-                Reporter::source,
-                source,
-                peer,
-                service,
-                false,
-            );
-            match pod.sockets.connect(target).await {
-                Ok(upstream) => {
-                    accepted(&mut client, entry).await;
-                    let (received, sent) = (recorder.received.clone(), recorder.sent.clone());
-                    let result = copy::copy_tcp(client, upstream, &received, &sent).await;
-                    finish(recorder, result);
-                }
-                Err(source) => {
-                    refuse(
-                        client,
-                        entry,
-                        recorder,
-                        ProxyError::Connect {
-                            addr: target,
-                            source,
-                        },
-                    )
-                    .await
-                }
+            tunnel.record(Reporter::source, source, peer, service.clone(), false)
+        }
+        Route::NoEndpoint { service } => tunnel.record(
+            Reporter::source,
+            source,
+            Peer::default(),
+            Some(service.clone()),
+            false,
+        ),
+    };
+    match connect_upstream(decision, &pod, &tunnel).await {
+        Ok(upstream) => {
+            if let Entry::Socks5 = entry {
+                socks5::reply(&mut client, Reply::Succeeded).await;
             }
+            let (received, sent) = (recorder.received.clone(), recorder.sent.clone());
+            let result = match upstream {
+                Upstream::Hbone(stream) => {
+                    copy::copy_tcp_h2(client, stream.send, stream.recv, &received, &sent).await
+                }
+                Upstream::Tcp(stream) => copy::copy_tcp(client, stream, &received, &sent).await,
+            };
+            finish(recorder, result);
         }
-        Route::NoEndpoint { service } => {
-            let recorder = ConnectionRecorder::open(
-                tunnel.metrics.clone(),
-                Reporter::source,
+        Err(error) => {
+            if let Entry::Socks5 = entry {
+                socks5::reply(&mut client, Reply::for_error(&error)).await;
+            }
+            fail(recorder, &error);
+        }
+    }
+}
+
+/// An established connection towards the destination.
+enum Upstream {
+    Hbone(HboneStream),
+    Tcp(TcpStream),
+}
+
+/// Executes the routing decision.
+async fn connect_upstream(
+    decision: Route,
+    pod: &Pod,
+    tunnel: &Tunnel,
+) -> Result<Upstream, ProxyError> {
+    match decision {
+        Route::Hbone {
+            identity,
+            hbone,
+            target,
+            ..
+        } => {
+            let key = PoolKey {
+                source: pod.workload.key(),
+                source_identity: pod.identity.clone(),
+                destination_identity: identity,
+                destination: hbone,
+            };
+            Ok(Upstream::Hbone(
+                hbone::connect(&tunnel.pool, &key, &pod.sockets, target).await?,
+            ))
+        }
+        Route::Passthrough { target, .. } => pod
+            .sockets
+            .connect(target)
+            .await
+            .map(Upstream::Tcp)
+            .map_err(|source| ProxyError::Connect {
+                addr: target,
                 source,
-                Peer::default(),
-                Some(service.clone()),
-                false,
-            );
-            refuse(
-                client,
-                entry,
-                recorder,
-                ProxyError::NoHealthyUpstream { service },
-            )
-            .await;
-        }
-    }
-}
-
-async fn accepted(client: &mut TcpStream, entry: Entry) {
-    if let Entry::Socks5 = entry {
-        socks5::reply(client, Reply::Succeeded).await;
-    }
-}
-
-async fn refuse(
-    mut client: TcpStream,
-    entry: Entry,
-    recorder: ConnectionRecorder,
-    error: ProxyError,
-) {
-    if let Entry::Socks5 = entry {
-        socks5::reply(&mut client, Reply::for_error(&error)).await;
-    }
-    recorder.close(0, 0, Some(error.response_flags()), Some(&error));
-}
-
-fn finish(recorder: ConnectionRecorder, result: Result<copy::Totals, ProxyError>) {
-    match result {
-        Ok(totals) => recorder.close(totals.forward, totals.backward, None, None),
-        Err(error) => recorder.close(0, 0, Some(error.response_flags()), Some(&error)),
+            }),
+        Route::NoEndpoint { service } => Err(ProxyError::NoHealthyUpstream { service }),
     }
 }
