@@ -72,6 +72,11 @@ pub async fn run_pods(
     loop {
         let state = state_rx.borrow_and_update().clone();
         let failed = reconcile(&tunnel, &node, mark, &state, &mut running).await;
+        let in_use = running
+            .values()
+            .map(|pod| pod.workload.identity(tunnel.trust_domain()))
+            .collect();
+        tunnel.certs.retain(&in_use).await;
         if let Ok(mut s) = status.lock() {
             s.synced = true;
             s.running = running.keys().cloned().collect();

@@ -72,6 +72,17 @@ impl CertificateManager {
     pub async fn forget(&self, identity: &Identity) {
         self.slots.lock().await.remove(identity);
     }
+
+    /// Drops every certificate whose identity is not in `in_use`; their renewal stops.
+    pub async fn retain(&self, in_use: &std::collections::HashSet<Identity>) {
+        self.slots.lock().await.retain(|identity, _| {
+            let keep = in_use.contains(identity);
+            if !keep {
+                info!(%identity, "no local workload uses this identity any more; dropping its certificate");
+            }
+            keep
+        });
+    }
 }
 
 async fn renew(
@@ -137,5 +148,23 @@ mod tests {
             weak.upgrade().is_none(),
             "only the manager kept the slot alive"
         );
+    }
+
+    #[tokio::test]
+    async fn retain_keeps_only_identities_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = LocalCa::create_root(dir.path(), "td").unwrap();
+        let crypto = Arc::new(rustls::crypto::ring::default_provider());
+        let ca = LocalCa::load(&cert, &key, Duration::from_secs(60), crypto).unwrap();
+        let manager = CertificateManager::new(Arc::new(ca));
+        let (a, b) = (
+            Identity::new("td", "ns", "a"),
+            Identity::new("td", "ns", "b"),
+        );
+        let slot_a = Arc::downgrade(&manager.get(&a).await.unwrap());
+        let slot_b = Arc::downgrade(&manager.get(&b).await.unwrap());
+        manager.retain(&[a.clone()].into_iter().collect()).await;
+        assert!(slot_a.upgrade().is_some());
+        assert!(slot_b.upgrade().is_none(), "b's certificate was dropped");
     }
 }
