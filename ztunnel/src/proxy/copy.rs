@@ -36,30 +36,42 @@ impl Totals {
     }
 }
 
-/// Reads in chunks sized by how busy the socket is.
+/// Reads in chunks sized by how busy the socket is. While reads keep filling the buffer (bulk
+/// transfer) one allocation is reused, reclaimed once the previous chunks were sent on; a read
+/// that drains the socket lets it go, so a connection waiting for data holds no buffer.
 struct AdaptiveReader {
     size: usize,
+    buf: BytesMut,
 }
 
 impl AdaptiveReader {
     fn new() -> Self {
-        AdaptiveReader { size: MIN_READ }
+        AdaptiveReader {
+            size: MIN_READ,
+            buf: BytesMut::new(),
+        }
     }
 
     /// The next chunk, or `None` at end of stream.
     async fn next(&mut self, rd: &OwnedReadHalf) -> io::Result<Option<Bytes>> {
         loop {
             rd.readable().await?;
-            let mut buf = BytesMut::with_capacity(self.size);
-            match rd.try_read_buf(&mut buf) {
+            let want = self.size;
+            self.buf.reserve(want);
+            match rd.try_read_buf(&mut bytes::BufMut::limit(&mut self.buf, want)) {
                 Ok(0) => return Ok(None),
                 Ok(n) => {
-                    if n == self.size {
-                        self.size = (self.size * 2).min(MAX_READ);
-                    } else if n < self.size / 4 {
-                        self.size = (self.size / 2).max(MIN_READ);
+                    let filled = n == want;
+                    if filled {
+                        self.size = (want * 2).min(MAX_READ);
+                    } else if n < want / 4 {
+                        self.size = (want / 2).max(MIN_READ);
                     }
-                    return Ok(Some(buf.freeze()));
+                    let chunk = self.buf.split().freeze();
+                    if !filled {
+                        self.buf = BytesMut::new();
+                    }
+                    return Ok(Some(chunk));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
@@ -176,4 +188,71 @@ async fn h2_to_tcp(
     }
     wr.shutdown().await?;
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (b, _) = listener.accept().await.unwrap();
+        (a, b)
+    }
+
+    #[tokio::test]
+    async fn buffers_grow_for_bulk_and_are_released_when_the_socket_drains() {
+        let (mut writer, reader_side) = pair().await;
+        let (rd, _wr) = reader_side.into_split();
+        let mut reader = AdaptiveReader::new();
+        // A small message: one small read, and no buffer kept while waiting for more.
+        writer.write_all(b"hello").await.unwrap();
+        let chunk = reader.next(&rd).await.unwrap().unwrap();
+        assert_eq!(&chunk[..], b"hello");
+        assert_eq!(
+            reader.buf.capacity(),
+            0,
+            "an idle connection holds no buffer"
+        );
+        assert_eq!(reader.size, MIN_READ);
+
+        // Bulk: reads fill the buffer and it grows to the maximum.
+        let data = vec![7u8; 8 << 20];
+        let send = tokio::spawn(async move {
+            writer.write_all(&data).await.unwrap();
+            writer
+        });
+        let mut got = 0;
+        let mut largest = 0;
+        while got < 8 << 20 {
+            let chunk = reader.next(&rd).await.unwrap().unwrap();
+            largest = largest.max(chunk.len());
+            got += chunk.len();
+        }
+        assert_eq!(got, 8 << 20);
+        assert_eq!(largest, MAX_READ, "bulk reads grow to the largest size");
+        let writer = send.await.unwrap();
+        drop(writer);
+        assert!(reader.next(&rd).await.unwrap().is_none());
+    }
+
+    #[test]
+    fn totals_reverse() {
+        let t = Totals {
+            forward: 1,
+            backward: 2,
+        };
+        assert_eq!(
+            t.reversed(),
+            Totals {
+                forward: 2,
+                backward: 1
+            }
+        );
+    }
 }
