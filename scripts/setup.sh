@@ -20,6 +20,7 @@ declare -A packages=(
   [iperf3]=iperf3
   [sysctl]=procps
   [ss]=iproute2
+  [nft]=nftables
 )
 missing=()
 for cmd in "${!packages[@]}"; do

@@ -435,3 +435,108 @@ fn certificates_renew_at_half_life_without_dropping_connections() {
         );
     }
 }
+
+#[test]
+fn an_unmodified_client_redirected_to_15001_is_carried_with_its_original_destination() {
+    // Before eBPF capture exists, an nftables redirect in the client pod stands in for it: the
+    // tunnel reads SO_ORIGINAL_DST. Its own sockets carry mark 0x539 and are left alone.
+    let cluster = two_nodes();
+    let rules = "table ip weft {\n  chain out {\n    type nat hook output priority -100; policy accept;\n    meta mark 0x539 return\n    ip daddr 127.0.0.0/8 return\n    tcp dport 8080 redirect to :15001\n  }\n}\n";
+    let file = cluster.dir.path().join("capture.nft");
+    std::fs::write(&file, rules).unwrap();
+    let out = cluster
+        .run_in("client", "nft", &["-f", file.to_str().unwrap()])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nft: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let server = cluster.pod("server").ip;
+    let out = cluster
+        .run_in(
+            "client",
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "10",
+                &format!("http://{server}:8080/echo/captured"),
+            ],
+        )
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "server saw captured\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let client_id = cluster.pod("client").identity(TD);
+    let metrics = cluster.node(2).metrics().unwrap();
+    let labels = [
+        ("reporter", "destination"),
+        ("source_principal", client_id.as_str()),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    assert_eq!(
+        sum(&metrics, "weft_tcp_connections_opened_total", &labels),
+        1.0
+    );
+    // A direct connection to the outbound port (not redirected) is refused, not looped.
+    let out = cluster
+        .run_in(
+            "client",
+            "curl",
+            &["-sS", "--max-time", "3", "http://127.0.0.1:15001/"],
+        )
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        cluster.node(1).log().contains("not redirected"),
+        "{}",
+        cluster.node(1).log()
+    );
+}
+
+#[test]
+fn idle_pooled_connections_are_closed_after_the_idle_timeout() {
+    let spec = ClusterSpec {
+        tunnel_args: vec!["--pool-idle-timeout".into(), "1s".into()],
+        ..ClusterSpec::new(
+            2,
+            vec![PodSpec::new("client", 1), PodSpec::new("server", 2)],
+        )
+    };
+    let mut cluster = Cluster::build(spec).unwrap();
+    let app = conformance::binary("weft-testapp");
+    cluster
+        .spawn_in(
+            "server",
+            &app,
+            &["http", "--port", "8080", "--name", "server"],
+        )
+        .unwrap();
+    let server = cluster.pod("server");
+    wait_for_port(&server.netns, server.ip, 8080, Duration::from_secs(10)).unwrap();
+    cluster.start_tunnels().unwrap();
+    let (out, code) = curl_socks(
+        &cluster,
+        &format!("http://{}:8080/echo/once", cluster.pod("server").ip),
+        &[],
+    );
+    assert_eq!(code, 0, "{out}");
+    let gauge = |c: &Cluster| {
+        sum(
+            &c.node(1).metrics().unwrap(),
+            "weft_hbone_pool_connections",
+            &[],
+        )
+    };
+    assert_eq!(
+        gauge(&cluster),
+        1.0,
+        "the connection stays pooled after use"
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(gauge(&cluster), 0.0, "idle for longer than 1 s: closed");
+}

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
-use tracing::debug;
+use tracing::warn;
 
 pub use original_dst::original_destination;
 pub use route::{HBONE_PORT, Route, route};
@@ -45,7 +45,7 @@ pub async fn serve_outbound(
     let original = match original {
         Ok(original) => original,
         Err(error) => {
-            debug!(pod = %pod.workload.key(), client = %client_addr, %error, "refused outbound connection");
+            warn!(pod = %pod.workload.key(), client = %client_addr, %error, "refused outbound connection");
             return;
         }
     };
