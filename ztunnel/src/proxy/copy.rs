@@ -15,7 +15,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use super::ProxyError;
 
 const MIN_READ: usize = 16 * 1024;
-const MAX_READ: usize = 256 * 1024;
+const MAX_READ: usize = 1024 * 1024;
 
 /// Bytes moved in each direction of a connection.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
