@@ -302,3 +302,112 @@ fn a_tunnel_started_with_a_malformed_state_file_exits_with_the_reason() {
     assert!(err.contains("exited with exit status: 1"), "{err}");
     assert!(err.contains(&format!("{path}:3:")), "{err}");
 }
+
+#[test]
+fn a_local_pod_whose_namespace_is_missing_makes_the_tunnel_unready_and_the_rest_keeps_working() {
+    let mut cluster = cluster();
+    let mut state = std::fs::read_to_string(&cluster.node(2).state_file).unwrap();
+    state = state.replacen(
+        "services:",
+        "  - name: ghost\n    namespace: default\n    ips: [10.10.2.200]\n    node: node2\n    netns: /run/netns/does-not-exist\nservices:",
+        1,
+    );
+    std::fs::write(&cluster.node(2).state_file, state).unwrap();
+    wait_for_log(&cluster, 2, "reloaded state file");
+    let mut readiness = (0, String::new());
+    for _ in 0..50 {
+        readiness = cluster.node(2).http_get(15021, "/healthz/ready").unwrap();
+        if readiness.0 == 503 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(readiness.0, 503, "{readiness:?}");
+    assert!(
+        readiness.1.contains("default/ghost") && readiness.1.contains("/run/netns/does-not-exist"),
+        "{readiness:?}"
+    );
+    let (status, dump) = cluster.node(2).http_get(15000, "/config_dump").unwrap();
+    assert_eq!(status, 200);
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(
+        dump["pods"]["running"],
+        serde_json::json!(["default/other", "default/server"])
+    );
+    assert!(
+        dump["pods"]["failed"]["default/ghost"]
+            .as_str()
+            .unwrap()
+            .contains("cannot open network namespace")
+    );
+    // The healthy pods are untouched.
+    let url = format!("http://{}/echo/still-served", target(&cluster, "server"));
+    let out = cluster
+        .run_in(
+            "client",
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "10",
+                "--socks5",
+                "127.0.0.1:15080",
+                &url,
+            ],
+        )
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "server saw still-served\n"
+    );
+    cluster.wait_ready(1, Duration::from_secs(1)).unwrap();
+}
+
+#[test]
+fn the_log_level_changes_at_run_time_and_a_bad_filter_is_refused() {
+    let cluster = cluster();
+    let node = cluster.node(1);
+    let set = |level: &str| {
+        let out = node
+            .netns
+            .command("curl")
+            .args([
+                "-s",
+                "-g",
+                "-X",
+                "POST",
+                "-w",
+                "\n%{http_code}",
+                &format!("http://127.0.0.1:15000/logging?level={level}"),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let bad = set("nonsense=[[");
+    assert!(
+        bad.ends_with("400") && bad.contains("bad log filter"),
+        "{bad}"
+    );
+    assert!(set("debug").ends_with("200"));
+    assert_eq!(
+        node.http_get(15000, "/logging").unwrap(),
+        (200, "debug\n".to_owned())
+    );
+    let url = format!("http://{}/echo/x", target(&cluster, "server"));
+    cluster
+        .run_in(
+            "client",
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "10",
+                "--socks5",
+                "127.0.0.1:15080",
+                &url,
+            ],
+        )
+        .unwrap();
+    wait_for_log(&cluster, 1, "\"level\":\"DEBUG\"");
+}
