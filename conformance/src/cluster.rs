@@ -155,6 +155,14 @@ impl Node {
     }
 }
 
+/// What a curl run printed.
+#[derive(Debug)]
+pub struct Curl {
+    pub stdout: String,
+    pub stderr: String,
+    pub success: bool,
+}
+
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 /// A built cluster; dropping it stops every process and removes every namespace.
@@ -445,6 +453,27 @@ impl Cluster {
         let process = Process::spawn(&format!("{pod}:{}", program.display()), cmd, log)?;
         self.apps.push(process);
         Ok(())
+    }
+
+    /// Starts `weft-testapp <args>` in pod `pod` and waits until it accepts on `port`.
+    pub fn start_app(&mut self, pod: &str, args: &[&str], port: u16) -> Result<()> {
+        let app = crate::binary("weft-testapp");
+        self.spawn_in(pod, &app, args)?;
+        let p = self.pod(pod);
+        wait_for_port(&p.netns, p.ip, port, Duration::from_secs(10))
+    }
+
+    /// Runs `curl` in pod `pod` through its tunnel's SOCKS5 entry (127.0.0.1:15080).
+    pub fn curl_socks(&self, pod: &str, url: &str, extra: &[&str]) -> Result<Curl> {
+        let mut args = vec!["-sS", "--max-time", "20", "--socks5", "127.0.0.1:15080"];
+        args.extend_from_slice(extra);
+        args.push(url);
+        let out = self.run_in(pod, "curl", &args)?;
+        Ok(Curl {
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            success: out.status.success(),
+        })
     }
 
     /// Runs a command in pod `pod` to completion.

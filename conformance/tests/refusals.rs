@@ -4,7 +4,6 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use conformance::cluster::wait_for_port;
 use conformance::hbone_client::connect_from;
 use conformance::metrics::sum;
 use conformance::pki::TestCa;
@@ -20,16 +19,13 @@ fn cluster() -> Cluster {
         ],
     );
     let mut cluster = Cluster::build(spec).expect("build the cluster");
-    let app = conformance::binary("weft-testapp");
     cluster
-        .spawn_in(
+        .start_app(
             "server",
-            &app,
             &["http", "--port", "8080", "--name", "server"],
+            8080,
         )
         .unwrap();
-    let server = cluster.pod("server");
-    wait_for_port(&server.netns, server.ip, 8080, Duration::from_secs(10)).unwrap();
     cluster.start_tunnels().expect("tunnels start");
     cluster
 }
@@ -202,25 +198,8 @@ fn a_destination_with_an_unexpected_identity_is_refused_by_the_client_tunnel() {
         "http://{}/echo/should-not-arrive",
         target(&cluster, "server")
     );
-    let out = cluster
-        .run_in(
-            "client",
-            "curl",
-            &[
-                "-sS",
-                "--max-time",
-                "10",
-                "--socks5",
-                "127.0.0.1:15080",
-                &url,
-            ],
-        )
-        .unwrap();
-    assert!(
-        !out.status.success(),
-        "curl reached an impostor: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let out = cluster.curl_socks("client", &url, &[]).unwrap();
+    assert!(!out.success, "curl reached an impostor: {}", out.stdout);
     let log = wait_for_log(
         &cluster,
         1,
@@ -257,24 +236,8 @@ fn a_malformed_state_file_is_refused_with_its_line_and_the_previous_state_stays(
     );
     // The previous state is still in force: the server is still reached through the mesh.
     let url = format!("http://{}/echo/still-works", target(&cluster, "server"));
-    let out = cluster
-        .run_in(
-            "client",
-            "curl",
-            &[
-                "-sS",
-                "--max-time",
-                "10",
-                "--socks5",
-                "127.0.0.1:15080",
-                &url,
-            ],
-        )
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "server saw still-works\n"
-    );
+    let out = cluster.curl_socks("client", &url, &[]).unwrap();
+    assert_eq!(out.stdout, "server saw still-works\n");
     let metrics = cluster.node(2).metrics().unwrap();
     assert_eq!(
         sum(
@@ -342,24 +305,8 @@ fn a_local_pod_whose_namespace_is_missing_makes_the_tunnel_unready_and_the_rest_
     );
     // The healthy pods are untouched.
     let url = format!("http://{}/echo/still-served", target(&cluster, "server"));
-    let out = cluster
-        .run_in(
-            "client",
-            "curl",
-            &[
-                "-sS",
-                "--max-time",
-                "10",
-                "--socks5",
-                "127.0.0.1:15080",
-                &url,
-            ],
-        )
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "server saw still-served\n"
-    );
+    let out = cluster.curl_socks("client", &url, &[]).unwrap();
+    assert_eq!(out.stdout, "server saw still-served\n");
     cluster.wait_ready(1, Duration::from_secs(1)).unwrap();
 }
 
@@ -395,19 +342,6 @@ fn the_log_level_changes_at_run_time_and_a_bad_filter_is_refused() {
         (200, "debug\n".to_owned())
     );
     let url = format!("http://{}/echo/x", target(&cluster, "server"));
-    cluster
-        .run_in(
-            "client",
-            "curl",
-            &[
-                "-sS",
-                "--max-time",
-                "10",
-                "--socks5",
-                "127.0.0.1:15080",
-                &url,
-            ],
-        )
-        .unwrap();
+    cluster.curl_socks("client", &url, &[]).unwrap();
     wait_for_log(&cluster, 1, "\"level\":\"DEBUG\"");
 }

@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use conformance::cluster::wait_for_port;
 use conformance::metrics::sum;
 use conformance::{Cluster, ClusterSpec, PodSpec};
 
@@ -19,13 +18,10 @@ fn two_nodes() -> Cluster {
         ],
     );
     let mut cluster = Cluster::build(spec).expect("build the cluster");
-    let app = conformance::binary("weft-testapp");
     for pod in ["server", "plain"] {
         cluster
-            .spawn_in(pod, &app, &["http", "--port", "8080", "--name", pod])
+            .start_app(pod, &["http", "--port", "8080", "--name", pod], 8080)
             .unwrap();
-        let p = cluster.pod(pod);
-        wait_for_port(&p.netns, p.ip, 8080, Duration::from_secs(10)).unwrap();
     }
     cluster.start_tunnels().expect("tunnels start");
     cluster
@@ -33,13 +29,8 @@ fn two_nodes() -> Cluster {
 
 /// curl through the client pod's SOCKS5 entry; returns (stdout, exit code).
 fn curl_socks(cluster: &Cluster, url: &str, extra: &[&str]) -> (String, i32) {
-    let mut args = vec!["-sS", "--max-time", "20", "--socks5", "127.0.0.1:15080"];
-    args.extend_from_slice(extra);
-    args.push(url);
-    let out = cluster.run_in("client", "curl", &args).unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (text, out.status.code().unwrap_or(-1))
+    let curl = cluster.curl_socks("client", url, extra).unwrap();
+    (curl.stdout + &curl.stderr, if curl.success { 0 } else { 1 })
 }
 
 #[test]
@@ -254,12 +245,10 @@ fn a_gibibyte_arrives_intact() {
 fn a_thousand_concurrent_connections_share_a_handful_of_tls_connections() {
     const N: usize = 1000;
     let mut cluster = two_nodes();
-    let app = conformance::binary("weft-testapp");
     cluster
-        .spawn_in("server", &app, &["echo", "--port", "9000"])
+        .start_app("server", &["echo", "--port", "9000"], 9000)
         .unwrap();
     let server = cluster.pod("server");
-    wait_for_port(&server.netns, server.ip, 9000, Duration::from_secs(10)).unwrap();
     let server_ip = server.ip;
     let client_ns = cluster.pod("client").netns.name.clone();
     let (held_tx, held_rx) = std::sync::mpsc::channel::<usize>();
@@ -385,12 +374,10 @@ fn certificates_renew_at_half_life_without_dropping_connections() {
         )
     };
     let mut cluster = Cluster::build(spec).unwrap();
-    let app = conformance::binary("weft-testapp");
     cluster
-        .spawn_in("server", &app, &["echo", "--port", "9000"])
+        .start_app("server", &["echo", "--port", "9000"], 9000)
         .unwrap();
     let server = cluster.pod("server");
-    wait_for_port(&server.netns, server.ip, 9000, Duration::from_secs(10)).unwrap();
     let target = std::net::SocketAddr::from((server.ip, 9000));
     cluster.start_tunnels().unwrap();
     // One connection lives through several renewals of both ends' certificates, echoing
@@ -508,16 +495,13 @@ fn idle_pooled_connections_are_closed_after_the_idle_timeout() {
         )
     };
     let mut cluster = Cluster::build(spec).unwrap();
-    let app = conformance::binary("weft-testapp");
     cluster
-        .spawn_in(
+        .start_app(
             "server",
-            &app,
             &["http", "--port", "8080", "--name", "server"],
+            8080,
         )
         .unwrap();
-    let server = cluster.pod("server");
-    wait_for_port(&server.netns, server.ip, 8080, Duration::from_secs(10)).unwrap();
     cluster.start_tunnels().unwrap();
     let (out, code) = curl_socks(
         &cluster,

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use conformance::cluster::wait_for_port;
 use conformance::{Cluster, ClusterSpec, PodSpec};
 
 /// Two-node Weft tunnel demo on network namespaces.
@@ -24,14 +23,11 @@ fn main() -> Result<()> {
         2,
         vec![PodSpec::new("client", 1), PodSpec::new("server", 2)],
     ))?;
-    let app = conformance::binary("weft-testapp");
-    cluster.spawn_in(
+    cluster.start_app(
         "server",
-        &app,
         &["http", "--port", "8080", "--name", "server"],
+        8080,
     )?;
-    let server = cluster.pod("server");
-    wait_for_port(&server.netns, server.ip, 8080, Duration::from_secs(10))?;
     cluster.start_tunnels()?;
     let server_ip = cluster.pod("server").ip;
     println!(
@@ -41,21 +37,10 @@ fn main() -> Result<()> {
 
     let url = format!("http://{server_ip}:8080/echo/hello-from-the-demo");
     println!("== in pod 'client': curl --socks5 127.0.0.1:15080 {url}");
-    let out = cluster.run_in(
-        "client",
-        "curl",
-        &[
-            "-sS",
-            "--max-time",
-            "10",
-            "--socks5",
-            "127.0.0.1:15080",
-            &url,
-        ],
-    )?;
-    print!("{}", String::from_utf8_lossy(&out.stdout));
-    eprint!("{}", String::from_utf8_lossy(&out.stderr));
-    anyhow::ensure!(out.status.success(), "curl failed");
+    let out = cluster.curl_socks("client", &url, &["--max-time", "10"])?;
+    print!("{}", out.stdout);
+    eprint!("{}", out.stderr);
+    anyhow::ensure!(out.success, "curl failed");
     std::thread::sleep(Duration::from_millis(300));
 
     for node in &cluster.nodes {
