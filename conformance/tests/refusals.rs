@@ -4,10 +4,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use conformance::hbone_client::connect_from;
+use conformance::hbone_client::{ConnectAnswer, connect_from};
 use conformance::metrics::sum;
 use conformance::pki::TestCa;
 use conformance::{Cluster, ClusterSpec, PodSpec};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 fn cluster() -> Cluster {
     let spec = ClusterSpec::new(
@@ -28,6 +29,20 @@ fn cluster() -> Cluster {
         .unwrap();
     cluster.start_tunnels().expect("tunnels start");
     cluster
+}
+
+/// The bare HBONE client, from the client pod, to the server pod's 15008, asking for `pod`.
+fn bare_connect(
+    cluster: &Cluster,
+    cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    pod: &str,
+) -> anyhow::Result<ConnectAnswer> {
+    connect_from(
+        &cluster.pod("client").netns,
+        hbone_addr(cluster),
+        cert,
+        &target(cluster, pod),
+    )
 }
 
 fn hbone_addr(cluster: &Cluster) -> SocketAddr {
@@ -60,13 +75,7 @@ fn a_valid_mesh_certificate_is_accepted_by_the_bare_client() {
     let cert = ca
         .issue(Some("spiffe://cluster.local/ns/default/sa/client"))
         .unwrap();
-    let answer = connect_from(
-        &cluster.pod("client").netns,
-        hbone_addr(&cluster),
-        Some(cert),
-        &target(&cluster, "server"),
-    )
-    .unwrap();
+    let answer = bare_connect(&cluster, Some(cert), "server").unwrap();
     assert_eq!(answer.status, 200, "{answer:?}");
 }
 
@@ -77,12 +86,7 @@ fn a_client_certificate_from_another_ca_and_trust_domain_is_refused() {
     let cert = foreign
         .issue(Some("spiffe://evil.example/ns/default/sa/client"))
         .unwrap();
-    let result = connect_from(
-        &cluster.pod("client").netns,
-        hbone_addr(&cluster),
-        Some(cert),
-        &target(&cluster, "server"),
-    );
+    let result = bare_connect(&cluster, Some(cert), "server");
     assert!(
         result.is_err(),
         "a foreign certificate got through: {result:?}"
@@ -98,12 +102,7 @@ fn a_client_certificate_for_another_trust_domain_from_our_ca_is_refused() {
     let cert = ca
         .issue(Some("spiffe://other.domain/ns/default/sa/client"))
         .unwrap();
-    let result = connect_from(
-        &cluster.pod("client").netns,
-        hbone_addr(&cluster),
-        Some(cert),
-        &target(&cluster, "server"),
-    );
+    let result = bare_connect(&cluster, Some(cert), "server");
     assert!(
         result.is_err(),
         "another trust domain got through: {result:?}"
@@ -118,12 +117,7 @@ fn a_client_certificate_for_another_trust_domain_from_our_ca_is_refused() {
 #[test]
 fn a_client_without_certificate_is_refused() {
     let cluster = cluster();
-    let result = connect_from(
-        &cluster.pod("client").netns,
-        hbone_addr(&cluster),
-        None,
-        &target(&cluster, "server"),
-    );
+    let result = bare_connect(&cluster, None, "server");
     assert!(
         result.is_err(),
         "no client certificate got through: {result:?}"
@@ -136,12 +130,7 @@ fn a_certificate_without_spiffe_id_is_refused() {
     let cluster = cluster();
     let ca = TestCa::load(cluster.ca_dir()).unwrap();
     let cert = ca.issue(None).unwrap();
-    let result = connect_from(
-        &cluster.pod("client").netns,
-        hbone_addr(&cluster),
-        Some(cert),
-        &target(&cluster, "server"),
-    );
+    let result = bare_connect(&cluster, Some(cert), "server");
     assert!(
         result.is_err(),
         "a certificate without SPIFFE ID got through: {result:?}"
@@ -157,13 +146,7 @@ fn a_connect_to_an_address_the_listener_does_not_serve_is_refused() {
         .issue(Some("spiffe://cluster.local/ns/default/sa/client"))
         .unwrap();
     // "other" is a real pod on the same node, but this listener belongs to "server".
-    let answer = connect_from(
-        &cluster.pod("client").netns,
-        hbone_addr(&cluster),
-        Some(cert),
-        &target(&cluster, "other"),
-    )
-    .unwrap();
+    let answer = bare_connect(&cluster, Some(cert), "other").unwrap();
     assert_eq!(answer.status, 421, "{answer:?}");
     let reason = answer.reason.unwrap_or_default();
     assert!(
