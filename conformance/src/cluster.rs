@@ -1,11 +1,12 @@
 //! A simulated cluster: a router namespace joining node namespaces, each node with pod
 //! namespaces behind veth pairs (routed like a Calico node), and one real `ztunnel` per node.
 //!
-//! Addresses: node i reaches the router over 10.255.i.0/24; its pods are 10.10.i.j/32, with
-//! a default route to 169.254.1.1 answered by proxy ARP on the node side of their veth.
+//! Addresses: node i reaches the router over 10.255.i.0/24 and fd00:255:i::/64; its pods are
+//! 10.10.i.j/32 and fd00:10:i::j/128 (dual stack), with default routes to 169.254.1.1 (answered
+//! by proxy ARP on the node side of their veth) and to fe80::1 (the node side's link-local).
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -86,6 +87,7 @@ impl ClusterSpec {
 pub struct Pod {
     pub spec: PodSpec,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
     pub netns: Netns,
 }
 
@@ -204,11 +206,13 @@ impl Cluster {
         let router = Netns::create(&format!("{prefix}-router"))?;
         router.sysctl("net.ipv4.ip_forward", "1")?;
         router.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+        router.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         let mut nodes = Vec::new();
         for i in 1..=spec.nodes {
             let netns = Netns::create(&format!("{prefix}-node{i}"))?;
             netns.sysctl("net.ipv4.ip_forward", "1")?;
             netns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+            netns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
             let uplink = format!("n{i}");
             router.ip(&[
                 "link",
@@ -234,6 +238,40 @@ impl Cluster {
             netns.ip(&["addr", "add", &format!("10.255.{i}.2/24"), "dev", "uplink"])?;
             netns.ip(&["link", "set", "uplink", "up"])?;
             netns.ip(&["route", "add", "default", "via", &format!("10.255.{i}.1")])?;
+            router.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("fd00:255:{i}::1/64"),
+                "dev",
+                &uplink,
+                "nodad",
+            ])?;
+            router.ip(&[
+                "-6",
+                "route",
+                "add",
+                &format!("fd00:10:{i}::/64"),
+                "via",
+                &format!("fd00:255:{i}::2"),
+            ])?;
+            netns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("fd00:255:{i}::2/64"),
+                "dev",
+                "uplink",
+                "nodad",
+            ])?;
+            netns.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("fd00:255:{i}::1"),
+            ])?;
             nodes.push(Node {
                 tunnel: None,
                 name: format!("node{i}"),
@@ -254,6 +292,7 @@ impl Cluster {
             per_node[pod_spec.node] += 1;
             let j = per_node[pod_spec.node];
             let ip = Ipv4Addr::new(10, 10, pod_spec.node as u8, j);
+            let ip6 = Ipv6Addr::new(0xfd00, 0x10, pod_spec.node as u16, 0, 0, 0, 0, j as u16);
             let netns = Netns::create(&format!("{prefix}-{}", pod_spec.name))?;
             let host_side = format!("p{j}");
             node.netns.ip(&[
@@ -293,9 +332,39 @@ impl Cluster {
                 "dev",
                 "eth0",
             ])?;
+            node.netns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                "fe80::1/64",
+                "dev",
+                &host_side,
+                "nodad",
+            ])?;
+            node.netns.ip(&[
+                "-6",
+                "route",
+                "add",
+                &format!("{ip6}/128"),
+                "dev",
+                &host_side,
+            ])?;
+            netns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip6}/128"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            netns.ip(&[
+                "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+            ])?;
             pods.push(Pod {
                 spec: pod_spec.clone(),
                 ip,
+                ip6,
                 netns,
             });
         }
@@ -350,11 +419,12 @@ impl Cluster {
             edit(&mut spec);
             let _ = write!(
                 out,
-                "  - name: {}\n    namespace: {}\n    serviceAccount: {}\n    ips: [{}]\n    node: node{}\n    netns: {}\n    protocol: {}\n",
+                "  - name: {}\n    namespace: {}\n    serviceAccount: {}\n    ips: [{}, \"{}\"]\n    node: node{}\n    netns: {}\n    protocol: {}\n",
                 spec.name,
                 spec.namespace,
                 spec.service_account,
                 pod.ip,
+                pod.ip6,
                 spec.node,
                 pod.netns.path().display(),
                 if spec.mesh { "HBONE" } else { "TCP" }
@@ -483,7 +553,13 @@ impl Cluster {
 }
 
 /// Waits until something accepts TCP connections on `ip:port` inside `netns`.
-pub fn wait_for_port(netns: &Netns, ip: Ipv4Addr, port: u16, timeout: Duration) -> Result<()> {
+pub fn wait_for_port(
+    netns: &Netns,
+    ip: impl Into<IpAddr>,
+    port: u16,
+    timeout: Duration,
+) -> Result<()> {
+    let ip = ip.into();
     let addr = std::net::SocketAddr::from((ip, port));
     let deadline = Instant::now() + timeout;
     loop {

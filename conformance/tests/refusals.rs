@@ -208,7 +208,7 @@ fn a_destination_with_an_unexpected_identity_is_refused_by_the_client_tunnel() {
 fn a_malformed_state_file_is_refused_with_its_line_and_the_previous_state_stays() {
     let cluster = cluster();
     let good = std::fs::read_to_string(&cluster.node(1).state_file).unwrap();
-    let bad = good.replacen("ips: [10.10.2.1]", "ips: [10.10.2.999]", 1);
+    let bad = good.replacen("ips: [10.10.2.1,", "ips: [10.10.2.999,", 1);
     assert_ne!(good, bad);
     std::fs::write(&cluster.node(1).state_file, &bad).unwrap();
     let log = wait_for_log(&cluster, 1, "refused state file update");

@@ -524,3 +524,49 @@ fn idle_pooled_connections_are_closed_after_the_idle_timeout() {
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(gauge(&cluster), 0.0, "idle for longer than 1 s: closed");
 }
+
+#[test]
+fn the_same_path_works_over_ipv6() {
+    let cluster = two_nodes();
+    let server = cluster.pod("server").ip6;
+    let (out, code) = curl_socks(
+        &cluster,
+        &format!("http://[{server}]:8080/echo/over-ipv6"),
+        &[],
+    );
+    assert_eq!(
+        (out.as_str(), code),
+        ("server saw over-ipv6\n", 0),
+        "node1:\n{}",
+        cluster.node(1).log()
+    );
+    let client_id = cluster.pod("client").identity(TD);
+    let metrics = cluster.node(2).metrics().unwrap();
+    let labels = [
+        ("reporter", "destination"),
+        ("source_principal", client_id.as_str()),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    assert_eq!(
+        sum(&metrics, "weft_tcp_connections_opened_total", &labels),
+        1.0
+    );
+    let ss = cluster
+        .run_in(
+            "client",
+            "ss",
+            &[
+                "-Htn",
+                "state",
+                "established",
+                "dst",
+                &format!("[{server}]:15008"),
+            ],
+        )
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&ss.stdout).lines().count(),
+        1,
+        "one HBONE connection over IPv6"
+    );
+}

@@ -55,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn serve_http(port: u16, name: String) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(("0.0.0.0", port)).await?;
+    let listener = TcpListener::bind(("::", port)).await?;
     eprintln!("http listening on {port}");
     loop {
         let (stream, _) = listener.accept().await?;
@@ -142,7 +142,7 @@ impl Body for PatternBody {
 
 async fn serve_echo(port: u16) -> anyhow::Result<()> {
     raise_fd_limit();
-    let listener = TcpListener::bind(("0.0.0.0", port)).await?;
+    let listener = TcpListener::bind(("::", port)).await?;
     eprintln!("echo listening on {port}");
     loop {
         let (mut stream, _) = listener.accept().await?;
@@ -164,7 +164,7 @@ async fn serve_echo(port: u16) -> anyhow::Result<()> {
 }
 
 async fn serve_source(port: u16) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(("0.0.0.0", port)).await?;
+    let listener = TcpListener::bind(("::", port)).await?;
     eprintln!("source listening on {port}");
     let block = Bytes::from(vec![0x5au8; 256 * 1024]);
     loop {
