@@ -21,6 +21,7 @@ declare -A packages=(
   [sysctl]=procps
   [ss]=iproute2
   [nft]=nftables
+  [bpftool]=bpftool
 )
 missing=()
 for cmd in "${!packages[@]}"; do
@@ -41,5 +42,23 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   echo "setup: installing cargo-nextest"
   cargo install --locked cargo-nextest
 fi
+# The eBPF toolchain (pins from ../shared/design/TOOLCHAIN.md): the programs are built with a
+# nightly that shares its LLVM major (22) with bpf-linker.
+EBPF_NIGHTLY=nightly-2026-05-20
+if [ ! -e /usr/lib/llvm-22/lib/libLLVM-22.so ]; then
+  echo "setup: installing llvm-22-dev"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends llvm-22-dev >/dev/null
+fi
+if ! rustup run "$EBPF_NIGHTLY" rustc --version >/dev/null 2>&1 \
+   || [ ! -d "$(rustup run "$EBPF_NIGHTLY" rustc --print sysroot)/lib/rustlib/src/rust/library" ]; then
+  echo "setup: installing the $EBPF_NIGHTLY toolchain with rust-src"
+  rustup toolchain install "$EBPF_NIGHTLY" --profile minimal --component rust-src
+fi
+if ! bpf-linker --version 2>/dev/null | grep -q '0.13.0'; then
+  echo "setup: installing bpf-linker 0.13.0 (llvm-22)"
+  LLVM_PREFIX=/usr/lib/llvm-22 cargo install --locked bpf-linker@0.13.0 --no-default-features --features llvm-22
+fi
+
 # /run/netns must exist for `ip netns`; it is created on first use, but make sure.
 mkdir -p /run/netns

@@ -1,0 +1,34 @@
+//! Every map key and value of the capture programs, defined once for the kernel and user space.
+//! All `#[repr(C)]` with explicit padding, never packed.
+#![no_std]
+
+/// Port of the tunnel's outbound listener inside each enrolled pod.
+pub const OUTBOUND_PORT: u16 = 15001;
+
+/// Value of the enrollment map, keyed by the pod's network namespace cookie (`u64`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodSettings {
+    /// Where captured connections go, host byte order (normally [`OUTBOUND_PORT`]).
+    pub outbound_port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// The destination an application asked for, recorded when its connect was captured.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OriginalDst {
+    /// IPv4 as IPv4-mapped IPv6 (`::ffff:a.b.c.d`), network byte order.
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain `repr(C)` data with explicit padding and no pointers.
+    unsafe impl aya::Pod for super::PodSettings {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::OriginalDst {}
+}

@@ -1,0 +1,74 @@
+//! `cgroup/connect4`: a TCP connect from an enrolled pod's namespace goes to the tunnel's
+//! outbound listener on 127.0.0.1 in that same namespace; the original destination is recorded
+//! under the socket's cookie.
+
+use aya_ebpf::EbpfContext;
+use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie};
+use aya_ebpf::macros::{cgroup_sock_addr, map};
+use aya_ebpf::maps::{HashMap, LruHashMap};
+use aya_ebpf::programs::SockAddrContext;
+use redirect_common::{OriginalDst, PodSettings};
+
+/// Enrolled pods: netns cookie -> settings.
+#[map]
+static ENROLLED: HashMap<u64, PodSettings> = HashMap::with_max_entries(4096, 0);
+
+/// Captured connections: socket cookie -> original destination.
+#[map]
+static ORIGINAL_DST: LruHashMap<u64, OriginalDst> = LruHashMap::with_max_entries(65536, 0);
+
+/// Allow the connect (the only verdict: capture never blocks).
+const ALLOW: i32 = 1;
+const SOCK_STREAM: u32 = 1;
+const LOOPBACK_NET: u32 = 127;
+/// The tunnel marks its own sockets; they are never captured.
+const TUNNEL_MARK: u32 = 0x539;
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    match try_connect4(&ctx) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
+}
+
+fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
+    // SAFETY: the kernel hands a valid bpf_sock_addr to cgroup/connect4 programs.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM {
+        return Ok(ALLOW);
+    }
+    // SAFETY: helper valid for sock_addr programs.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: map lookup with a key on the stack.
+    let Some(settings) = (unsafe { ENROLLED.get(&netns) }) else {
+        return Ok(ALLOW);
+    };
+    // SAFETY: `sk` is always set for connect programs.
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
+    if !sk.is_null() && unsafe { (*sk).mark } == TUNNEL_MARK {
+        return Ok(ALLOW);
+    }
+    let ip = u32::from_be(sa.user_ip4);
+    if ip >> 24 == LOOPBACK_NET {
+        return Ok(ALLOW);
+    }
+    let port = u16::from_be(sa.user_port as u16);
+    let mut addr = [0u8; 16];
+    addr[10] = 0xff;
+    addr[11] = 0xff;
+    addr[12..].copy_from_slice(&sa.user_ip4.to_ne_bytes());
+    let original = OriginalDst {
+        addr,
+        port,
+        _pad: [0; 6],
+    };
+    // SAFETY: helper valid for sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if ORIGINAL_DST.insert(&cookie, &original, 0).is_err() {
+        // Without a record the tunnel could not route it: leave the connection alone.
+        return Ok(ALLOW);
+    }
+    sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
+    sa.user_port = u32::from(settings.outbound_port.to_be());
+    Ok(ALLOW)
+}

@@ -1,0 +1,36 @@
+//! Why capture could not be set up or changed.
+
+use std::path::PathBuf;
+
+/// Errors of the capture loader, each saying what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectError {
+    #[error(
+        "cannot load the capture programs (needs root or CAP_BPF + CAP_NET_ADMIN, and a 5.15+ kernel): {0}"
+    )]
+    Load(#[source] aya::EbpfError),
+    #[error("capture program or map {0} is missing from the embedded object (a build problem)")]
+    Missing(&'static str),
+    #[error("cannot load or attach a capture program: {0}")]
+    Program(#[source] aya::programs::ProgramError),
+    #[error("cannot use a capture map: {0}")]
+    Map(#[source] aya::maps::MapError),
+    #[error("cannot make a bpf_link: {0}")]
+    Link(String),
+    #[error(
+        "cannot open the cgroup {path}: {source}; is cgroup v2 mounted (look for a cgroup2 line in /proc/self/mountinfo)?"
+    )]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "no cgroup v2 hierarchy is mounted; Weft needs cgroup v2 (mount -t cgroup2 none /sys/fs/cgroup/unified)"
+    )]
+    NoCgroup2,
+    #[error("cannot read the cookie of network namespace {path}: {source}")]
+    Netns {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
