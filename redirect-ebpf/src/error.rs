@@ -15,8 +15,6 @@ pub enum RedirectError {
     Program(#[source] aya::programs::ProgramError),
     #[error("cannot use a capture map: {0}")]
     Map(#[source] aya::maps::MapError),
-    #[error("cannot make a bpf_link: {0}")]
-    Link(String),
     #[error(
         "cannot open the cgroup {path}: {source}; is cgroup v2 mounted (look for a cgroup2 line in /proc/self/mountinfo)?"
     )]

@@ -10,9 +10,11 @@ use std::path::Path;
 
 use aya::Ebpf;
 use aya::maps::{HashMap, MapData};
-use aya::programs::links::FdLink;
-use aya::programs::{CgroupAttachMode, CgroupSockAddr};
-use redirect_common::{OriginalDst, PodSettings};
+use aya::programs::cgroup_sock_addr::CgroupSockAddrLink;
+use aya::programs::cgroup_sockopt::CgroupSockoptLink;
+use aya::programs::sock_ops::SockOpsLink;
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, Program, SockOps};
+use redirect_common::{ClientKey, OriginalDst, PodSettings};
 
 pub use cgroup::cgroup2_mount;
 pub use error::RedirectError;
@@ -26,8 +28,9 @@ static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/
 pub struct Redirect {
     _ebpf: Ebpf,
     enrolled: HashMap<MapData, u64, PodSettings>,
-    original: HashMap<MapData, u64, OriginalDst>,
-    _links: Vec<FdLink>,
+    by_client: HashMap<MapData, ClientKey, OriginalDst>,
+    /// Dropping a link detaches its program.
+    _links: (CgroupSockAddrLink, SockOpsLink, CgroupSockoptLink),
 }
 
 impl Redirect {
@@ -39,34 +42,46 @@ impl Redirect {
             path: cgroup.to_owned(),
             source,
         })?;
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut("connect4")
-            .ok_or(RedirectError::Missing("connect4"))?
-            .try_into()
-            .map_err(RedirectError::Program)?;
-        program.load().map_err(RedirectError::Program)?;
         // With bpf_link the kernel always attaches in multi mode and wants no flags: `Single`
         // passes none (AllowMultiple makes link_create fail with EINVAL on 6.18).
-        let link_id = program
-            .attach(&cgroup_dir, CgroupAttachMode::Single)
+        let mode = CgroupAttachMode::Single;
+
+        let connect4: &mut CgroupSockAddr = program(&mut ebpf, "connect4")?;
+        connect4.load().map_err(RedirectError::Program)?;
+        let id = connect4
+            .attach(&cgroup_dir, mode)
             .map_err(RedirectError::Program)?;
-        let link = program.take_link(link_id).map_err(RedirectError::Program)?;
-        let links = vec![FdLink::try_from(link).map_err(|e| RedirectError::Link(e.to_string()))?];
+        let connect4_link = connect4.take_link(id).map_err(RedirectError::Program)?;
+
+        let sockops: &mut SockOps = program(&mut ebpf, "file_original_dst")?;
+        sockops.load().map_err(RedirectError::Program)?;
+        let id = sockops
+            .attach(&cgroup_dir, mode)
+            .map_err(RedirectError::Program)?;
+        let sockops_link = sockops.take_link(id).map_err(RedirectError::Program)?;
+
+        let getsockopt: &mut CgroupSockopt = program(&mut ebpf, "answer_original_dst")?;
+        getsockopt.load().map_err(RedirectError::Program)?;
+        let id = getsockopt
+            .attach(&cgroup_dir, mode)
+            .map_err(RedirectError::Program)?;
+        let getsockopt_link = getsockopt.take_link(id).map_err(RedirectError::Program)?;
+
         let enrolled = HashMap::try_from(
             ebpf.take_map("ENROLLED")
                 .ok_or(RedirectError::Missing("ENROLLED"))?,
         )
         .map_err(RedirectError::Map)?;
-        let original = HashMap::try_from(
-            ebpf.take_map("ORIGINAL_DST")
-                .ok_or(RedirectError::Missing("ORIGINAL_DST"))?,
+        let by_client = HashMap::try_from(
+            ebpf.take_map("BY_CLIENT")
+                .ok_or(RedirectError::Missing("BY_CLIENT"))?,
         )
         .map_err(RedirectError::Map)?;
         Ok(Redirect {
             _ebpf: ebpf,
             enrolled,
-            original,
-            _links: links,
+            by_client,
+            _links: (connect4_link, sockops_link, getsockopt_link),
         })
     }
 
@@ -89,17 +104,41 @@ impl Redirect {
         }
     }
 
-    /// The original destination of a captured socket, by its socket cookie.
+    /// The original destination of a captured connection, by the client's namespace and
+    /// address (what the tunnel sees as the peer of the accepted socket). The same answer
+    /// `getsockopt(SOL_IP, SO_ORIGINAL_DST)` gives on that socket.
     pub fn original_destination(
         &self,
-        socket_cookie: u64,
+        netns_cookie: u64,
+        client: SocketAddr,
     ) -> Result<Option<SocketAddr>, RedirectError> {
-        match self.original.get(&socket_cookie, 0) {
+        let addr = match client {
+            SocketAddr::V4(v4) => v4.ip().to_ipv6_mapped().octets(),
+            SocketAddr::V6(v6) => v6.ip().octets(),
+        };
+        let key = ClientKey {
+            netns_cookie,
+            addr,
+            port: client.port(),
+            _pad: [0; 6],
+        };
+        match self.by_client.get(&key, 0) {
             Ok(dst) => Ok(Some(to_socket_addr(&dst))),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(RedirectError::Map(e)),
         }
     }
+}
+
+/// The program `name` of the object, as its type.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, RedirectError>
+where
+    &'a mut T: TryFrom<&'a mut Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(RedirectError::Missing(name))?
+        .try_into()
+        .map_err(RedirectError::Program)
 }
 
 fn to_socket_addr(dst: &OriginalDst) -> SocketAddr {

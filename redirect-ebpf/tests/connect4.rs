@@ -48,25 +48,8 @@ impl Drop for Netns {
     }
 }
 
-fn socket_cookie(stream: &TcpStream) -> u64 {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid socket and buffer.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(rc, 0);
-    cookie
-}
-
-/// Connects to a destination with no route; Ok((cookie, local peer seen)) when captured.
-fn connect(marked: bool) -> Result<u64, ErrorKind> {
+/// Connects to a destination with no route; the client's local address when captured.
+fn connect(marked: bool) -> Result<SocketAddr, ErrorKind> {
     let dst: SocketAddr = "10.99.0.1:80".parse().unwrap();
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     if marked {
@@ -76,7 +59,7 @@ fn connect(marked: bool) -> Result<u64, ErrorKind> {
         .connect_timeout(&dst.into(), Duration::from_secs(2))
         .map_err(|e| e.kind())?;
     let stream: TcpStream = socket.into();
-    Ok(socket_cookie(&stream))
+    Ok(stream.local_addr().unwrap())
 }
 
 #[test]
@@ -90,15 +73,23 @@ fn captures_enrolled_namespaces_only_and_records_the_original_destination() {
 
     // The tunnel's outbound listener inside the enrolled pod.
     let listener = enrolled.run(|| TcpListener::bind(("127.0.0.1", OUTBOUND_PORT)).unwrap());
-    let cookie = enrolled
+    let client = enrolled
         .run(|| connect(false))
         .expect("an enrolled connect is captured");
     let (accepted, peer) = listener.accept().unwrap();
     assert_eq!(accepted.local_addr().unwrap().port(), OUTBOUND_PORT);
-    assert!(peer.ip().is_loopback());
+    assert_eq!(peer, client);
+    let netns = netns_cookie(&enrolled.path()).unwrap();
+    let other = netns_cookie(&plain.path()).unwrap();
+    let want: SocketAddr = "10.99.0.1:80".parse().unwrap();
     assert_eq!(
-        redirect.original_destination(cookie).unwrap(),
-        Some("10.99.0.1:80".parse().unwrap())
+        redirect.original_destination(netns, peer).unwrap(),
+        Some(want)
+    );
+    assert_eq!(
+        redirect.original_destination(other, peer).unwrap(),
+        None,
+        "keyed by namespace too"
     );
 
     // The tunnel's own (marked) sockets, other namespaces, and unenrolled pods are untouched:
@@ -118,4 +109,63 @@ fn captures_enrolled_namespaces_only_and_records_the_original_destination() {
         enrolled.run(|| connect(false)),
         Err(ErrorKind::NetworkUnreachable)
     );
+}
+
+/// What `getsockopt(SOL_IP, SO_ORIGINAL_DST)` answers on an accepted socket: the tunnel's call.
+fn so_original_dst(stream: &TcpStream) -> std::io::Result<SocketAddr> {
+    // SAFETY: sockaddr_in is plain data; the kernel (or the program) fills at most `len` bytes.
+    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_IP,
+            80,
+            (&mut sa as *mut libc::sockaddr_in).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let ip = std::net::Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
+    Ok(SocketAddr::from((ip, u16::from_be(sa.sin_port))))
+}
+
+#[test]
+fn the_accepted_socket_answers_so_original_dst_per_pod() {
+    // Two enrolled pods whose clients may use the same 127.0.0.1 address and port: each
+    // accepted socket must get its own pod's original destination.
+    let a = Netns::new("a");
+    let b = Netns::new("b");
+    let mut redirect = Redirect::install(&cgroup2_mount().unwrap()).unwrap();
+    for ns in [&a, &b] {
+        redirect.enroll(netns_cookie(&ns.path()).unwrap()).unwrap();
+    }
+    let listener_a = a.run(|| TcpListener::bind(("127.0.0.1", OUTBOUND_PORT)).unwrap());
+    let listener_b = b.run(|| TcpListener::bind(("127.0.0.1", OUTBOUND_PORT)).unwrap());
+    let dial = |dst: &'static str| {
+        move || {
+            let dst: SocketAddr = dst.parse().unwrap();
+            TcpStream::connect_timeout(&dst, Duration::from_secs(2)).unwrap()
+        }
+    };
+    let _client_a = a.run(dial("10.99.0.1:80"));
+    let _client_b = b.run(dial("10.98.0.7:8443"));
+    let (accepted_a, _) = listener_a.accept().unwrap();
+    let (accepted_b, _) = listener_b.accept().unwrap();
+    assert_eq!(
+        so_original_dst(&accepted_a).unwrap(),
+        "10.99.0.1:80".parse().unwrap()
+    );
+    assert_eq!(
+        so_original_dst(&accepted_b).unwrap(),
+        "10.98.0.7:8443".parse().unwrap()
+    );
+
+    // A connection that was not captured has no original destination: the kernel's own error.
+    let direct = a.run(|| TcpStream::connect(("127.0.0.1", OUTBOUND_PORT)).unwrap());
+    let (accepted, _) = listener_a.accept().unwrap();
+    assert!(so_original_dst(&accepted).is_err());
+    drop(direct);
 }

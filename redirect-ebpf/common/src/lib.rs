@@ -25,10 +25,30 @@ pub struct OriginalDst {
     pub _pad: [u8; 6],
 }
 
+/// Key of the lookup the tunnel makes for an accepted captured connection: the client's
+/// namespace and address, unique across pods even though every pod uses 127.0.0.1.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientKey {
+    pub netns_cookie: u64,
+    /// IPv4 as IPv4-mapped IPv6, network byte order.
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// `SO_ORIGINAL_DST` (and `IP6T_SO_ORIGINAL_DST`), the option the tunnel reads.
+pub const SO_ORIGINAL_DST: i32 = 80;
+/// `SOL_IP`.
+pub const SOL_IP: i32 = 0;
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain `repr(C)` data with explicit padding and no pointers.
     unsafe impl aya::Pod for super::PodSettings {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::OriginalDst {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ClientKey {}
 }

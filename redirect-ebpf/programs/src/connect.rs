@@ -11,11 +11,12 @@ use redirect_common::{OriginalDst, PodSettings};
 
 /// Enrolled pods: netns cookie -> settings.
 #[map]
-static ENROLLED: HashMap<u64, PodSettings> = HashMap::with_max_entries(4096, 0);
+pub(crate) static ENROLLED: HashMap<u64, PodSettings> = HashMap::with_max_entries(4096, 0);
 
-/// Captured connections: socket cookie -> original destination.
+/// Captured connections: socket cookie -> original destination (read by `sockops`).
 #[map]
-static ORIGINAL_DST: LruHashMap<u64, OriginalDst> = LruHashMap::with_max_entries(65536, 0);
+pub(crate) static ORIGINAL_DST: LruHashMap<u64, OriginalDst> =
+    LruHashMap::with_max_entries(65536, 0);
 
 /// Allow the connect (the only verdict: capture never blocks).
 const ALLOW: i32 = 1;

@@ -5,6 +5,8 @@
 
 #[cfg(target_arch = "bpf")]
 mod connect;
+#[cfg(target_arch = "bpf")]
+mod original_dst;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]
