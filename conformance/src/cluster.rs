@@ -546,6 +546,61 @@ impl Cluster {
         })
     }
 
+    /// Starts transparent capture (`weft-redirect`, in the host's namespace) for `pods` and waits
+    /// until its programs are attached; stopped (and detached) when the cluster is dropped.
+    pub fn start_capture(&mut self, pods: &[&str]) -> Result<()> {
+        let binary = crate::binary("weft-redirect");
+        let mut cmd = Command::new(binary);
+        for pod in pods {
+            cmd.arg("--enroll").arg(self.pod(pod).netns.path());
+        }
+        let log = self
+            .dir
+            .path()
+            .join(format!("weft-redirect-{}.log", self.apps.len()));
+        let mut process = Process::spawn("weft-redirect", cmd, log)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !process.output().contains("capture installed") {
+            if let Some(status) = process.exited() {
+                bail!("weft-redirect exited with {status}:\n{}", process.output());
+            }
+            if Instant::now() > deadline {
+                bail!("weft-redirect not ready after 20 s:\n{}", process.output());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.apps.push(process);
+        Ok(())
+    }
+
+    /// Starts tcpdump on the router's link to node `node` and waits until it captures; stop
+    /// the process, then read the returned pcap file.
+    pub fn capture_link(&self, node: usize, name: &str) -> Result<(Process, PathBuf)> {
+        let pcap = self.dir.path().join(format!("{name}.pcap"));
+        let mut cmd = self.router.command("tcpdump");
+        cmd.args([
+            "-i",
+            &format!("n{node}"),
+            "-U",
+            "--immediate-mode",
+            "-n",
+            "-s",
+            "0",
+            "-w",
+        ])
+        .arg(&pcap)
+        .arg("tcp");
+        let log = self.dir.path().join(format!("{name}.tcpdump.log"));
+        let tcpdump = Process::spawn("tcpdump", cmd, log)?;
+        for _ in 0..100 {
+            if tcpdump.output().contains("listening on") {
+                return Ok((tcpdump, pcap));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("tcpdump did not start: {}", tcpdump.output())
+    }
+
     /// Runs a command in pod `pod` to completion.
     pub fn run_in(&self, pod: &str, program: &str, args: &[&str]) -> Result<Output> {
         Ok(self.pod(pod).command(program).args(args).output()?)

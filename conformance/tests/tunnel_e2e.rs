@@ -125,27 +125,6 @@ fn curl_reaches_a_pod_on_another_node_through_both_tunnels_with_mtls() {
     assert_eq!(entry["bytes_sent"].as_f64(), Some(response));
 }
 
-/// Starts tcpdump in the router on the link to node 2 and waits until it captures.
-fn capture_link_to_node2(
-    cluster: &Cluster,
-    name: &str,
-) -> (conformance::process::Process, std::path::PathBuf) {
-    let pcap = cluster.dir.path().join(format!("{name}.pcap"));
-    let mut cmd = cluster.router.command("tcpdump");
-    cmd.args(["-i", "n2", "-U", "--immediate-mode", "-n", "-s", "0", "-w"])
-        .arg(&pcap)
-        .arg("tcp");
-    let log = cluster.dir.path().join(format!("{name}.tcpdump.log"));
-    let tcpdump = conformance::process::Process::spawn("tcpdump", cmd, log).unwrap();
-    for _ in 0..100 {
-        if tcpdump.output().contains("listening on") {
-            return (tcpdump, pcap);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("tcpdump did not start: {}", tcpdump.output());
-}
-
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -153,7 +132,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 #[test]
 fn the_link_between_nodes_carries_tls_only() {
     let cluster = two_nodes();
-    let (mut tcpdump, pcap) = capture_link_to_node2(&cluster, "link");
+    let (mut tcpdump, pcap) = cluster.capture_link(2, "link").unwrap();
     let secret = "meshsecret-7f3a9c";
     let visible = "plaintoken-51d2e8";
     let server = cluster.pod("server").ip;

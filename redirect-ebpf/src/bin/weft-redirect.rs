@@ -1,0 +1,52 @@
+//! Runs Weft's capture for a fixed set of pods until SIGTERM: installs the programs, enrolls
+//! each given network namespace, and detaches everything on exit. A stepping stone and a test
+//! tool: `mesh-node` will drive the same library from cluster state.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use nix::sys::signal::{SigSet, Signal};
+use redirect_ebpf::{Redirect, cgroup2_mount, netns_cookie};
+
+/// Transparent capture for the pods whose network namespaces are given.
+#[derive(Parser)]
+#[command(name = "weft-redirect", version)]
+struct Args {
+    /// A pod's network namespace to enroll (e.g. /run/netns/pod-a); repeat for more.
+    #[arg(long = "enroll", required = true)]
+    enroll: Vec<PathBuf>,
+    /// The cgroup to attach to; default: the root of the cgroup v2 hierarchy.
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    // Block the signals first, so none is lost between install and wait.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals
+        .thread_block()
+        .context("cannot block SIGTERM/SIGINT")?;
+
+    let cgroup = match args.cgroup {
+        Some(path) => path,
+        None => cgroup2_mount()?,
+    };
+    let mut redirect = Redirect::install(&cgroup)?;
+    for path in &args.enroll {
+        let cookie = netns_cookie(path)?;
+        redirect.enroll(cookie)?;
+        println!("enrolled {} (netns cookie {cookie})", path.display());
+    }
+    println!(
+        "capture installed on {}; SIGTERM to remove it",
+        cgroup.display()
+    );
+    let signal = signals.wait().context("waiting for a signal")?;
+    println!("{signal:?}: removing capture");
+    drop(redirect);
+    Ok(())
+}
