@@ -128,3 +128,56 @@ fn a_pod_that_is_not_enrolled_connects_directly() {
         "the client node's tunnel saw nothing"
     );
 }
+
+#[test]
+fn with_the_tunnel_stopped_enrolled_connections_are_refused_never_sent_in_plaintext() {
+    let mut cluster = cluster();
+    let exit = cluster.nodes[0]
+        .tunnel
+        .as_mut()
+        .unwrap()
+        .stop(Duration::from_secs(15));
+    assert!(exit.is_some_and(|s| s.success()), "tunnel exit: {exit:?}");
+    let (mut tcpdump, pcap) = cluster.capture_link(1, "fail-closed").unwrap();
+    let secret = "must-not-leak-5e1d";
+    let server = cluster.pod("server").ip;
+    let (out, ok) = curl(
+        &cluster,
+        "client",
+        &format!("http://{server}:8080/echo/{secret}"),
+    );
+    assert!(
+        !ok,
+        "an enrolled connection went out without the tunnel: {out}"
+    );
+    assert!(
+        out.contains("Connection refused") || out.contains("Couldn't connect"),
+        "{out}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    tcpdump.stop(Duration::from_secs(5));
+    let bytes = std::fs::read(&pcap).unwrap();
+    assert!(
+        !contains(&bytes, secret.as_bytes()),
+        "plaintext left the pod"
+    );
+    let leaked = conformance::netns::run(&[
+        "tcpdump",
+        "-r",
+        pcap.to_str().unwrap(),
+        "-n",
+        "tcp port 8080",
+    ])
+    .unwrap();
+    assert!(
+        leaked.trim().is_empty(),
+        "packets to the application port left the node:\n{leaked}"
+    );
+    // The pod that is not enrolled is unaffected.
+    let (out, ok) = curl(
+        &cluster,
+        "outsider",
+        &format!("http://{server}:8080/echo/still-direct"),
+    );
+    assert!(ok && out == "server saw still-direct\n", "{out}");
+}
