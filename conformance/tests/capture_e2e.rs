@@ -181,3 +181,27 @@ fn with_the_tunnel_stopped_enrolled_connections_are_refused_never_sent_in_plaint
     );
     assert!(ok && out == "server saw still-direct\n", "{out}");
 }
+
+#[test]
+fn an_unmodified_client_is_carried_over_ipv6_too() {
+    let cluster = cluster();
+    let server = cluster.pod("server").ip6;
+    let (out, ok) = curl(
+        &cluster,
+        "client",
+        &format!("http://[{server}]:8080/echo/ipv6-transparent"),
+    );
+    assert!(ok, "{out}\nnode1:\n{}", cluster.node(1).log());
+    assert_eq!(out, "server saw ipv6-transparent\n");
+    let client_id = cluster.pod("client").identity(TD);
+    let metrics = cluster.node(2).metrics().unwrap();
+    let labels = [
+        ("reporter", "destination"),
+        ("source_principal", client_id.as_str()),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    assert_eq!(
+        sum(&metrics, "weft_tcp_connections_opened_total", &labels),
+        1.0
+    );
+}

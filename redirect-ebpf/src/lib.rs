@@ -30,7 +30,12 @@ pub struct Redirect {
     enrolled: HashMap<MapData, u64, PodSettings>,
     by_client: HashMap<MapData, ClientKey, OriginalDst>,
     /// Dropping a link detaches its program.
-    _links: (CgroupSockAddrLink, SockOpsLink, CgroupSockoptLink),
+    _links: (
+        CgroupSockAddrLink,
+        CgroupSockAddrLink,
+        SockOpsLink,
+        CgroupSockoptLink,
+    ),
 }
 
 impl Redirect {
@@ -52,6 +57,13 @@ impl Redirect {
             .attach(&cgroup_dir, mode)
             .map_err(RedirectError::Program)?;
         let connect4_link = connect4.take_link(id).map_err(RedirectError::Program)?;
+
+        let connect6: &mut CgroupSockAddr = program(&mut ebpf, "connect6")?;
+        connect6.load().map_err(RedirectError::Program)?;
+        let id = connect6
+            .attach(&cgroup_dir, mode)
+            .map_err(RedirectError::Program)?;
+        let connect6_link = connect6.take_link(id).map_err(RedirectError::Program)?;
 
         let sockops: &mut SockOps = program(&mut ebpf, "file_original_dst")?;
         sockops.load().map_err(RedirectError::Program)?;
@@ -81,7 +93,7 @@ impl Redirect {
             _ebpf: ebpf,
             enrolled,
             by_client,
-            _links: (connect4_link, sockops_link, getsockopt_link),
+            _links: (connect4_link, connect6_link, sockops_link, getsockopt_link),
         })
     }
 

@@ -169,3 +169,49 @@ fn the_accepted_socket_answers_so_original_dst_per_pod() {
     assert!(so_original_dst(&accepted).is_err());
     drop(direct);
 }
+
+fn so_original_dst6(stream: &TcpStream) -> std::io::Result<SocketAddr> {
+    // SAFETY: sockaddr_in6 is plain data; the kernel (or the program) fills at most `len` bytes.
+    let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_IPV6,
+            80,
+            (&mut sa as *mut libc::sockaddr_in6).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(SocketAddr::from((
+        std::net::Ipv6Addr::from(sa.sin6_addr.s6_addr),
+        u16::from_be(sa.sin6_port),
+    )))
+}
+
+#[test]
+fn ipv6_connects_are_captured_to_the_ipv6_loopback_listener() {
+    let enrolled = Netns::new("6");
+    let mut redirect = Redirect::install(&cgroup2_mount().unwrap()).unwrap();
+    redirect
+        .enroll(netns_cookie(&enrolled.path()).unwrap())
+        .unwrap();
+    let listener = enrolled.run(|| TcpListener::bind(("::1", OUTBOUND_PORT)).unwrap());
+    let client = enrolled.run(|| {
+        let dst: SocketAddr = "[fd00:99::1]:8443".parse().unwrap();
+        TcpStream::connect_timeout(&dst, Duration::from_secs(2)).map(|s| s.local_addr().unwrap())
+    });
+    let client = client.expect("an enrolled IPv6 connect is captured");
+    let (accepted, peer) = listener.accept().unwrap();
+    assert_eq!(peer, client);
+    let want: SocketAddr = "[fd00:99::1]:8443".parse().unwrap();
+    assert_eq!(so_original_dst6(&accepted).unwrap(), want);
+    let netns = netns_cookie(&enrolled.path()).unwrap();
+    assert_eq!(
+        redirect.original_destination(netns, peer).unwrap(),
+        Some(want)
+    );
+}

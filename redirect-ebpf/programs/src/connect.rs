@@ -1,6 +1,6 @@
-//! `cgroup/connect4`: a TCP connect from an enrolled pod's namespace goes to the tunnel's
-//! outbound listener on 127.0.0.1 in that same namespace; the original destination is recorded
-//! under the socket's cookie.
+//! `cgroup/connect4` and `connect6`: a TCP connect from an enrolled pod's namespace goes to
+//! the tunnel's outbound listener on 127.0.0.1 (or ::1) in that same namespace; the original
+//! destination is recorded under the socket's cookie.
 
 use aya_ebpf::EbpfContext;
 use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie};
@@ -32,32 +32,36 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
     }
 }
 
-fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
-    // SAFETY: the kernel hands a valid bpf_sock_addr to cgroup/connect4 programs.
-    let sa = unsafe { &mut *ctx.sock_addr };
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    match try_connect6(&ctx) {
+        Ok(verdict) | Err(verdict) => verdict,
+    }
+}
+
+/// The settings of the enrolled pod making this TCP connect, unless it must be left alone
+/// (not TCP, not enrolled, or the tunnel's own marked socket).
+fn capturable(ctx: &SockAddrContext) -> Option<PodSettings> {
+    // SAFETY: the kernel hands a valid bpf_sock_addr to connect programs.
+    let sa = unsafe { &*ctx.sock_addr };
     if sa.type_ != SOCK_STREAM {
-        return Ok(ALLOW);
+        return None;
     }
     // SAFETY: helper valid for sock_addr programs.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // SAFETY: map lookup with a key on the stack.
-    let Some(settings) = (unsafe { ENROLLED.get(&netns) }) else {
-        return Ok(ALLOW);
-    };
+    // SAFETY: map lookup with a key on the stack; the value is copied out.
+    let settings = unsafe { ENROLLED.get(&netns) }.copied()?;
     // SAFETY: `sk` is always set for connect programs.
     let sk = unsafe { sa.__bindgen_anon_1.sk };
     if !sk.is_null() && unsafe { (*sk).mark } == TUNNEL_MARK {
-        return Ok(ALLOW);
+        return None;
     }
-    let ip = u32::from_be(sa.user_ip4);
-    if ip >> 24 == LOOPBACK_NET {
-        return Ok(ALLOW);
-    }
-    let port = u16::from_be(sa.user_port as u16);
-    let mut addr = [0u8; 16];
-    addr[10] = 0xff;
-    addr[11] = 0xff;
-    addr[12..].copy_from_slice(&sa.user_ip4.to_ne_bytes());
+    Some(settings)
+}
+
+/// Files the original destination under the socket cookie; false if it could not be filed
+/// (then the connection is left alone: the tunnel could not route it).
+fn record(ctx: &SockAddrContext, addr: [u8; 16], port: u16) -> bool {
     let original = OriginalDst {
         addr,
         port,
@@ -65,11 +69,57 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     };
     // SAFETY: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if ORIGINAL_DST.insert(&cookie, &original, 0).is_err() {
-        // Without a record the tunnel could not route it: leave the connection alone.
+    ORIGINAL_DST.insert(&cookie, &original, 0).is_ok()
+}
+
+fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
+    let Some(settings) = capturable(ctx) else {
+        return Ok(ALLOW);
+    };
+    // SAFETY: the kernel hands a valid bpf_sock_addr to connect programs.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if u32::from_be(sa.user_ip4) >> 24 == LOOPBACK_NET {
+        return Ok(ALLOW);
+    }
+    let mut addr = [0u8; 16];
+    addr[10] = 0xff;
+    addr[11] = 0xff;
+    addr[12..].copy_from_slice(&sa.user_ip4.to_ne_bytes());
+    if !record(ctx, addr, u16::from_be(sa.user_port as u16)) {
         return Ok(ALLOW);
     }
     sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
     sa.user_port = u32::from(settings.outbound_port.to_be());
+    Ok(ALLOW)
+}
+
+fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
+    let Some(settings) = capturable(ctx) else {
+        return Ok(ALLOW);
+    };
+    // SAFETY: the kernel hands a valid bpf_sock_addr to connect programs.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let mut addr = [0u8; 16];
+    for (i, word) in sa.user_ip6.iter().enumerate() {
+        addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    let loopback6 = addr == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    let loopback4_mapped =
+        addr[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] && addr[12] == 127;
+    if loopback6 || loopback4_mapped {
+        return Ok(ALLOW);
+    }
+    if !record(ctx, addr, u16::from_be(sa.user_port as u16)) {
+        return Ok(ALLOW);
+    }
+    // One 4-byte store per word: the verifier refuses wider stores into user_ip6.
+    // SAFETY: fields of the context this program may write.
+    unsafe {
+        core::ptr::write_volatile(&mut sa.user_ip6[0], 0);
+        core::ptr::write_volatile(&mut sa.user_ip6[1], 0);
+        core::ptr::write_volatile(&mut sa.user_ip6[2], 0);
+        core::ptr::write_volatile(&mut sa.user_ip6[3], u32::from_ne_bytes([0, 0, 0, 1]));
+        core::ptr::write_volatile(&mut sa.user_port, u32::from(settings.outbound_port.to_be()));
+    }
     Ok(ALLOW)
 }

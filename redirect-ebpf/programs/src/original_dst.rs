@@ -20,8 +20,18 @@ use crate::connect::ORIGINAL_DST;
 static BY_CLIENT: LruHashMap<ClientKey, OriginalDst> = LruHashMap::with_max_entries(65536, 0);
 
 const AF_INET: u16 = 2;
+const AF_INET6: u32 = 10;
+const SOL_IPV6: i32 = 41;
 /// sockops and getsockopt verdict: go on as usual.
 const PASS: i32 = 1;
+
+fn words_to_bytes(words: [u32; 4]) -> [u8; 16] {
+    let mut addr = [0u8; 16];
+    for (i, word) in words.iter().enumerate() {
+        addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    addr
+}
 
 fn mapped(ip4_network_order: u32) -> [u8; 16] {
     let mut addr = [0u8; 16];
@@ -47,9 +57,26 @@ pub fn file_original_dst(ctx: SockOpsContext) -> u32 {
     let Some(original) = (unsafe { ORIGINAL_DST.get(&cookie) }).copied() else {
         return PASS as u32;
     };
+    let addr = if ctx.family() == AF_INET6 {
+        // Word by word, each a load at a constant offset from the context: the verifier refuses
+        // loads through a computed pointer ("dereference of modified ctx ptr").
+        // SAFETY: fields of the sock_ops context, readable by this program.
+        let words = unsafe {
+            let ops = ctx.ops;
+            [
+                core::ptr::read_volatile(&(*ops).local_ip6[0]),
+                core::ptr::read_volatile(&(*ops).local_ip6[1]),
+                core::ptr::read_volatile(&(*ops).local_ip6[2]),
+                core::ptr::read_volatile(&(*ops).local_ip6[3]),
+            ]
+        };
+        words_to_bytes(words)
+    } else {
+        mapped(ctx.local_ip4())
+    };
     let key = ClientKey {
         netns_cookie: netns,
-        addr: mapped(ctx.local_ip4()),
+        addr,
         port: ctx.local_port() as u16,
         _pad: [0; 6],
     };
@@ -68,7 +95,8 @@ pub fn answer_original_dst(ctx: SockoptContext) -> i32 {
 fn try_answer(ctx: &SockoptContext) -> Result<i32, i32> {
     // SAFETY: the kernel hands a valid bpf_sockopt to getsockopt programs.
     let opt = unsafe { &mut *ctx.sockopt };
-    if opt.level != SOL_IP || opt.optname != SO_ORIGINAL_DST {
+    let v6 = opt.level == SOL_IPV6;
+    if !(opt.level == SOL_IP || v6) || opt.optname != SO_ORIGINAL_DST {
         return Ok(PASS);
     }
     // SAFETY: `sk` is always set for sockopt programs.
@@ -79,10 +107,24 @@ fn try_answer(ctx: &SockoptContext) -> Result<i32, i32> {
     // SAFETY: helper valid for sockopt programs.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // The accepted socket's peer is the captured client.
-    let (peer_ip, peer_port) = unsafe { ((*sk).dst_ip4, u16::from_be((*sk).dst_port)) };
+    // SAFETY: fields of a full socket, readable by sockopt programs.
+    let (addr, peer_port) = unsafe {
+        let addr = if v6 {
+            // Word by word at constant offsets, as the verifier demands.
+            words_to_bytes([
+                core::ptr::read_volatile(&(*sk).dst_ip6[0]),
+                core::ptr::read_volatile(&(*sk).dst_ip6[1]),
+                core::ptr::read_volatile(&(*sk).dst_ip6[2]),
+                core::ptr::read_volatile(&(*sk).dst_ip6[3]),
+            ])
+        } else {
+            mapped((*sk).dst_ip4)
+        };
+        (addr, u16::from_be((*sk).dst_port))
+    };
     let key = ClientKey {
         netns_cookie: netns,
-        addr: mapped(peer_ip),
+        addr,
         port: peer_port,
         _pad: [0; 6],
     };
@@ -90,26 +132,39 @@ fn try_answer(ctx: &SockoptContext) -> Result<i32, i32> {
     let Some(original) = (unsafe { BY_CLIENT.get(&key) }).copied() else {
         return Ok(PASS);
     };
-    // struct sockaddr_in: family, port (network order), address (network order), zero[8].
     let optval = unsafe { opt.__bindgen_anon_2.optval } as *mut u8;
     let optval_end = unsafe { opt.__bindgen_anon_3.optval_end } as *mut u8;
-    // SAFETY: bounds checked against optval_end before every write, as the verifier demands.
+    let len = if v6 { 28 } else { 16 };
+    // SAFETY: bounds checked against optval_end before the writes, as the verifier demands.
     unsafe {
-        if optval.add(16) > optval_end {
-            return Ok(PASS);
+        if v6 {
+            if optval.add(28) > optval_end {
+                return Ok(PASS);
+            }
+            // struct sockaddr_in6: family, port, flowinfo, address[16], scope_id.
+            core::ptr::write_unaligned(optval as *mut u16, AF_INET6 as u16);
+            core::ptr::write_unaligned(optval.add(2) as *mut u16, original.port.to_be());
+            core::ptr::write_unaligned(optval.add(4) as *mut u32, 0);
+            core::ptr::write_unaligned(optval.add(8) as *mut [u8; 16], original.addr);
+            core::ptr::write_unaligned(optval.add(24) as *mut u32, 0);
+        } else {
+            if optval.add(16) > optval_end {
+                return Ok(PASS);
+            }
+            // struct sockaddr_in: family, port, address, zero[8], all in network order.
+            let mut ip = [0u8; 4];
+            ip.copy_from_slice(&original.addr[12..]);
+            core::ptr::write_unaligned(optval as *mut u16, AF_INET);
+            core::ptr::write_unaligned(optval.add(2) as *mut u16, original.port.to_be());
+            core::ptr::write_unaligned(optval.add(4) as *mut [u8; 4], ip);
+            core::ptr::write_unaligned(optval.add(8) as *mut [u8; 8], [0; 8]);
         }
-        let mut ip = [0u8; 4];
-        ip.copy_from_slice(&original.addr[12..]);
-        core::ptr::write_unaligned(optval as *mut u16, AF_INET);
-        core::ptr::write_unaligned(optval.add(2) as *mut u16, original.port.to_be());
-        core::ptr::write_unaligned(optval.add(4) as *mut [u8; 4], ip);
-        core::ptr::write_unaligned(optval.add(8) as *mut [u8; 8], [0; 8]);
     }
     // Two separate 4-byte stores: the verifier refuses the 8-byte store the compiler would
     // otherwise merge them into ("invalid bpf_context access off=32 size=8").
     // SAFETY: fields of the context the kernel allows this program to write.
     unsafe {
-        core::ptr::write_volatile(&mut opt.optlen, 16);
+        core::ptr::write_volatile(&mut opt.optlen, len);
         core::ptr::write_volatile(&mut opt.retval, 0);
     }
     Ok(PASS)

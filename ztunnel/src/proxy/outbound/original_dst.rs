@@ -25,10 +25,9 @@ pub fn original_destination(stream: &TcpStream) -> Result<SocketAddr, ProxyError
     } else {
         let sa = getsockopt(&fd, sockopt::Ip6tOriginalDst)
             .map_err(|e| ProxyError::OriginalDestination(e.into()))?;
-        SocketAddr::from((
-            std::net::Ipv6Addr::from(sa.sin6_addr.s6_addr),
-            u16::from_be(sa.sin6_port),
-        ))
+        // An IPv6 socket may have dialled an IPv4-mapped address: route it as IPv4.
+        let ip = std::net::Ipv6Addr::from(sa.sin6_addr.s6_addr).to_canonical();
+        SocketAddr::new(ip, u16::from_be(sa.sin6_port))
     };
     if original == local {
         return Err(ProxyError::OriginalDestination(std::io::Error::other(
