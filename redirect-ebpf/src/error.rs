@@ -6,6 +6,14 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum RedirectError {
     #[error(
+        "capture needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN): run the agent as root or grant the capabilities"
+    )]
+    Privileges,
+    #[error(
+        "kernel {release} is too old for capture: Weft needs Linux 5.15 or newer (netns cookies in sockops and sk_msg)"
+    )]
+    Kernel { release: String },
+    #[error(
         "cannot load the capture programs (needs root or CAP_BPF + CAP_NET_ADMIN, and a 5.15+ kernel): {0}"
     )]
     Load(#[source] aya::EbpfError),

@@ -4,6 +4,7 @@
 mod cgroup;
 mod error;
 mod netns;
+mod preflight;
 
 use std::net::{Ipv6Addr, SocketAddr};
 use std::path::Path;
@@ -19,6 +20,7 @@ use redirect_common::{ClientKey, OriginalDst, PodSettings};
 pub use cgroup::cgroup2_mount;
 pub use error::RedirectError;
 pub use netns::netns_cookie;
+pub use preflight::{MIN_KERNEL, preflight};
 pub use redirect_common::OUTBOUND_PORT;
 
 /// The compiled programs, embedded at build time.
@@ -42,6 +44,7 @@ impl Redirect {
     /// Loads the programs and attaches them (bpf_link, alongside any other program) to the cgroup at `cgroup`,
     /// normally the root of the cgroup v2 hierarchy so that every pod is covered.
     pub fn install(cgroup: &Path) -> Result<Self, RedirectError> {
+        preflight()?;
         let mut ebpf = Ebpf::load(PROGRAMS).map_err(RedirectError::Load)?;
         let cgroup_dir = std::fs::File::open(cgroup).map_err(|source| RedirectError::Cgroup {
             path: cgroup.to_owned(),

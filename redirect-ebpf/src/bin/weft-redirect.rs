@@ -21,8 +21,17 @@ struct Args {
     cgroup: Option<PathBuf>,
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+fn main() -> std::process::ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft-redirect: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
     // Block the signals first, so none is lost between install and wait.
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGTERM);
