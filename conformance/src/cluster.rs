@@ -549,15 +549,22 @@ impl Cluster {
     /// Starts transparent capture (`weft-redirect`, in the host's namespace) for `pods` and waits
     /// until its programs are attached; stopped (and detached) when the cluster is dropped.
     pub fn start_capture(&mut self, pods: &[&str]) -> Result<()> {
+        let process = self.spawn_capture(pods)?;
+        self.apps.push(process);
+        Ok(())
+    }
+
+    /// Like [`Cluster::start_capture`], but the caller owns the process: dropping it removes
+    /// the capture.
+    pub fn spawn_capture(&self, pods: &[&str]) -> Result<Process> {
         let binary = crate::binary("weft-redirect");
         let mut cmd = Command::new(binary);
         for pod in pods {
             cmd.arg("--enroll").arg(self.pod(pod).netns.path());
         }
-        let log = self
-            .dir
-            .path()
-            .join(format!("weft-redirect-{}.log", self.apps.len()));
+        static CAPTURES: AtomicUsize = AtomicUsize::new(0);
+        let n = CAPTURES.fetch_add(1, Ordering::Relaxed);
+        let log = self.dir.path().join(format!("weft-redirect-{n}.log"));
         let mut process = Process::spawn("weft-redirect", cmd, log)?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while !process.output().contains("capture installed") {
@@ -569,8 +576,7 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        self.apps.push(process);
-        Ok(())
+        Ok(process)
     }
 
     /// Starts tcpdump on the router's link to node `node` and waits until it captures; stop

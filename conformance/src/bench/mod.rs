@@ -1,6 +1,7 @@
 //! Whole-system benchmarks behind `weft-bench`: each compares Weft with baselines measured in
 //! the same run, interleaved, and reports medians.
 
+pub mod capture;
 pub mod client;
 pub mod stunnel;
 pub mod tunnel;

@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use conformance::bench::capture::{self, CaptureBench};
 use conformance::bench::tunnel::{self, TunnelBench};
 
 #[derive(Parser)]
@@ -16,6 +17,8 @@ struct Cli {
 enum Bench {
     /// Two pods on two nodes: direct TCP vs Weft (HBONE) vs a stunnel4 TLS 1.3 pair.
     Tunnel(TunnelBench),
+    /// Two pods on one node: not enrolled vs enrolled (transparent capture through the tunnel).
+    Capture(CaptureBench),
 }
 
 fn main() -> Result<()> {
@@ -24,20 +27,29 @@ fn main() -> Result<()> {
     build_tunnel()?;
     let line = match cli.bench {
         Bench::Tunnel(args) => tunnel::run(&args)?,
+        Bench::Capture(args) => capture::run(&args)?,
     };
     println!("{line}");
     Ok(())
 }
 
-/// Under `cargo run`, builds `ztunnel` with the same profile first, so the benchmark never
-/// measures a stale binary.
+/// Under `cargo run`, builds `ztunnel` and `weft-redirect` with the same profile first, so
+/// the benchmark never measures a stale binary.
 fn build_tunnel() -> Result<()> {
     let Some(cargo) = std::env::var_os("CARGO") else {
         return Ok(());
     };
     let release = conformance::bin_dir().ends_with("release");
     let mut cmd = std::process::Command::new(cargo);
-    cmd.args(["build", "--locked", "-p", "ztunnel", "--bin", "ztunnel"]);
+    cmd.args([
+        "build",
+        "--locked",
+        "-p",
+        "ztunnel",
+        "-p",
+        "redirect-ebpf",
+        "--bins",
+    ]);
     if release {
         cmd.arg("--release");
     }

@@ -1,0 +1,132 @@
+//! `weft-bench capture`: the same pod pair on one node, direct (not enrolled) and enrolled
+//! (transparent capture through the node's tunnel), interleaved; bulk throughput and small
+//! request/response latency.
+
+use std::net::SocketAddr;
+
+use anyhow::{Context, Result};
+
+use super::client::{self, Path};
+use super::{median, quantile};
+use crate::cluster::{Cluster, ClusterSpec, PodSpec};
+
+/// What to measure.
+#[derive(Clone, Debug, clap::Args)]
+pub struct CaptureBench {
+    /// Rounds; each measures every lane once, in turn.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// Bytes of the bulk download per measurement.
+    #[arg(long, default_value_t = 512 << 20)]
+    pub bytes: u64,
+    /// Round trips per latency measurement.
+    #[arg(long, default_value_t = 5000)]
+    pub round_trips: usize,
+    /// Size of each request and response, bytes.
+    #[arg(long, default_value_t = 64)]
+    pub message: usize,
+}
+
+const ECHO: u16 = 9000;
+const SOURCE: u16 = 9001;
+
+/// Runs the benchmark; prints a table and returns the JSON line.
+pub fn run(args: &CaptureBench) -> Result<String> {
+    let mut cluster = Cluster::build(ClusterSpec::new(
+        1,
+        vec![PodSpec::new("client", 1), PodSpec::new("server", 1)],
+    ))?;
+    cluster.start_app("server", &["echo", "--port", &ECHO.to_string()], ECHO)?;
+    cluster.start_app("server", &["source", "--port", &SOURCE.to_string()], SOURCE)?;
+    cluster.start_tunnels()?;
+    let server = cluster.pod("server").ip;
+    let client_ns = &cluster.pod("client").netns;
+    let lanes = ["direct", "mesh_nofast"];
+    let mut figures: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = vec![Default::default(); lanes.len()];
+    eprintln!(
+        "capture bench: {} rounds, {} MiB download, {} round trips of {} B, one node; lanes interleaved: {}",
+        args.rounds,
+        args.bytes >> 20,
+        args.round_trips,
+        args.message,
+        lanes.join(", ")
+    );
+    for round in 0..args.rounds {
+        for (i, lane) in lanes.iter().enumerate() {
+            // Enrolled only while its lane is measured: the same pods, the same client code.
+            let capture = match *lane {
+                "direct" => None,
+                _ => Some(cluster.spawn_capture(&["client", "server"])?),
+            };
+            let (bytes, iters, size) = (args.bytes, args.round_trips, args.message);
+            let (gbps, rr) = client_ns.run_in(move || -> Result<(f64, Vec<f64>)> {
+                let gbps =
+                    client::throughput(Path::Direct, SocketAddr::from((server, SOURCE)), bytes)?;
+                let rr = client::request_response(
+                    Path::Direct,
+                    SocketAddr::from((server, ECHO)),
+                    size,
+                    iters,
+                    iters / 10,
+                )?;
+                Ok((gbps, rr))
+            })??;
+            drop(capture);
+            let (p50, p99) = (quantile(&rr, 0.5), quantile(&rr, 0.99));
+            eprintln!(
+                "  round {round} {lane:12} {gbps:7.2} Gbit/s   rr p50 {p50:7.1} us  p99 {p99:7.1} us"
+            );
+            figures[i].0.push(gbps);
+            figures[i].1.push(p50);
+            figures[i].2.push(p99);
+        }
+    }
+    // The mesh lane must really have gone through the tunnel.
+    let (status, metrics) = cluster.node(1).http_get(15020, "/metrics")?;
+    anyhow::ensure!(status == 200, "metrics: {status}");
+    let meshed = crate::metrics::sum(
+        &crate::metrics::parse(&metrics),
+        "weft_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("connection_security_policy", "mutual_tls"),
+        ],
+    );
+    anyhow::ensure!(
+        meshed >= (2 * args.rounds) as f64,
+        "only {meshed} meshed connections: capture did not engage"
+    );
+    let m: Vec<(f64, f64, f64)> = figures
+        .iter()
+        .map(|(g, p50, p99)| (median(g), median(p50), median(p99)))
+        .collect();
+    let (direct, mesh) = (m[0], m[1]);
+    println!(
+        "medians over {} rounds (pods on the same node):",
+        args.rounds
+    );
+    println!("  lane          throughput      rr p50      rr p99");
+    for (lane, (g, p50, p99)) in lanes.iter().zip(&m) {
+        println!("  {lane:12}{g:8.2} Gbit/s {p50:8.1} us {p99:8.1} us");
+    }
+    println!(
+        "  added p50 latency of capture without the fast path: {:.1} us (goal with the fast path: < 30 us)",
+        mesh.1 - direct.1
+    );
+    println!("  the sockops/sk_msg fast path is not built yet: no mesh (fast path) lane");
+    let json = serde_json::json!({
+        "bench": "capture",
+        "direct_gbps": round2(direct.0),
+        "mesh_nofast_gbps": round2(mesh.0),
+        "direct_rr_p50_us": round2(direct.1),
+        "mesh_nofast_rr_p50_us": round2(mesh.1),
+        "mesh_gbps": null,
+        "mesh_rr_p50_us": null,
+    });
+    drop(cluster);
+    serde_json::to_string(&json).context("JSON")
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
