@@ -205,3 +205,46 @@ fn an_unmodified_client_is_carried_over_ipv6_too() {
         1.0
     );
 }
+
+#[test]
+fn enrolling_and_unenrolling_a_live_pod_takes_effect_for_the_next_connection() {
+    let spec = ClusterSpec::new(
+        2,
+        vec![PodSpec::new("client", 1), PodSpec::new("server", 2)],
+    );
+    let mut cluster = Cluster::build(spec).unwrap();
+    cluster
+        .start_app(
+            "server",
+            &["http", "--port", "8080", "--name", "server"],
+            8080,
+        )
+        .unwrap();
+    cluster.start_tunnels().unwrap();
+    let url = format!("http://{}:8080/echo/live", cluster.pod("server").ip);
+    let meshed = |c: &Cluster| {
+        sum(
+            &c.node(1).metrics().unwrap(),
+            "weft_tcp_connections_opened_total",
+            &[("reporter", "source")],
+        )
+    };
+
+    let (out, ok) = curl(&cluster, "client", &url);
+    assert!(ok && out == "server saw live\n", "{out}");
+    assert_eq!(meshed(&cluster), 0.0, "not enrolled yet: direct");
+
+    let capture = cluster.spawn_capture(&["client"]).unwrap();
+    let (out, ok) = curl(&cluster, "client", &url);
+    assert!(ok && out == "server saw live\n", "{out}");
+    assert_eq!(
+        meshed(&cluster),
+        1.0,
+        "enrolled: the next connection is meshed"
+    );
+
+    drop(capture);
+    let (out, ok) = curl(&cluster, "client", &url);
+    assert!(ok && out == "server saw live\n", "{out}");
+    assert_eq!(meshed(&cluster), 1.0, "unenrolled: direct again");
+}
