@@ -139,6 +139,20 @@ impl Node {
         Ok(crate::metrics::parse(&body))
     }
 
+    /// Connections the tunnel accepted over mutual TLS from `source_principal`.
+    pub fn meshed_from(&self, source_principal: &str) -> Result<f64> {
+        let labels = [
+            ("reporter", "destination"),
+            ("source_principal", source_principal),
+            ("connection_security_policy", "mutual_tls"),
+        ];
+        Ok(crate::metrics::sum(
+            &self.metrics()?,
+            "weft_tcp_connections_opened_total",
+            &labels,
+        ))
+    }
+
     /// Everything the tunnel logged.
     pub fn log(&self) -> String {
         self.tunnel

@@ -9,6 +9,7 @@ pub mod load;
 pub mod metrics;
 pub mod netns;
 pub mod pattern;
+pub mod pcap;
 pub mod pki;
 pub mod process;
 

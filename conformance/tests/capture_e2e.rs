@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use conformance::metrics::sum;
+use conformance::pcap;
 use conformance::{Cluster, ClusterSpec, PodSpec};
 
 const TD: &str = "cluster.local";
@@ -44,10 +45,6 @@ fn curl(cluster: &Cluster, pod: &str, url: &str) -> (String, bool) {
     )
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
 #[test]
 fn an_unmodified_client_is_carried_through_both_tunnels_with_mtls() {
     let cluster = cluster();
@@ -65,23 +62,13 @@ fn an_unmodified_client_is_carried_through_both_tunnels_with_mtls() {
     tcpdump.stop(Duration::from_secs(5));
 
     let client_id = cluster.pod("client").identity(TD);
-    let metrics = cluster.node(2).metrics().unwrap();
-    let labels = [
-        ("reporter", "destination"),
-        ("source_principal", client_id.as_str()),
-        ("connection_security_policy", "mutual_tls"),
-    ];
-    assert_eq!(
-        sum(&metrics, "weft_tcp_connections_opened_total", &labels),
-        1.0
-    );
-    let bytes = std::fs::read(&pcap).unwrap();
+    assert_eq!(cluster.node(2).meshed_from(&client_id).unwrap(), 1.0);
     assert!(
-        !contains(&bytes, secret.as_bytes()),
+        !pcap::contains(&pcap, secret.as_bytes()).unwrap(),
         "mesh payload crossed the link in plaintext"
     );
     assert!(
-        contains(&bytes, &[0x17, 0x03, 0x03]),
+        pcap::contains(&pcap, pcap::TLS_APPLICATION_DATA).unwrap(),
         "no TLS application data on the link"
     );
 }
@@ -156,19 +143,11 @@ fn with_the_tunnel_stopped_enrolled_connections_are_refused_never_sent_in_plaint
     );
     std::thread::sleep(Duration::from_millis(300));
     tcpdump.stop(Duration::from_secs(5));
-    let bytes = std::fs::read(&pcap).unwrap();
     assert!(
-        !contains(&bytes, secret.as_bytes()),
+        !pcap::contains(&pcap, secret.as_bytes()).unwrap(),
         "plaintext left the pod"
     );
-    let leaked = conformance::netns::run(&[
-        "tcpdump",
-        "-r",
-        pcap.to_str().unwrap(),
-        "-n",
-        "tcp port 8080",
-    ])
-    .unwrap();
+    let leaked = pcap::packets(&pcap, "tcp port 8080").unwrap();
     assert!(
         leaked.trim().is_empty(),
         "packets to the application port left the node:\n{leaked}"
@@ -194,16 +173,7 @@ fn an_unmodified_client_is_carried_over_ipv6_too() {
     assert!(ok, "{out}\nnode1:\n{}", cluster.node(1).log());
     assert_eq!(out, "server saw ipv6-transparent\n");
     let client_id = cluster.pod("client").identity(TD);
-    let metrics = cluster.node(2).metrics().unwrap();
-    let labels = [
-        ("reporter", "destination"),
-        ("source_principal", client_id.as_str()),
-        ("connection_security_policy", "mutual_tls"),
-    ];
-    assert_eq!(
-        sum(&metrics, "weft_tcp_connections_opened_total", &labels),
-        1.0
-    );
+    assert_eq!(cluster.node(2).meshed_from(&client_id).unwrap(), 1.0);
 }
 
 #[test]

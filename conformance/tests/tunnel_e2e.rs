@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use conformance::metrics::sum;
+use conformance::pcap;
 use conformance::{Cluster, ClusterSpec, PodSpec};
 
 const TD: &str = "cluster.local";
@@ -125,10 +126,6 @@ fn curl_reaches_a_pod_on_another_node_through_both_tunnels_with_mtls() {
     assert_eq!(entry["bytes_sent"].as_f64(), Some(response));
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
 #[test]
 fn the_link_between_nodes_carries_tls_only() {
     let cluster = two_nodes();
@@ -159,33 +156,24 @@ fn the_link_between_nodes_carries_tls_only() {
     std::thread::sleep(Duration::from_millis(300));
     tcpdump.stop(Duration::from_secs(5));
 
-    let bytes = std::fs::read(&pcap).unwrap();
-    let summary = conformance::netns::run(&["tcpdump", "-r", pcap.to_str().unwrap(), "-n"])
-        .unwrap_or_default();
+    let summary = pcap::packets(&pcap, "").unwrap_or_default();
     assert!(
-        contains(&bytes, visible.as_bytes()),
+        pcap::contains(&pcap, visible.as_bytes()).unwrap(),
         "the capture must see passthrough plaintext:\n{summary}\n{}",
         tcpdump.output()
     );
     assert!(
-        !contains(&bytes, secret.as_bytes()),
+        !pcap::contains(&pcap, secret.as_bytes()).unwrap(),
         "mesh payload crossed the link in plaintext"
     );
-    let hbone = conformance::netns::run(&[
-        "tcpdump",
-        "-r",
-        pcap.to_str().unwrap(),
-        "-n",
-        "tcp port 15008 and greater 100",
-    ])
-    .unwrap();
+    let hbone = pcap::packets(&pcap, "tcp port 15008 and greater 100").unwrap();
     assert!(
         hbone.lines().count() >= 4,
         "expected HBONE traffic on 15008:\n{hbone}"
     );
     // TLS 1.3 application data records (type 23, legacy version 3.3) carry the payload.
     assert!(
-        contains(&bytes, &[0x17, 0x03, 0x03]),
+        pcap::contains(&pcap, pcap::TLS_APPLICATION_DATA).unwrap(),
         "no TLS application data record in the capture"
     );
 }
@@ -438,16 +426,7 @@ fn an_unmodified_client_redirected_to_15001_is_carried_with_its_original_destina
         String::from_utf8_lossy(&out.stderr)
     );
     let client_id = cluster.pod("client").identity(TD);
-    let metrics = cluster.node(2).metrics().unwrap();
-    let labels = [
-        ("reporter", "destination"),
-        ("source_principal", client_id.as_str()),
-        ("connection_security_policy", "mutual_tls"),
-    ];
-    assert_eq!(
-        sum(&metrics, "weft_tcp_connections_opened_total", &labels),
-        1.0
-    );
+    assert_eq!(cluster.node(2).meshed_from(&client_id).unwrap(), 1.0);
     // A direct connection to the outbound port (not redirected) is refused, not looped.
     let out = cluster
         .run_in(
@@ -520,16 +499,7 @@ fn the_same_path_works_over_ipv6() {
         cluster.node(1).log()
     );
     let client_id = cluster.pod("client").identity(TD);
-    let metrics = cluster.node(2).metrics().unwrap();
-    let labels = [
-        ("reporter", "destination"),
-        ("source_principal", client_id.as_str()),
-        ("connection_security_policy", "mutual_tls"),
-    ];
-    assert_eq!(
-        sum(&metrics, "weft_tcp_connections_opened_total", &labels),
-        1.0
-    );
+    assert_eq!(cluster.node(2).meshed_from(&client_id).unwrap(), 1.0);
     let ss = cluster
         .run_in(
             "client",
