@@ -54,33 +54,21 @@ impl Redirect {
         // passes none (AllowMultiple makes link_create fail with EINVAL on 6.18).
         let mode = CgroupAttachMode::Single;
 
-        let connect4: &mut CgroupSockAddr = program(&mut ebpf, "connect4")?;
-        connect4.load().map_err(RedirectError::Program)?;
-        let id = connect4
-            .attach(&cgroup_dir, mode)
-            .map_err(RedirectError::Program)?;
-        let connect4_link = connect4.take_link(id).map_err(RedirectError::Program)?;
-
-        let connect6: &mut CgroupSockAddr = program(&mut ebpf, "connect6")?;
-        connect6.load().map_err(RedirectError::Program)?;
-        let id = connect6
-            .attach(&cgroup_dir, mode)
-            .map_err(RedirectError::Program)?;
-        let connect6_link = connect6.take_link(id).map_err(RedirectError::Program)?;
-
-        let sockops: &mut SockOps = program(&mut ebpf, "file_original_dst")?;
-        sockops.load().map_err(RedirectError::Program)?;
-        let id = sockops
-            .attach(&cgroup_dir, mode)
-            .map_err(RedirectError::Program)?;
-        let sockops_link = sockops.take_link(id).map_err(RedirectError::Program)?;
-
-        let getsockopt: &mut CgroupSockopt = program(&mut ebpf, "answer_original_dst")?;
-        getsockopt.load().map_err(RedirectError::Program)?;
-        let id = getsockopt
-            .attach(&cgroup_dir, mode)
-            .map_err(RedirectError::Program)?;
-        let getsockopt_link = getsockopt.take_link(id).map_err(RedirectError::Program)?;
+        // Load one program of the object and attach it to the cgroup; yields its link.
+        macro_rules! attach {
+            ($kind:ty, $name:literal) => {{
+                let program: &mut $kind = program(&mut ebpf, $name)?;
+                program.load().map_err(RedirectError::Program)?;
+                let id = program
+                    .attach(&cgroup_dir, mode)
+                    .map_err(RedirectError::Program)?;
+                program.take_link(id).map_err(RedirectError::Program)?
+            }};
+        }
+        let connect4_link = attach!(CgroupSockAddr, "connect4");
+        let connect6_link = attach!(CgroupSockAddr, "connect6");
+        let sockops_link = attach!(SockOps, "file_original_dst");
+        let getsockopt_link = attach!(CgroupSockopt, "answer_original_dst");
 
         let enrolled = HashMap::try_from(
             ebpf.take_map("ENROLLED")

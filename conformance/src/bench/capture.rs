@@ -13,18 +13,8 @@ use crate::cluster::{Cluster, ClusterSpec, PodSpec};
 /// What to measure.
 #[derive(Clone, Debug, clap::Args)]
 pub struct CaptureBench {
-    /// Rounds; each measures every lane once, in turn.
-    #[arg(long, default_value_t = 5)]
-    pub rounds: usize,
-    /// Bytes of the bulk download per measurement.
-    #[arg(long, default_value_t = 512 << 20)]
-    pub bytes: u64,
-    /// Round trips per latency measurement.
-    #[arg(long, default_value_t = 5000)]
-    pub round_trips: usize,
-    /// Size of each request and response, bytes.
-    #[arg(long, default_value_t = 64)]
-    pub message: usize,
+    #[command(flatten)]
+    pub measure: super::Measure,
 }
 
 const ECHO: u16 = 9000;
@@ -45,20 +35,24 @@ pub fn run(args: &CaptureBench) -> Result<String> {
     let mut figures: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = vec![Default::default(); lanes.len()];
     eprintln!(
         "capture bench: {} rounds, {} MiB download, {} round trips of {} B, one node; lanes interleaved: {}",
-        args.rounds,
-        args.bytes >> 20,
-        args.round_trips,
-        args.message,
+        args.measure.rounds,
+        args.measure.bytes >> 20,
+        args.measure.round_trips,
+        args.measure.message,
         lanes.join(", ")
     );
-    for round in 0..args.rounds {
+    for round in 0..args.measure.rounds {
         for (i, lane) in lanes.iter().enumerate() {
             // Enrolled only while its lane is measured: the same pods, the same client code.
             let capture = match *lane {
                 "direct" => None,
                 _ => Some(cluster.spawn_capture(&["client", "server"])?),
             };
-            let (bytes, iters, size) = (args.bytes, args.round_trips, args.message);
+            let (bytes, iters, size) = (
+                args.measure.bytes,
+                args.measure.round_trips,
+                args.measure.message,
+            );
             let (gbps, rr) = client_ns.run_in(move || -> Result<(f64, Vec<f64>)> {
                 let gbps =
                     client::throughput(Path::Direct, SocketAddr::from((server, SOURCE)), bytes)?;
@@ -93,7 +87,7 @@ pub fn run(args: &CaptureBench) -> Result<String> {
         ],
     );
     anyhow::ensure!(
-        meshed >= (2 * args.rounds) as f64,
+        meshed >= (2 * args.measure.rounds) as f64,
         "only {meshed} meshed connections: capture did not engage"
     );
     let m: Vec<(f64, f64, f64)> = figures
@@ -103,7 +97,7 @@ pub fn run(args: &CaptureBench) -> Result<String> {
     let (direct, mesh) = (m[0], m[1]);
     println!(
         "medians over {} rounds (pods on the same node):",
-        args.rounds
+        args.measure.rounds
     );
     println!("  lane          throughput      rr p50      rr p99");
     for (lane, (g, p50, p99)) in lanes.iter().zip(&m) {

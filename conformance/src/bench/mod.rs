@@ -6,6 +6,23 @@ pub mod client;
 pub mod stunnel;
 pub mod tunnel;
 
+/// How much each lane measures, shared by the benchmarks.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Measure {
+    /// Rounds; each measures every lane once, in turn.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// Bytes of the bulk download per measurement.
+    #[arg(long, default_value_t = 512 << 20)]
+    pub bytes: u64,
+    /// Round trips per latency measurement.
+    #[arg(long, default_value_t = 5000)]
+    pub round_trips: usize,
+    /// Size of each request and response, bytes.
+    #[arg(long, default_value_t = 64)]
+    pub message: usize,
+}
+
 /// Median of a list of figures (upper median for an even count).
 pub fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();

@@ -13,18 +13,8 @@ use crate::cluster::{Cluster, ClusterSpec, PodSpec, wait_for_port};
 /// What to measure.
 #[derive(Clone, Debug, clap::Args)]
 pub struct TunnelBench {
-    /// Rounds; each measures every path once, in turn.
-    #[arg(long, default_value_t = 5)]
-    pub rounds: usize,
-    /// Bytes of the bulk download per measurement.
-    #[arg(long, default_value_t = 512 << 20)]
-    pub bytes: u64,
-    /// Round trips per latency measurement.
-    #[arg(long, default_value_t = 5000)]
-    pub round_trips: usize,
-    /// Size of each request and response, bytes.
-    #[arg(long, default_value_t = 64)]
-    pub message: usize,
+    #[command(flatten)]
+    pub measure: super::Measure,
     /// Measure only these lanes (for profiling); the JSON line needs all of them.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
@@ -115,18 +105,22 @@ pub fn run(args: &TunnelBench) -> Result<String> {
     let client_ns = &cluster.pod("client").netns;
     eprintln!(
         "tunnel bench: {} rounds, {} MiB download, {} round trips of {} B; lanes interleaved: {}",
-        args.rounds,
-        args.bytes >> 20,
-        args.round_trips,
-        args.message,
+        args.measure.rounds,
+        args.measure.bytes >> 20,
+        args.measure.round_trips,
+        args.measure.message,
         lanes.iter().map(|l| l.name).collect::<Vec<_>>().join(", ")
     );
-    for round in 0..args.rounds {
+    for round in 0..args.measure.rounds {
         for lane in lanes.iter_mut() {
             if !args.only.is_empty() && !args.only.iter().any(|o| o == lane.name) {
                 continue;
             }
-            let (bytes, iters, size) = (args.bytes, args.round_trips, args.message);
+            let (bytes, iters, size) = (
+                args.measure.bytes,
+                args.measure.round_trips,
+                args.measure.message,
+            );
             let (echo, source) = (lane.echo, lane.source);
             let (gbps, rr) = client_ns.run_in(move || -> Result<(f64, Vec<f64>)> {
                 let gbps = client::throughput(source.0, source.1, bytes)?;
@@ -156,7 +150,7 @@ pub fn run(args: &TunnelBench) -> Result<String> {
             )
         })
         .collect();
-    println!("medians over {} rounds:", args.rounds);
+    println!("medians over {} rounds:", args.measure.rounds);
     println!("  lane      throughput      rr p50      rr p99");
     for (lane, (gbps, p50, p99)) in lanes.iter().zip(&medians) {
         println!(
