@@ -563,16 +563,19 @@ impl Cluster {
     /// Starts transparent capture (`weft-redirect`, in the host's namespace) for `pods` and waits
     /// until its programs are attached; stopped (and detached) when the cluster is dropped.
     pub fn start_capture(&mut self, pods: &[&str]) -> Result<()> {
-        let process = self.spawn_capture(pods)?;
+        let process = self.spawn_capture(pods, false)?;
         self.apps.push(process);
         Ok(())
     }
 
-    /// Like [`Cluster::start_capture`], but the caller owns the process: dropping it removes
-    /// the capture.
-    pub fn spawn_capture(&self, pods: &[&str]) -> Result<Process> {
+    /// Like [`Cluster::start_capture`], optionally with the sockops/sk_msg fast path, but the
+    /// caller owns the process: dropping it removes the capture.
+    pub fn spawn_capture(&self, pods: &[&str], fast_path: bool) -> Result<Process> {
         let binary = crate::binary("weft-redirect");
         let mut cmd = Command::new(binary);
+        if fast_path {
+            cmd.arg("--fast-path");
+        }
         for pod in pods {
             cmd.arg("--enroll").arg(self.pod(pod).netns.path());
         }

@@ -204,7 +204,7 @@ fn enrolling_and_unenrolling_a_live_pod_takes_effect_for_the_next_connection() {
     assert!(ok && out == "server saw live\n", "{out}");
     assert_eq!(meshed(&cluster), 0.0, "not enrolled yet: direct");
 
-    let capture = cluster.spawn_capture(&["client"]).unwrap();
+    let capture = cluster.spawn_capture(&["client"], false).unwrap();
     let (out, ok) = curl(&cluster, "client", &url);
     assert!(ok && out == "server saw live\n", "{out}");
     assert_eq!(
@@ -217,4 +217,38 @@ fn enrolling_and_unenrolling_a_live_pod_takes_effect_for_the_next_connection() {
     let (out, ok) = curl(&cluster, "client", &url);
     assert!(ok && out == "server saw live\n", "{out}");
     assert_eq!(meshed(&cluster), 1.0, "unenrolled: direct again");
+}
+
+#[test]
+fn a_gibibyte_through_the_fast_path_arrives_intact() {
+    let spec = ClusterSpec::new(
+        2,
+        vec![PodSpec::new("client", 1), PodSpec::new("server", 2)],
+    );
+    let mut cluster = Cluster::build(spec).unwrap();
+    cluster
+        .start_app(
+            "server",
+            &["http", "--port", "8080", "--name", "server"],
+            8080,
+        )
+        .unwrap();
+    cluster.start_tunnels().unwrap();
+    let _capture = cluster.spawn_capture(&["client", "server"], true).unwrap();
+    let server = cluster.pod("server").ip;
+    let (size, seed) = (1u64 << 30, 11);
+    let script = format!(
+        "curl -sS --max-time 240 http://{server}:8080/bytes/{size}?seed={seed} | sha256sum"
+    );
+    let out = cluster.run_in("client", "sh", &["-c", &script]).unwrap();
+    let got = String::from_utf8_lossy(&out.stdout);
+    let expected = conformance::pattern::sha256_hex(seed, size);
+    assert_eq!(
+        got.split_whitespace().next(),
+        Some(expected.as_str()),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let client_id = cluster.pod("client").identity(TD);
+    assert_eq!(cluster.node(2).meshed_from(&client_id).unwrap(), 1.0);
 }

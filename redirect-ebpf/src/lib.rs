@@ -9,13 +9,14 @@ mod preflight;
 use std::net::{Ipv6Addr, SocketAddr};
 use std::path::Path;
 
-use aya::Ebpf;
-use aya::maps::{HashMap, MapData};
+use aya::maps::{HashMap, MapData, SockHash};
 use aya::programs::cgroup_sock_addr::CgroupSockAddrLink;
 use aya::programs::cgroup_sockopt::CgroupSockoptLink;
+use aya::programs::sk_msg::SkMsgLink;
 use aya::programs::sock_ops::SockOpsLink;
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, Program, SockOps};
-use redirect_common::{ClientKey, OriginalDst, PodSettings};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, Program, SkMsg, SockOps};
+use aya::{Ebpf, EbpfLoader};
+use redirect_common::{ClientKey, OriginalDst, PodSettings, SockKey};
 
 pub use cgroup::cgroup2_mount;
 pub use error::RedirectError;
@@ -25,6 +26,14 @@ pub use redirect_common::OUTBOUND_PORT;
 
 /// The compiled programs, embedded at build time.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect"));
+
+/// How capture is installed.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Move bytes between an application and the tunnel with sockops + sk_msg, skipping the
+    /// loopback TCP stack (see `weft-bench capture`).
+    pub fast_path: bool,
+}
 
 /// Loaded and attached capture programs; detached when dropped.
 pub struct Redirect {
@@ -38,14 +47,20 @@ pub struct Redirect {
         SockOpsLink,
         CgroupSockoptLink,
     ),
+    /// The socket hash and, when the fast path is on, the sk_msg program attached to it.
+    fast_path: (SockHash<MapData, SockKey>, Option<SkMsgLink>),
 }
 
 impl Redirect {
     /// Loads the programs and attaches them (bpf_link, alongside any other program) to the cgroup at `cgroup`,
     /// normally the root of the cgroup v2 hierarchy so that every pod is covered.
-    pub fn install(cgroup: &Path) -> Result<Self, RedirectError> {
+    pub fn install(cgroup: &Path, options: &Options) -> Result<Self, RedirectError> {
         preflight()?;
-        let mut ebpf = Ebpf::load(PROGRAMS).map_err(RedirectError::Load)?;
+        let fast_path = u8::from(options.fast_path);
+        let mut ebpf = EbpfLoader::new()
+            .override_global("FAST_PATH", &fast_path, true)
+            .load(PROGRAMS)
+            .map_err(RedirectError::Load)?;
         let cgroup_dir = std::fs::File::open(cgroup).map_err(|source| RedirectError::Cgroup {
             path: cgroup.to_owned(),
             source,
@@ -70,6 +85,22 @@ impl Redirect {
         let sockops_link = attach!(SockOps, "file_original_dst");
         let getsockopt_link = attach!(CgroupSockopt, "answer_original_dst");
 
+        let sockets: SockHash<MapData, SockKey> = SockHash::try_from(
+            ebpf.take_map("SOCKETS")
+                .ok_or(RedirectError::Missing("SOCKETS"))?,
+        )
+        .map_err(RedirectError::Map)?;
+        let fast_path_link = if options.fast_path {
+            let program: &mut SkMsg = program(&mut ebpf, "fast_path")?;
+            program.load().map_err(RedirectError::Program)?;
+            let id = program
+                .attach(sockets.fd())
+                .map_err(RedirectError::Program)?;
+            Some(program.take_link(id).map_err(RedirectError::Program)?)
+        } else {
+            None
+        };
+
         let enrolled = HashMap::try_from(
             ebpf.take_map("ENROLLED")
                 .ok_or(RedirectError::Missing("ENROLLED"))?,
@@ -85,6 +116,7 @@ impl Redirect {
             enrolled,
             by_client,
             _links: (connect4_link, connect6_link, sockops_link, getsockopt_link),
+            fast_path: (sockets, fast_path_link),
         })
     }
 
@@ -105,6 +137,16 @@ impl Redirect {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(RedirectError::Map(e)),
         }
+    }
+
+    /// Sockets of a namespace currently on the fast path (both ends of each app-tunnel leg).
+    pub fn fast_path_sockets(&self, netns_cookie: u64) -> usize {
+        self.fast_path
+            .0
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| key.netns_cookie == netns_cookie)
+            .count()
     }
 
     /// The original destination of a captured connection, by the client's namespace and

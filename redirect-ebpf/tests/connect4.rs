@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use redirect_ebpf::{OUTBOUND_PORT, Redirect, cgroup2_mount, netns_cookie};
+use redirect_ebpf::{OUTBOUND_PORT, Options, Redirect, cgroup2_mount, netns_cookie};
 
 struct Netns(String);
 
@@ -66,7 +66,7 @@ fn connect(marked: bool) -> Result<SocketAddr, ErrorKind> {
 fn captures_enrolled_namespaces_only_and_records_the_original_destination() {
     let enrolled = Netns::new("e");
     let plain = Netns::new("p");
-    let mut redirect = Redirect::install(&cgroup2_mount().unwrap()).unwrap();
+    let mut redirect = Redirect::install(&cgroup2_mount().unwrap(), &Options::default()).unwrap();
     redirect
         .enroll(netns_cookie(&enrolled.path()).unwrap())
         .unwrap();
@@ -90,6 +90,11 @@ fn captures_enrolled_namespaces_only_and_records_the_original_destination() {
         redirect.original_destination(other, peer).unwrap(),
         None,
         "keyed by namespace too"
+    );
+    assert_eq!(
+        redirect.fast_path_sockets(netns),
+        0,
+        "the fast path is off unless asked for"
     );
 
     // The tunnel's own (marked) sockets, other namespaces, and unenrolled pods are untouched:
@@ -138,7 +143,7 @@ fn the_accepted_socket_answers_so_original_dst_per_pod() {
     // accepted socket must get its own pod's original destination.
     let a = Netns::new("a");
     let b = Netns::new("b");
-    let mut redirect = Redirect::install(&cgroup2_mount().unwrap()).unwrap();
+    let mut redirect = Redirect::install(&cgroup2_mount().unwrap(), &Options::default()).unwrap();
     for ns in [&a, &b] {
         redirect.enroll(netns_cookie(&ns.path()).unwrap()).unwrap();
     }
@@ -195,7 +200,7 @@ fn so_original_dst6(stream: &TcpStream) -> std::io::Result<SocketAddr> {
 #[test]
 fn ipv6_connects_are_captured_to_the_ipv6_loopback_listener() {
     let enrolled = Netns::new("6");
-    let mut redirect = Redirect::install(&cgroup2_mount().unwrap()).unwrap();
+    let mut redirect = Redirect::install(&cgroup2_mount().unwrap(), &Options::default()).unwrap();
     redirect
         .enroll(netns_cookie(&enrolled.path()).unwrap())
         .unwrap();
@@ -213,5 +218,62 @@ fn ipv6_connects_are_captured_to_the_ipv6_loopback_listener() {
     assert_eq!(
         redirect.original_destination(netns, peer).unwrap(),
         Some(want)
+    );
+}
+
+#[test]
+fn with_the_fast_path_bytes_flow_both_ways_intact() {
+    use std::io::{Read, Write};
+    let enrolled = Netns::new("f");
+    let options = Options { fast_path: true };
+    let mut redirect = Redirect::install(&cgroup2_mount().unwrap(), &options).unwrap();
+    redirect
+        .enroll(netns_cookie(&enrolled.path()).unwrap())
+        .unwrap();
+    let listener = enrolled.run(|| TcpListener::bind(("127.0.0.1", OUTBOUND_PORT)).unwrap());
+    // The "tunnel": echoes everything back, in 64 KiB reads.
+    let echo = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0usize;
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                return total;
+            }
+            s.write_all(&buf[..n]).unwrap();
+            total += n;
+        }
+    });
+    let sent: Vec<u8> = (0..(32u32 << 20))
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    let expected = sent.clone();
+    let mut s = enrolled.run(|| {
+        let dst: SocketAddr = "10.99.0.1:80".parse().unwrap();
+        TcpStream::connect_timeout(&dst, Duration::from_secs(2)).unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let netns = netns_cookie(&enrolled.path()).unwrap();
+    assert_eq!(
+        redirect.fast_path_sockets(netns),
+        2,
+        "both ends of the leg are on the fast path"
+    );
+    let received = {
+        let mut reader = s.try_clone().unwrap();
+        let reading = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            reader.read_to_end(&mut got).unwrap();
+            got
+        });
+        s.write_all(&sent).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        reading.join().unwrap()
+    };
+    assert_eq!(echo.join().unwrap(), expected.len());
+    assert!(
+        received == expected,
+        "32 MiB echoed through the fast path arrived altered"
     );
 }

@@ -38,6 +38,19 @@ pub struct ClientKey {
     pub _pad: [u8; 6],
 }
 
+/// Key of the fast-path socket hash: one end of a loopback connection between an application
+/// and the tunnel's outbound listener, seen from that end. The peer's key swaps local and
+/// remote. Ports in host byte order, addresses in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockKey {
+    pub netns_cookie: u64,
+    pub local_ip4: u32,
+    pub remote_ip4: u32,
+    pub local_port: u32,
+    pub remote_port: u32,
+}
+
 /// `SO_ORIGINAL_DST` (and `IP6T_SO_ORIGINAL_DST`), the option the tunnel reads.
 pub const SO_ORIGINAL_DST: i32 = 80;
 /// `SOL_IP`.
@@ -51,4 +64,6 @@ mod user {
     unsafe impl aya::Pod for super::OriginalDst {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ClientKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockKey {}
 }

@@ -6,6 +6,8 @@
 #[cfg(target_arch = "bpf")]
 mod connect;
 #[cfg(target_arch = "bpf")]
+mod fast_path;
+#[cfg(target_arch = "bpf")]
 mod original_dst;
 
 #[cfg(target_arch = "bpf")]

@@ -6,7 +6,10 @@
 //! exactly as conntrack would, so the tunnel does not care how the connection was captured.
 
 use aya_ebpf::EbpfContext;
-use aya_ebpf::bindings::BPF_SOCK_OPS_TCP_CONNECT_CB;
+use aya_ebpf::bindings::{
+    BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+    BPF_SOCK_OPS_TCP_CONNECT_CB,
+};
 use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie};
 use aya_ebpf::macros::{cgroup_sockopt, map, sock_ops};
 use aya_ebpf::maps::LruHashMap;
@@ -43,7 +46,12 @@ fn mapped(ip4_network_order: u32) -> [u8; 16] {
 
 #[sock_ops]
 pub fn file_original_dst(ctx: SockOpsContext) -> u32 {
-    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        crate::fast_path::on_established(&ctx, u32::from(redirect_common::OUTBOUND_PORT));
+        return PASS as u32;
+    }
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB {
         return PASS as u32;
     }
     // SAFETY: helpers valid for sock_ops programs (netns cookie since 5.15).

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
-use redirect_ebpf::{Redirect, cgroup2_mount, netns_cookie};
+use redirect_ebpf::{Options, Redirect, cgroup2_mount, netns_cookie};
 
 /// Transparent capture for the pods whose network namespaces are given.
 #[derive(Parser)]
@@ -19,6 +19,9 @@ struct Args {
     /// The cgroup to attach to; default: the root of the cgroup v2 hierarchy.
     #[arg(long)]
     cgroup: Option<PathBuf>,
+    /// Move bytes between applications and the tunnel with sockops + sk_msg.
+    #[arg(long)]
+    fast_path: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -44,7 +47,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         Some(path) => path,
         None => cgroup2_mount()?,
     };
-    let mut redirect = Redirect::install(&cgroup)?;
+    let options = Options {
+        fast_path: args.fast_path,
+    };
+    let mut redirect = Redirect::install(&cgroup, &options)?;
     for path in &args.enroll {
         let cookie = netns_cookie(path)?;
         redirect.enroll(cookie)?;
