@@ -9,7 +9,7 @@ mod preflight;
 use std::net::{Ipv6Addr, SocketAddr};
 use std::path::Path;
 
-use aya::maps::{HashMap, MapData, SockHash};
+use aya::maps::{HashMap, MapData, PerCpuArray, SockHash};
 use aya::programs::cgroup_sock_addr::CgroupSockAddrLink;
 use aya::programs::cgroup_sockopt::CgroupSockoptLink;
 use aya::programs::sk_msg::SkMsgLink;
@@ -49,6 +49,7 @@ pub struct Redirect {
     ),
     /// The socket hash and, when the fast path is on, the sk_msg program attached to it.
     fast_path: (SockHash<MapData, SockKey>, Option<SkMsgLink>),
+    fast_path_stats: PerCpuArray<MapData, u64>,
 }
 
 impl Redirect {
@@ -90,6 +91,11 @@ impl Redirect {
                 .ok_or(RedirectError::Missing("SOCKETS"))?,
         )
         .map_err(RedirectError::Map)?;
+        let fast_path_stats = PerCpuArray::try_from(
+            ebpf.take_map("FAST_PATH_STATS")
+                .ok_or(RedirectError::Missing("FAST_PATH_STATS"))?,
+        )
+        .map_err(RedirectError::Map)?;
         let fast_path_link = if options.fast_path {
             let program: &mut SkMsg = program(&mut ebpf, "fast_path")?;
             program.load().map_err(RedirectError::Program)?;
@@ -117,6 +123,7 @@ impl Redirect {
             by_client,
             _links: (connect4_link, connect6_link, sockops_link, getsockopt_link),
             fast_path: (sockets, fast_path_link),
+            fast_path_stats,
         })
     }
 
@@ -147,6 +154,19 @@ impl Redirect {
             .filter_map(Result::ok)
             .filter(|key| key.netns_cookie == netns_cookie)
             .count()
+    }
+
+    /// Messages the fast path has handed straight to the peer socket, and messages it left on
+    /// the normal path (no peer in the socket hash), summed over CPUs.
+    pub fn fast_path_counts(&self) -> Result<(u64, u64), RedirectError> {
+        let sum = |index: u32| -> Result<u64, RedirectError> {
+            let values = self
+                .fast_path_stats
+                .get(&index, 0)
+                .map_err(RedirectError::Map)?;
+            Ok(values.iter().sum())
+        };
+        Ok((sum(0)?, sum(1)?))
     }
 
     /// The original destination of a captured connection, by the client's namespace and

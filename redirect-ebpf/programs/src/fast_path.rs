@@ -7,7 +7,7 @@ use aya_ebpf::EbpfContext;
 use aya_ebpf::bindings::{BPF_ANY, BPF_F_INGRESS, sk_action::SK_PASS};
 use aya_ebpf::helpers::bpf_get_netns_cookie;
 use aya_ebpf::macros::{map, sk_msg};
-use aya_ebpf::maps::SockHash;
+use aya_ebpf::maps::{PerCpuArray, SockHash};
 use aya_ebpf::programs::{SkMsgContext, SockOpsContext};
 use redirect_common::SockKey;
 
@@ -19,6 +19,17 @@ static FAST_PATH: u8 = 0;
 
 #[map]
 static SOCKETS: SockHash<SockKey> = SockHash::with_max_entries(65536, 0);
+
+/// Messages the fast path handed over (index 0) and passed on to the normal path (index 1).
+#[map]
+static FAST_PATH_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
+fn count(index: u32) {
+    if let Some(counter) = FAST_PATH_STATS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot, touched only by this CPU while the program runs.
+        unsafe { *counter += 1 };
+    }
+}
 
 /// `remote_port` of sock_ops and sk_msg contexts: network order in the upper 16 bits.
 fn remote_port(raw: u32) -> u32 {
@@ -69,6 +80,7 @@ pub fn fast_path(ctx: SkMsgContext) -> u32 {
         remote_port: msg.local_port,
     };
     // A miss (or any failure) leaves the message on the normal path: never drop.
-    let _ = SOCKETS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS));
+    let verdict = SOCKETS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS));
+    count(if verdict == i64::from(SK_PASS) { 0 } else { 1 });
     SK_PASS
 }
