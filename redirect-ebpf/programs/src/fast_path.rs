@@ -1,6 +1,7 @@
-//! The fast path between an application and the tunnel on the same loopback connection:
-//! `sockops` puts both ends of each captured connection (the app's socket to :15001 and the
-//! tunnel's accepted socket) in a SOCKHASH; `sk_msg` hands each message straight to the peer
+//! The fast path between an application and the tunnel inside one pod: `sockops` puts both
+//! ends of each in-pod connection (the app's socket to :15001 and the tunnel's accepted socket;
+//! the tunnel's socket to the app on the pod's own address and the app's accepted socket) in a
+//! SOCKHASH; `sk_msg` hands each message straight to the peer
 //! socket's receive queue, skipping the loopback TCP stack. A miss is SK_PASS: the normal path.
 
 use aya_ebpf::EbpfContext;
@@ -44,8 +45,11 @@ pub fn on_established(ctx: &SockOpsContext, outbound_port: u32) {
     }
     let local_port = ctx.local_port();
     let remote = remote_port(ctx.remote_port());
-    // Only the loopback leg between an application and the tunnel's outbound listener.
-    if local_port != outbound_port && remote != outbound_port {
+    // Only connections that stay inside the pod: the application's leg to the tunnel's
+    // outbound listener (127.0.0.1 both ends) and the tunnel's leg to the application (the
+    // pod's own address both ends).
+    let (local_ip, remote_ip) = (ctx.local_ip4(), ctx.remote_ip4());
+    if local_ip != remote_ip && local_port != outbound_port && remote != outbound_port {
         return;
     }
     // SAFETY: helper valid for sock_ops programs (5.15+).
@@ -56,8 +60,8 @@ pub fn on_established(ctx: &SockOpsContext, outbound_port: u32) {
     }
     let mut key = SockKey {
         netns_cookie: netns,
-        local_ip4: ctx.local_ip4(),
-        remote_ip4: ctx.remote_ip4(),
+        local_ip4: local_ip,
+        remote_ip4: remote_ip,
         local_port,
         remote_port: remote,
     };
