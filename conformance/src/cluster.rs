@@ -407,6 +407,26 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// The common case: pod `client` on node 1, pod `server` on node 2 serving HTTP on 8080
+    /// (`weft-testapp http --name server`), tunnels started. `tunnel_args` go to every tunnel.
+    pub fn client_server(tunnel_args: &[&str]) -> Result<Self> {
+        let spec = ClusterSpec {
+            tunnel_args: tunnel_args.iter().map(|a| (*a).to_owned()).collect(),
+            ..ClusterSpec::new(
+                2,
+                vec![PodSpec::new("client", 1), PodSpec::new("server", 2)],
+            )
+        };
+        let mut cluster = Cluster::build(spec)?;
+        cluster.start_app(
+            "server",
+            &["http", "--port", "8080", "--name", "server"],
+            8080,
+        )?;
+        cluster.start_tunnels()?;
+        Ok(cluster)
+    }
+
     /// The pod named `name`.
     pub fn pod(&self, name: &str) -> &Pod {
         self.pods

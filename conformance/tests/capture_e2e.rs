@@ -178,19 +178,7 @@ fn an_unmodified_client_is_carried_over_ipv6_too() {
 
 #[test]
 fn enrolling_and_unenrolling_a_live_pod_takes_effect_for_the_next_connection() {
-    let spec = ClusterSpec::new(
-        2,
-        vec![PodSpec::new("client", 1), PodSpec::new("server", 2)],
-    );
-    let mut cluster = Cluster::build(spec).unwrap();
-    cluster
-        .start_app(
-            "server",
-            &["http", "--port", "8080", "--name", "server"],
-            8080,
-        )
-        .unwrap();
-    cluster.start_tunnels().unwrap();
+    let cluster = Cluster::client_server(&[]).unwrap();
     let url = format!("http://{}:8080/echo/live", cluster.pod("server").ip);
     let meshed = |c: &Cluster| {
         sum(
@@ -221,19 +209,7 @@ fn enrolling_and_unenrolling_a_live_pod_takes_effect_for_the_next_connection() {
 
 #[test]
 fn a_gibibyte_through_the_fast_path_arrives_intact() {
-    let spec = ClusterSpec::new(
-        2,
-        vec![PodSpec::new("client", 1), PodSpec::new("server", 2)],
-    );
-    let mut cluster = Cluster::build(spec).unwrap();
-    cluster
-        .start_app(
-            "server",
-            &["http", "--port", "8080", "--name", "server"],
-            8080,
-        )
-        .unwrap();
-    cluster.start_tunnels().unwrap();
+    let cluster = Cluster::client_server(&[]).unwrap();
     let _capture = cluster.spawn_capture(&["client", "server"], true).unwrap();
     let server = cluster.pod("server").ip;
     let (size, seed) = (1u64 << 30, 11);

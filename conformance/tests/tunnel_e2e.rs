@@ -445,22 +445,7 @@ fn an_unmodified_client_redirected_to_15001_is_carried_with_its_original_destina
 
 #[test]
 fn idle_pooled_connections_are_closed_after_the_idle_timeout() {
-    let spec = ClusterSpec {
-        tunnel_args: vec!["--pool-idle-timeout".into(), "1s".into()],
-        ..ClusterSpec::new(
-            2,
-            vec![PodSpec::new("client", 1), PodSpec::new("server", 2)],
-        )
-    };
-    let mut cluster = Cluster::build(spec).unwrap();
-    cluster
-        .start_app(
-            "server",
-            &["http", "--port", "8080", "--name", "server"],
-            8080,
-        )
-        .unwrap();
-    cluster.start_tunnels().unwrap();
+    let cluster = Cluster::client_server(&["--pool-idle-timeout", "1s"]).unwrap();
     let (out, code) = curl_socks(
         &cluster,
         &format!("http://{}:8080/echo/once", cluster.pod("server").ip),

@@ -23,6 +23,11 @@ pub struct Measure {
     pub message: usize,
 }
 
+/// A figure rounded to two decimals for the JSON line.
+pub fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
 /// Median of a list of figures (upper median for an even count).
 pub fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use super::client::{self, Path};
-use super::{median, quantile};
+use super::{median, quantile, round2};
 use crate::cluster::{Cluster, ClusterSpec, PodSpec, wait_for_port};
 
 /// What to measure.
@@ -194,8 +194,4 @@ pub fn run(args: &TunnelBench) -> Result<String> {
     });
     drop(cluster);
     serde_json::to_string(&json).context("JSON")
-}
-
-fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use conformance::{Cluster, ClusterSpec, PodSpec};
+use conformance::Cluster;
 
 /// Two-node Weft tunnel demo on network namespaces.
 #[derive(Parser)]
@@ -19,16 +19,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     conformance::require_root();
     println!("== building a two-node cluster: pod 'client' on node1, pod 'server' on node2");
-    let mut cluster = Cluster::build(ClusterSpec::new(
-        2,
-        vec![PodSpec::new("client", 1), PodSpec::new("server", 2)],
-    ))?;
-    cluster.start_app(
-        "server",
-        &["http", "--port", "8080", "--name", "server"],
-        8080,
-    )?;
-    cluster.start_tunnels()?;
+    let cluster = Cluster::client_server(&[])?;
     let server_ip = cluster.pod("server").ip;
     println!(
         "== tunnels ready; state file of node1:\n{}",
