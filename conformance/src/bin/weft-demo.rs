@@ -1,5 +1,6 @@
 //! The README's first command: two simulated nodes, one tunnel each, and a curl from a pod on
-//! node 1 to a pod on node 2 through both tunnels, showing what each side saw.
+//! node 1 to a pod on node 2 through both tunnels (first via SOCKS5, then unmodified with eBPF
+//! capture), showing what each side saw.
 
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     conformance::require_root();
     println!("== building a two-node cluster: pod 'client' on node1, pod 'server' on node2");
-    let cluster = Cluster::client_server(&[])?;
+    let mut cluster = Cluster::client_server(&[])?;
     let server_ip = cluster.pod("server").ip;
     println!(
         "== tunnels ready; state file of node1:\n{}",
@@ -32,6 +33,15 @@ fn main() -> Result<()> {
     print!("{}", out.stdout);
     eprint!("{}", out.stderr);
     anyhow::ensure!(out.success, "curl failed");
+
+    println!("== transparent capture: weft-redirect enrolls pods 'client' and 'server' (eBPF)");
+    cluster.start_capture(&["client", "server"])?;
+    let url = format!("http://{server_ip}:8080/echo/hello-without-socks");
+    println!("== in pod 'client', an unmodified client: curl {url}");
+    let out = cluster.run_in("client", "curl", &["-sS", "--max-time", "10", &url])?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(out.status.success(), "curl failed");
     std::thread::sleep(Duration::from_millis(300));
 
     for node in &cluster.nodes {
