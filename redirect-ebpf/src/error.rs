@@ -6,6 +6,12 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum RedirectError {
     #[error(
+        "a pod can exclude at most 8 ports and 4 IPv4 ranges from capture; got {ports} ports and {cidrs} ranges"
+    )]
+    TooManyExclusions { ports: usize, cidrs: usize },
+    #[error("{0} is not an IPv4 range (prefix length 0 to 32)")]
+    BadCidr(String),
+    #[error(
         "capture needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN): run the agent as root or grant the capabilities"
     )]
     Privileges,

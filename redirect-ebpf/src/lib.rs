@@ -6,7 +6,7 @@ mod error;
 mod netns;
 mod preflight;
 
-use std::net::{Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 
 use aya::maps::{HashMap, MapData, PerCpuArray, SockHash};
@@ -16,7 +16,9 @@ use aya::programs::sk_msg::SkMsgLink;
 use aya::programs::sock_ops::SockOpsLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, Program, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
-use redirect_common::{ClientKey, OriginalDst, PodSettings, SockKey};
+use redirect_common::{
+    Cidr4, ClientKey, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, OriginalDst, PodSettings, SockKey,
+};
 
 pub use cgroup::cgroup2_mount;
 pub use error::RedirectError;
@@ -33,6 +35,44 @@ pub struct Options {
     /// Move bytes between an application and the tunnel with sockops + sk_msg, skipping the
     /// loopback TCP stack (see `weft-bench capture`).
     pub fast_path: bool,
+}
+
+/// Destinations a pod leaves out of capture: ports (IPv4 and IPv6) and IPv4 ranges.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Exclusions {
+    pub ports: Vec<u16>,
+    pub cidrs_v4: Vec<(Ipv4Addr, u8)>,
+}
+
+impl Exclusions {
+    fn to_settings(&self) -> Result<PodSettings, RedirectError> {
+        if self.ports.len() > MAX_EXCLUDED_PORTS || self.cidrs_v4.len() > MAX_EXCLUDED_CIDRS {
+            return Err(RedirectError::TooManyExclusions {
+                ports: self.ports.len(),
+                cidrs: self.cidrs_v4.len(),
+            });
+        }
+        let mut settings = PodSettings {
+            outbound_port: OUTBOUND_PORT,
+            excluded_port_count: self.ports.len() as u8,
+            excluded_cidr_count: self.cidrs_v4.len() as u8,
+            _pad: [0; 4],
+            excluded_ports: [0; MAX_EXCLUDED_PORTS],
+            excluded_cidrs: [Cidr4::default(); MAX_EXCLUDED_CIDRS],
+        };
+        settings.excluded_ports[..self.ports.len()].copy_from_slice(&self.ports);
+        for (slot, (addr, prefix_len)) in settings.excluded_cidrs.iter_mut().zip(&self.cidrs_v4) {
+            if *prefix_len > 32 {
+                return Err(RedirectError::BadCidr(format!("{addr}/{prefix_len}")));
+            }
+            *slot = Cidr4 {
+                addr: u32::from(*addr).to_be(),
+                prefix_len: *prefix_len,
+                _pad: [0; 3],
+            };
+        }
+        Ok(settings)
+    }
 }
 
 /// Loaded and attached capture programs; detached when dropped.
@@ -129,10 +169,17 @@ impl Redirect {
 
     /// Captures the TCP connections of the pod whose network namespace has this cookie.
     pub fn enroll(&mut self, netns_cookie: u64) -> Result<(), RedirectError> {
-        let settings = PodSettings {
-            outbound_port: OUTBOUND_PORT,
-            _pad: [0; 6],
-        };
+        self.enroll_with(netns_cookie, &Exclusions::default())
+    }
+
+    /// Like [`Redirect::enroll`], leaving the given destinations alone (a pod's opt-outs).
+    /// Enrolling an enrolled pod again replaces its settings.
+    pub fn enroll_with(
+        &mut self,
+        netns_cookie: u64,
+        exclusions: &Exclusions,
+    ) -> Result<(), RedirectError> {
+        let settings = exclusions.to_settings()?;
         self.enrolled
             .insert(netns_cookie, settings, 0)
             .map_err(RedirectError::Map)
@@ -211,5 +258,43 @@ fn to_socket_addr(dst: &OriginalDst) -> SocketAddr {
     match v6.to_ipv4_mapped() {
         Some(v4) => SocketAddr::from((v4, dst.port)),
         None => SocketAddr::from((v6, dst.port)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exclusions_fill_the_kernel_settings_and_refuse_too_many() {
+        let e = Exclusions {
+            ports: vec![5432, 6379],
+            cidrs_v4: vec![("10.96.0.0".parse().unwrap(), 12)],
+        };
+        let s = e.to_settings().unwrap();
+        assert_eq!((s.excluded_port_count, s.excluded_cidr_count), (2, 1));
+        assert_eq!(&s.excluded_ports[..2], &[5432, 6379]);
+        assert_eq!(s.excluded_cidrs[0].addr.to_ne_bytes(), [10, 96, 0, 0]);
+        let too_many = Exclusions {
+            ports: (1..=9).collect(),
+            cidrs_v4: vec![],
+        };
+        assert!(
+            too_many
+                .to_settings()
+                .unwrap_err()
+                .to_string()
+                .contains("at most 8 ports")
+        );
+        let bad = Exclusions {
+            ports: vec![],
+            cidrs_v4: vec![("10.0.0.0".parse().unwrap(), 33)],
+        };
+        assert!(
+            bad.to_settings()
+                .unwrap_err()
+                .to_string()
+                .contains("10.0.0.0/33")
+        );
     }
 }

@@ -5,13 +5,34 @@
 /// Port of the tunnel's outbound listener inside each enrolled pod.
 pub const OUTBOUND_PORT: u16 = 15001;
 
+/// Most destination ports one pod can exclude from capture.
+pub const MAX_EXCLUDED_PORTS: usize = 8;
+/// Most IPv4 destination ranges one pod can exclude from capture.
+pub const MAX_EXCLUDED_CIDRS: usize = 4;
+
+/// An IPv4 range: address in network byte order and prefix length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Cidr4 {
+    pub addr: u32,
+    pub prefix_len: u8,
+    pub _pad: [u8; 3],
+}
+
 /// Value of the enrollment map, keyed by the pod's network namespace cookie (`u64`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PodSettings {
     /// Where captured connections go, host byte order (normally [`OUTBOUND_PORT`]).
     pub outbound_port: u16,
-    pub _pad: [u8; 6],
+    /// How many of `excluded_ports` and `excluded_cidrs` are in use.
+    pub excluded_port_count: u8,
+    pub excluded_cidr_count: u8,
+    pub _pad: [u8; 4],
+    /// Destination ports (host byte order) left alone for this pod.
+    pub excluded_ports: [u16; MAX_EXCLUDED_PORTS],
+    /// IPv4 destination ranges left alone for this pod.
+    pub excluded_cidrs: [Cidr4; MAX_EXCLUDED_CIDRS],
 }
 
 /// The destination an application asked for, recorded when its connect was captured.

@@ -7,7 +7,7 @@ use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie};
 use aya_ebpf::macros::{cgroup_sock_addr, map};
 use aya_ebpf::maps::{HashMap, LruHashMap};
 use aya_ebpf::programs::SockAddrContext;
-use redirect_common::{OriginalDst, PodSettings};
+use redirect_common::{MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, OriginalDst, PodSettings};
 
 /// Enrolled pods: netns cookie -> settings.
 #[map]
@@ -59,6 +59,42 @@ fn capturable(ctx: &SockAddrContext) -> Option<PodSettings> {
     Some(settings)
 }
 
+/// Whether the pod excludes this destination port from capture.
+fn port_excluded(settings: &PodSettings, port: u16) -> bool {
+    let count = settings.excluded_port_count as usize;
+    let mut i = 0;
+    while i < MAX_EXCLUDED_PORTS {
+        if i < count && settings.excluded_ports[i] == port {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Whether the pod excludes this IPv4 destination (network byte order) from capture.
+fn cidr_excluded(settings: &PodSettings, ip_network_order: u32) -> bool {
+    let ip = u32::from_be(ip_network_order);
+    let count = settings.excluded_cidr_count as usize;
+    let mut i = 0;
+    while i < MAX_EXCLUDED_CIDRS {
+        if i < count {
+            let cidr = settings.excluded_cidrs[i];
+            let prefix = u32::from(cidr.prefix_len.min(32));
+            let mask = if prefix == 0 {
+                0
+            } else {
+                u32::MAX << (32 - prefix)
+            };
+            if ip & mask == u32::from_be(cidr.addr) & mask {
+                return true;
+            }
+        }
+        i += 1;
+    }
+    false
+}
+
 /// Files the original destination under the socket cookie; false if it could not be filed
 /// (then the connection is left alone: the tunnel could not route it).
 fn record(ctx: &SockAddrContext, addr: [u8; 16], port: u16) -> bool {
@@ -81,11 +117,15 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     if u32::from_be(sa.user_ip4) >> 24 == LOOPBACK_NET {
         return Ok(ALLOW);
     }
+    let port = u16::from_be(sa.user_port as u16);
+    if port_excluded(&settings, port) || cidr_excluded(&settings, sa.user_ip4) {
+        return Ok(ALLOW);
+    }
     let mut addr = [0u8; 16];
     addr[10] = 0xff;
     addr[11] = 0xff;
     addr[12..].copy_from_slice(&sa.user_ip4.to_ne_bytes());
-    if !record(ctx, addr, u16::from_be(sa.user_port as u16)) {
+    if !record(ctx, addr, port) {
         return Ok(ALLOW);
     }
     sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
@@ -109,7 +149,11 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     if loopback6 || loopback4_mapped {
         return Ok(ALLOW);
     }
-    if !record(ctx, addr, u16::from_be(sa.user_port as u16)) {
+    let port = u16::from_be(sa.user_port as u16);
+    if port_excluded(&settings, port) {
+        return Ok(ALLOW);
+    }
+    if !record(ctx, addr, port) {
         return Ok(ALLOW);
     }
     // One 4-byte store per word: the verifier refuses wider stores into user_ip6.

@@ -2,12 +2,13 @@
 //! each given network namespace, and detaches everything on exit. A stepping stone and a test
 //! tool: `mesh-node` will drive the same library from cluster state.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
-use redirect_ebpf::{Options, Redirect, cgroup2_mount, netns_cookie};
+use redirect_ebpf::{Exclusions, Options, Redirect, cgroup2_mount, netns_cookie};
 
 /// Transparent capture for the pods whose network namespaces are given.
 #[derive(Parser)]
@@ -22,6 +23,12 @@ struct Args {
     /// Move bytes between applications and the tunnel with sockops + sk_msg.
     #[arg(long)]
     fast_path: bool,
+    /// A destination port every enrolled pod leaves out of capture (at most 8).
+    #[arg(long = "exclude-port")]
+    exclude_ports: Vec<u16>,
+    /// An IPv4 range (a.b.c.d/n) every enrolled pod leaves out of capture (at most 4).
+    #[arg(long = "exclude-cidr", value_parser = parse_cidr)]
+    exclude_cidrs: Vec<(Ipv4Addr, u8)>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -50,10 +57,14 @@ fn run(args: Args) -> anyhow::Result<()> {
     let options = Options {
         fast_path: args.fast_path,
     };
+    let exclusions = Exclusions {
+        ports: args.exclude_ports,
+        cidrs_v4: args.exclude_cidrs,
+    };
     let mut redirect = Redirect::install(&cgroup, &options)?;
     for path in &args.enroll {
         let cookie = netns_cookie(path)?;
-        redirect.enroll(cookie)?;
+        redirect.enroll_with(cookie, &exclusions)?;
         println!("enrolled {} (netns cookie {cookie})", path.display());
     }
     println!(
@@ -64,4 +75,18 @@ fn run(args: Args) -> anyhow::Result<()> {
     println!("{signal:?}: removing capture");
     drop(redirect);
     Ok(())
+}
+
+/// `a.b.c.d/n`.
+fn parse_cidr(text: &str) -> Result<(Ipv4Addr, u8), String> {
+    let (addr, len) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?} is not a.b.c.d/n"))?;
+    let addr = addr.parse().map_err(|e| format!("{text:?}: {e}"))?;
+    let len = len
+        .parse::<u8>()
+        .ok()
+        .filter(|l| *l <= 32)
+        .ok_or_else(|| format!("{text:?}: the prefix length must be 0 to 32"))?;
+    Ok((addr, len))
 }
