@@ -407,8 +407,19 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// The common case: pod `client` on node 1, pod `server` on node 2 serving HTTP on 8080
-    /// (`weft-testapp http --name server`), tunnels started. `tunnel_args` go to every tunnel.
+    /// Builds `spec`, starts an HTTP server on 8080 (`weft-testapp http --name <pod>`) in each
+    /// of `http_pods`, and starts the tunnels.
+    pub fn with_http(spec: ClusterSpec, http_pods: &[&str]) -> Result<Self> {
+        let mut cluster = Cluster::build(spec)?;
+        for pod in http_pods {
+            cluster.start_app(pod, &["http", "--port", "8080", "--name", pod], 8080)?;
+        }
+        cluster.start_tunnels()?;
+        Ok(cluster)
+    }
+
+    /// The common case: pod `client` on node 1, pod `server` on node 2 serving HTTP on 8080,
+    /// tunnels started. `tunnel_args` go to every tunnel.
     pub fn client_server(tunnel_args: &[&str]) -> Result<Self> {
         let spec = ClusterSpec {
             tunnel_args: tunnel_args.iter().map(|a| (*a).to_owned()).collect(),
@@ -417,14 +428,7 @@ impl Cluster {
                 vec![PodSpec::new("client", 1), PodSpec::new("server", 2)],
             )
         };
-        let mut cluster = Cluster::build(spec)?;
-        cluster.start_app(
-            "server",
-            &["http", "--port", "8080", "--name", "server"],
-            8080,
-        )?;
-        cluster.start_tunnels()?;
-        Ok(cluster)
+        Cluster::with_http(spec, &["server"])
     }
 
     /// The pod named `name`.

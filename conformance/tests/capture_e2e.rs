@@ -21,13 +21,7 @@ fn cluster() -> Cluster {
             PodSpec::new("plain", 2).outside_mesh(),
         ],
     );
-    let mut cluster = Cluster::build(spec).expect("build the cluster");
-    for pod in ["server", "plain"] {
-        cluster
-            .start_app(pod, &["http", "--port", "8080", "--name", pod], 8080)
-            .unwrap();
-    }
-    cluster.start_tunnels().expect("tunnels start");
+    let mut cluster = Cluster::with_http(spec, &["server", "plain"]).expect("build the cluster");
     cluster
         .start_capture(&["client", "server"])
         .expect("capture starts");

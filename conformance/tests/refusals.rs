@@ -19,16 +19,7 @@ fn cluster() -> Cluster {
             PodSpec::new("other", 2),
         ],
     );
-    let mut cluster = Cluster::build(spec).expect("build the cluster");
-    cluster
-        .start_app(
-            "server",
-            &["http", "--port", "8080", "--name", "server"],
-            8080,
-        )
-        .unwrap();
-    cluster.start_tunnels().expect("tunnels start");
-    cluster
+    Cluster::with_http(spec, &["server"]).expect("build the cluster")
 }
 
 /// The bare HBONE client, from the client pod, to the server pod's 15008, asking for `pod`.

@@ -18,14 +18,7 @@ fn two_nodes() -> Cluster {
             PodSpec::new("plain", 2).outside_mesh(),
         ],
     );
-    let mut cluster = Cluster::build(spec).expect("build the cluster");
-    for pod in ["server", "plain"] {
-        cluster
-            .start_app(pod, &["http", "--port", "8080", "--name", pod], 8080)
-            .unwrap();
-    }
-    cluster.start_tunnels().expect("tunnels start");
-    cluster
+    Cluster::with_http(spec, &["server", "plain"]).expect("build the cluster")
 }
 
 /// curl through the client pod's SOCKS5 entry; returns (stdout, exit code).
