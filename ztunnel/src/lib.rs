@@ -12,4 +12,6 @@ pub mod pods;
 pub mod proxy;
 pub mod state;
 pub mod telemetry;
+#[cfg(test)]
+mod test_support;
 pub mod tls;

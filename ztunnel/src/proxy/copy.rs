@@ -194,20 +194,10 @@ async fn h2_to_tcp(
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
-    use tokio::net::{TcpListener, TcpStream};
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (b, _) = listener.accept().await.unwrap();
-        (a, b)
-    }
 
     #[tokio::test]
     async fn buffers_grow_for_bulk_and_are_released_when_the_socket_drains() {
-        let (mut writer, reader_side) = pair().await;
+        let (mut writer, reader_side) = crate::test_support::tcp_pair().await;
         let (rd, _wr) = reader_side.into_split();
         let mut reader = AdaptiveReader::new();
         // A small message: one small read, and no buffer kept while waiting for more.

@@ -119,20 +119,10 @@ pub async fn reply(stream: &mut TcpStream, code: Reply) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::net::TcpListener;
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        (client, server)
-    }
 
     #[tokio::test]
     async fn reads_an_ipv6_connect_request() {
-        let (mut client, mut server) = pair().await;
+        let (mut client, mut server) = crate::test_support::tcp_pair().await;
         let mut req = vec![5, 1, 0, 5, 1, 0, 4];
         req.extend_from_slice(&"fd00::2".parse::<Ipv6Addr>().unwrap().octets());
         req.extend_from_slice(&8080u16.to_be_bytes());
@@ -147,7 +137,7 @@ mod tests {
 
     #[tokio::test]
     async fn refuses_domain_names_with_a_reason() {
-        let (mut client, mut server) = pair().await;
+        let (mut client, mut server) = crate::test_support::tcp_pair().await;
         client
             .write_all(&[5, 1, 0, 5, 1, 0, 3, 3, b'f', b'o', b'o', 0, 80])
             .await
