@@ -7,7 +7,7 @@
 use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, mpsc};
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -19,7 +19,6 @@ type Job = Box<dyn FnOnce() + Send>;
 /// A thread living inside one network namespace, creating sockets there on request.
 #[derive(Debug)]
 pub struct NetnsWorker {
-    path: PathBuf,
     jobs: Mutex<mpsc::Sender<Job>>,
 }
 
@@ -56,14 +55,8 @@ impl NetnsWorker {
                 )
             })?;
         Ok(Arc::new(NetnsWorker {
-            path: path.to_owned(),
             jobs: Mutex::new(tx),
         }))
-    }
-
-    /// The namespace's path.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     async fn run<T: Send + 'static>(

@@ -26,7 +26,7 @@ impl CertificateSlot {
 /// Certificate cache shared by all listeners and outbound connections of the tunnel.
 pub struct CertificateManager {
     provider: Arc<dyn CertificateProvider>,
-    /// Renewal tasks hold only a Weak to their slot, so forgetting an identity stops its task.
+    /// Renewal tasks hold only a Weak to their slot, so dropping an identity stops its task.
     slots: tokio::sync::Mutex<HashMap<Identity, Arc<CertificateSlot>>>,
 }
 
@@ -66,11 +66,6 @@ impl CertificateManager {
             Arc::downgrade(&slot),
         ));
         Ok(slot)
-    }
-
-    /// Drops the certificate of an identity no local workload uses any more.
-    pub async fn forget(&self, identity: &Identity) {
-        self.slots.lock().await.remove(identity);
     }
 
     /// Drops every certificate whose identity is not in `in_use`; their renewal stops.
@@ -133,16 +128,16 @@ mod tests {
         let renewed = slot.current();
         assert!(!Arc::ptr_eq(&first, &renewed), "renewed at half life");
         assert!(renewed.not_after > first.not_after);
-        manager.forget(&id).await;
+        manager.retain(&Default::default()).await;
         let fresh = manager.get(&id).await.unwrap();
         assert!(
             !Arc::ptr_eq(&slot, &fresh),
-            "a forgotten identity gets a new slot"
+            "a dropped identity gets a new slot"
         );
         drop(slot);
         drop(again);
         let weak = Arc::downgrade(&fresh);
-        manager.forget(&id).await;
+        manager.retain(&Default::default()).await;
         drop(fresh);
         assert!(
             weak.upgrade().is_none(),

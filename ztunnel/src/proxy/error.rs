@@ -53,8 +53,6 @@ pub enum ProxyError {
     BadMethod(http::Method),
     #[error("I/O error while copying: {0}")]
     Io(#[from] std::io::Error),
-    #[error("the tunnel is shutting down")]
-    ShuttingDown,
 }
 
 impl ProxyError {
@@ -72,7 +70,6 @@ impl ProxyError {
             ProxyError::ConnectRefused { .. } => "URX",
             ProxyError::Misdirected { .. } => "NR",
             ProxyError::Io(_) => "IO",
-            ProxyError::ShuttingDown => "SI",
         }
     }
 
@@ -83,7 +80,6 @@ impl ProxyError {
             ProxyError::BadMethod(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
