@@ -62,3 +62,9 @@ fi
 
 # /run/netns must exist for `ip netns`; it is created on first use, but make sure.
 mkdir -p /run/netns
+# Capture pins its programs and maps on the BPF file system; container and CI machines often
+# start without it mounted.
+if ! grep -qs ' - bpf ' /proc/self/mountinfo; then
+  echo "setup: mounting the BPF file system on /sys/fs/bpf"
+  mount -t bpf bpf /sys/fs/bpf
+fi

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::capture::Capture;
 use crate::netns::{Netns, run};
 use crate::process::Process;
 
@@ -185,6 +186,8 @@ static NEXT: AtomicUsize = AtomicUsize::new(0);
 pub struct Cluster {
     /// Processes started in pods; stopped first.
     pub apps: Vec<Process>,
+    /// Capture loaders owned by the cluster; uninstalled when it is dropped.
+    pub captures: Vec<Capture>,
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
     pub router: Netns,
@@ -196,6 +199,8 @@ pub struct Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        self.captures.clear();
+        crate::capture::uninstall(&self.pin_dir());
         if std::env::var_os("WEFT_KEEP_LOGS").is_some() {
             let kept =
                 std::mem::replace(&mut self.dir, tempfile::TempDir::new().expect("temp dir"))
@@ -393,6 +398,7 @@ impl Cluster {
         ])?;
         let cluster = Cluster {
             apps: Vec::new(),
+            captures: Vec::new(),
             nodes,
             pods,
             router,
@@ -501,7 +507,7 @@ impl Cluster {
         let ztunnel = crate::binary("ztunnel");
         let log = self.dir.path().join(format!("ztunnel-node{i}.log"));
         let node = &self.nodes[i - 1];
-        let mut cmd = node.netns.command(&ztunnel);
+        let mut cmd = node.netns.command_with_host_mounts(&ztunnel);
         cmd.arg("run")
             .args(["--node-name", &node.name])
             .arg("--state-file")
@@ -518,6 +524,8 @@ impl Cluster {
             .arg(self.dir.path().join("ca.pem"))
             .arg("--ca-key")
             .arg(self.dir.path().join("ca.key"))
+            .arg("--capture-pin-dir")
+            .arg(self.pin_dir())
             .args(&self.spec.tunnel_args);
         let process = Process::spawn(&format!("ztunnel-{}", node.name), cmd, log)?;
         self.nodes[i - 1].tunnel = Some(process);
@@ -585,39 +593,67 @@ impl Cluster {
     }
 
     /// Starts transparent capture (`weft-redirect`, in the host's namespace) for `pods` and waits
-    /// until its programs are attached; stopped (and detached) when the cluster is dropped.
+    /// until its programs are attached; removed when the cluster is dropped.
     pub fn start_capture(&mut self, pods: &[&str]) -> Result<()> {
-        let process = self.spawn_capture(pods, false)?;
-        self.apps.push(process);
+        let capture = self.spawn_capture(pods, false)?;
+        self.captures.push(capture);
         Ok(())
     }
 
     /// Like [`Cluster::start_capture`], optionally with the sockops/sk_msg fast path, but the
-    /// caller owns the process: dropping it removes the capture.
-    pub fn spawn_capture(&self, pods: &[&str], fast_path: bool) -> Result<Process> {
-        let binary = crate::binary("weft-redirect");
-        let mut cmd = Command::new(binary);
-        if fast_path {
-            cmd.arg("--fast-path");
-        }
-        for pod in pods {
-            cmd.arg("--enroll").arg(self.pod(pod).netns.path());
-        }
-        static CAPTURES: AtomicUsize = AtomicUsize::new(0);
-        let n = CAPTURES.fetch_add(1, Ordering::Relaxed);
-        let log = self.dir.path().join(format!("weft-redirect-{n}.log"));
-        let mut process = Process::spawn("weft-redirect", cmd, log)?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !process.output().contains("capture installed") {
-            if let Some(status) = process.exited() {
-                bail!("weft-redirect exited with {status}:\n{}", process.output());
+    /// caller owns the capture: dropping it stops the loader and uninstalls.
+    pub fn spawn_capture(&self, pods: &[&str], fast_path: bool) -> Result<Capture> {
+        let netns: Vec<PathBuf> = pods.iter().map(|p| self.pod(p).netns.path()).collect();
+        let capture = Capture::start(&self.pin_dir(), &netns, fast_path, self.dir.path())?;
+        self.wait_inbound_registered(pods)?;
+        Ok(capture)
+    }
+
+    /// Waits until the running tunnels of the mesh pods among `pods` have registered their
+    /// plaintext inbound listeners with the capture pinned now (they check four times a second).
+    pub fn wait_inbound_registered(&self, pods: &[&str]) -> Result<()> {
+        let map = self.pin_dir().join("maps/INBOUND");
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "show", "pinned"])
+            .arg(&map)
+            .output()?;
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("bpftool map show pinned {}", map.display()))?;
+        let map_id = info["id"].clone();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for name in pods {
+            let pod = self.pod(name);
+            let node = &self.nodes[pod.spec.node - 1];
+            if !pod.spec.mesh || node.tunnel.is_none() {
+                continue;
             }
-            if Instant::now() > deadline {
-                bail!("weft-redirect not ready after 20 s:\n{}", process.output());
+            loop {
+                let (_, body) = node.http_get(15000, "/config_dump")?;
+                let dump: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                let status = &dump["pods"]["inbound_capture"];
+                let registered = status["registered"].as_array().is_some_and(|r| {
+                    r.iter().any(|k| {
+                        k == &serde_json::json!(format!("{}/{}", pod.spec.namespace, pod.spec.name))
+                    })
+                });
+                if status["map_id"] == map_id && registered {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "{}'s tunnel did not register {name}'s inbound listener with capture map {map_id}: {status}",
+                        node.name
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(process)
+        Ok(())
+    }
+
+    /// Where this cluster's capture is pinned (its own directory on the BPF file system).
+    pub fn pin_dir(&self) -> PathBuf {
+        PathBuf::from("/sys/fs/bpf").join(&self.prefix)
     }
 
     /// Starts tcpdump on the router's link to node `node` and waits until it captures; stop

@@ -3,6 +3,7 @@
 //! `weft-bench` share. Everything here needs root.
 
 pub mod bench;
+pub mod capture;
 pub mod cluster;
 pub mod hbone_client;
 pub mod load;

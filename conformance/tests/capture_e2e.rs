@@ -91,8 +91,11 @@ fn an_enrolled_pod_reaches_a_non_mesh_server_by_passthrough() {
     );
 }
 
+/// The outsider is not enrolled: its connect is not captured (its node's tunnel sees nothing),
+/// and as a plaintext client from outside the mesh it lands on the enrolled server's plaintext
+/// inbound listener (15006, steered by sk_lookup), which the server's tunnel reports.
 #[test]
-fn a_pod_that_is_not_enrolled_connects_directly() {
+fn a_pod_that_is_not_enrolled_connects_directly_and_lands_on_the_servers_plaintext_inbound() {
     let cluster = cluster();
     let server = cluster.pod("server").ip;
     let (out, ok) = curl(
@@ -108,6 +111,64 @@ fn a_pod_that_is_not_enrolled_connects_directly() {
         0.0,
         "the client node's tunnel saw nothing"
     );
+    let inbound = [
+        ("reporter", "destination"),
+        ("source_workload", "outsider"),
+        ("destination_workload", "server"),
+        ("connection_security_policy", "none"),
+    ];
+    let metrics = cluster.node(2).metrics().unwrap();
+    assert_eq!(
+        sum(&metrics, "weft_tcp_connections_opened_total", &inbound),
+        1.0,
+        "the server's tunnel took the plaintext connection on 15006"
+    );
+    let logs = cluster.node(2).access_logs();
+    assert!(
+        logs.iter().any(|l| l["src.workload"] == "outsider"
+            && l["security"] == "none"
+            && l["dst.addr"] == format!("Some({server}:8080)")),
+        "access log of the inbound plaintext connection with its original destination: {logs:?}"
+    );
+}
+
+/// With the server's tunnel stopped, a plaintext client reaching the enrolled server is
+/// refused (its listener left capture's map when it closed): nothing reaches the application
+/// around the tunnel.
+#[test]
+fn with_the_servers_tunnel_stopped_inbound_plaintext_is_refused() {
+    let mut cluster = cluster();
+    let server = cluster.pod("server").ip;
+    let (out, ok) = curl(
+        &cluster,
+        "outsider",
+        &format!("http://{server}:8080/echo/before"),
+    );
+    assert!(ok, "{out}");
+    let exit = cluster.nodes[1]
+        .tunnel
+        .as_mut()
+        .unwrap()
+        .stop(Duration::from_secs(15));
+    assert!(exit.is_some_and(|s| s.success()), "tunnel exit: {exit:?}");
+    let (out, ok) = curl(
+        &cluster,
+        "outsider",
+        &format!("http://{server}:8080/echo/after"),
+    );
+    assert!(!ok, "reached the application without its tunnel: {out}");
+    assert!(
+        out.contains("Connection refused") || out.contains("Couldn't connect"),
+        "{out}"
+    );
+    // Another pod of that node, not enrolled, still answers directly.
+    let plain = cluster.pod("plain").ip;
+    let (out, ok) = curl(
+        &cluster,
+        "outsider",
+        &format!("http://{plain}:8080/echo/still"),
+    );
+    assert!(ok && out == "plain saw still\n", "{out}");
 }
 
 #[test]

@@ -45,4 +45,38 @@ pub enum RedirectError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "no BPF file system is mounted; capture pins its programs there (mount -t bpf bpf /sys/fs/bpf)"
+    )]
+    NoBpffs,
+    #[error(
+        "{path} is not on a BPF file system; pin capture under a bpffs mount such as /sys/fs/bpf/weft (mount -t bpf bpf /sys/fs/bpf)"
+    )]
+    NotBpffs { path: PathBuf },
+    #[error(
+        "{path} is not a Weft capture pin directory (no maps/ or links/ in it); refusing to remove it"
+    )]
+    NotAPinDir { path: PathBuf },
+    #[error("cannot pin or unpin {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot {action} the {what} link: {source}")]
+    Link {
+        action: &'static str,
+        what: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "the map pinned at {path} has another layout than this build's {name} ({found} vs {wanted}: key, value, entries): it was pinned by an incompatible Weft; remove it with `weft-redirect uninstall` (capture stops until the next install)"
+    )]
+    IncompatiblePin {
+        path: PathBuf,
+        name: &'static str,
+        found: String,
+        wanted: String,
+    },
+    #[error("the embedded capture object does not parse (a build problem): {0}")]
+    Object(String),
 }

@@ -1,33 +1,66 @@
 //! Weft's transparent capture: loads the socket-level programs, attaches them to the cgroup v2
-//! hierarchy, and enrolls pods by network namespace cookie.
+//! hierarchy with pinned bpf_links (so capture outlives the loader and a new loader takes over
+//! in place), and enrolls pods by network namespace.
 
-mod cgroup;
 mod error;
+mod inbound;
+mod mounts;
 mod netns;
+mod pins;
 mod preflight;
+mod sys;
 
+use std::fs::File;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::Path;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, MapData, PerCpuArray, SockHash};
-use aya::programs::cgroup_sock_addr::CgroupSockAddrLink;
-use aya::programs::cgroup_sockopt::CgroupSockoptLink;
-use aya::programs::sk_msg::SkMsgLink;
-use aya::programs::sock_ops::SockOpsLink;
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, Program, SkMsg, SockOps};
+use aya::maps::{HashMap, MapData, MapInfo, PerCpuArray, SockHash};
+use aya::programs::Program;
 use aya::{Ebpf, EbpfLoader};
+use aya_obj::generated::bpf_attach_type;
 use redirect_common::{
     Cidr4, ClientKey, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, OriginalDst, PodSettings, SockKey,
 };
+use tracing::{info, warn};
 
-pub use cgroup::cgroup2_mount;
 pub use error::RedirectError;
-pub use netns::netns_cookie;
+pub use inbound::InboundListeners;
+pub use mounts::{bpffs_mount, cgroup2_mount};
+pub use netns::{netns_cookie, netns_cookie_of};
+pub use pins::{default_pin_dir, uninstall};
 pub use preflight::{MIN_KERNEL, preflight};
 pub use redirect_common::OUTBOUND_PORT;
 
+use inbound::{INBOUND_MAP, address_key};
+use pins::{PinLayout, remove_pin};
+
 /// The compiled programs, embedded at build time.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect"));
+
+/// Every map of the object, pinned so a restarted loader keeps enrollments and in-flight
+/// original destinations.
+const MAPS: [&str; 6] = [
+    "ENROLLED",
+    "ORIGINAL_DST",
+    "BY_CLIENT",
+    "SOCKETS",
+    "FAST_PATH_STATS",
+    INBOUND_MAP,
+];
+
+/// The programs attached to the cgroup, each through one pinned link named after it.
+const CGROUP_PROGRAMS: [(&str, bpf_attach_type); 4] = [
+    ("connect4", bpf_attach_type::BPF_CGROUP_INET4_CONNECT),
+    ("connect6", bpf_attach_type::BPF_CGROUP_INET6_CONNECT),
+    ("file_original_dst", bpf_attach_type::BPF_CGROUP_SOCK_OPS),
+    (
+        "answer_original_dst",
+        bpf_attach_type::BPF_CGROUP_GETSOCKOPT,
+    ),
+];
+const FAST_PATH_PROGRAM: &str = "fast_path";
+const INBOUND_PROGRAM: &str = "inbound";
 
 /// How capture is installed.
 #[derive(Clone, Debug, Default)]
@@ -35,6 +68,8 @@ pub struct Options {
     /// Move bytes between an application and the tunnel with sockops + sk_msg, skipping the
     /// loopback TCP stack (see `weft-bench capture`).
     pub fast_path: bool,
+    /// Where links and maps are pinned; default `<bpffs>/weft` ([`default_pin_dir`]).
+    pub pin_dir: Option<PathBuf>,
 }
 
 /// Destinations a pod leaves out of capture: ports (IPv4 and IPv6) and IPv4 ranges.
@@ -75,128 +110,178 @@ impl Exclusions {
     }
 }
 
-/// Loaded and attached capture programs; detached when dropped.
+/// Installed capture. Everything it attaches is pinned: dropping this changes nothing for
+/// live traffic; [`Redirect::uninstall`] removes it.
 pub struct Redirect {
-    _ebpf: Ebpf,
+    /// The loaded programs (the inbound one is attached per pod at enrollment).
+    ebpf: Ebpf,
+    pins: PinLayout,
+    adopted: bool,
     enrolled: HashMap<MapData, u64, PodSettings>,
     by_client: HashMap<MapData, ClientKey, OriginalDst>,
-    /// Dropping a link detaches its program.
-    _links: (
-        CgroupSockAddrLink,
-        CgroupSockAddrLink,
-        SockOpsLink,
-        CgroupSockoptLink,
-    ),
-    /// The socket hash and, when the fast path is on, the sk_msg program attached to it.
-    fast_path: (SockHash<MapData, SockKey>, Option<SkMsgLink>),
+    sockets: SockHash<MapData, SockKey>,
     fast_path_stats: PerCpuArray<MapData, u64>,
 }
 
 impl Redirect {
-    /// Loads the programs and attaches them (bpf_link, alongside any other program) to the cgroup at `cgroup`,
-    /// normally the root of the cgroup v2 hierarchy so that every pod is covered.
+    /// Loads the programs and attaches them to the cgroup at `cgroup` (normally the root of
+    /// the cgroup v2 hierarchy, so every pod is covered), pinning links and maps under the pin
+    /// directory. If an earlier loader pinned capture there, takes it over instead: the same
+    /// maps (enrollments and in-flight connections kept) and the same links, whose programs
+    /// are swapped in place, so capture has no gap and nothing is attached twice.
     pub fn install(cgroup: &Path, options: &Options) -> Result<Self, RedirectError> {
         preflight()?;
+        let root = match &options.pin_dir {
+            Some(dir) => dir.clone(),
+            None => default_pin_dir()?,
+        };
+        let fresh = !root.exists();
+        let installed = Self::install_at(&root, cgroup, options);
+        if installed.is_err() && fresh {
+            // Leave nothing half-installed behind; a takeover that fails keeps what it found.
+            let _ = uninstall(&root);
+        }
+        installed
+    }
+
+    fn install_at(root: &Path, cgroup: &Path, options: &Options) -> Result<Self, RedirectError> {
+        let pins = PinLayout::prepare(root)?;
+        check_pinned_maps(&pins)?;
+
         let fast_path = u8::from(options.fast_path);
-        let mut ebpf = EbpfLoader::new()
-            .override_global("FAST_PATH", &fast_path, true)
-            .load(PROGRAMS)
-            .map_err(RedirectError::Load)?;
-        let cgroup_dir = std::fs::File::open(cgroup).map_err(|source| RedirectError::Cgroup {
+        let map_paths: Vec<(&str, PathBuf)> =
+            MAPS.iter().map(|name| (*name, pins.map(name))).collect();
+        let mut loader = EbpfLoader::new();
+        loader.override_global("FAST_PATH", &fast_path, true);
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(PROGRAMS).map_err(RedirectError::Load)?;
+        let enrolled =
+            HashMap::try_from(take_map(&mut ebpf, "ENROLLED")?).map_err(RedirectError::Map)?;
+        let by_client =
+            HashMap::try_from(take_map(&mut ebpf, "BY_CLIENT")?).map_err(RedirectError::Map)?;
+        let sockets: SockHash<MapData, SockKey> =
+            SockHash::try_from(take_map(&mut ebpf, "SOCKETS")?).map_err(RedirectError::Map)?;
+        let fast_path_stats = PerCpuArray::try_from(take_map(&mut ebpf, "FAST_PATH_STATS")?)
+            .map_err(RedirectError::Map)?;
+        for (name, _) in CGROUP_PROGRAMS {
+            load_program(&mut ebpf, name)?;
+        }
+        load_program(&mut ebpf, FAST_PATH_PROGRAM)?;
+        load_program(&mut ebpf, INBOUND_PROGRAM)?;
+
+        let cgroup_dir = File::open(cgroup).map_err(|source| RedirectError::Cgroup {
             path: cgroup.to_owned(),
             source,
         })?;
-        // With bpf_link the kernel always attaches in multi mode and wants no flags: `Single`
-        // passes none (AllowMultiple makes link_create fail with EINVAL on 6.18).
-        let mode = CgroupAttachMode::Single;
-
-        // Load one program of the object and attach it to the cgroup; yields its link.
-        macro_rules! attach {
-            ($kind:ty, $name:literal) => {{
-                let program: &mut $kind = program(&mut ebpf, $name)?;
-                program.load().map_err(RedirectError::Program)?;
-                let id = program
-                    .attach(&cgroup_dir, mode)
-                    .map_err(RedirectError::Program)?;
-                program.take_link(id).map_err(RedirectError::Program)?
-            }};
+        let mut adopted = false;
+        for (name, attach_type) in CGROUP_PROGRAMS {
+            let program = program_fd(&ebpf, name)?;
+            adopted |= attach_or_adopt(&pins.link(name), name, program, || {
+                sys::link_create(program, cgroup_dir.as_fd(), attach_type)
+            })?;
         }
-        let connect4_link = attach!(CgroupSockAddr, "connect4");
-        let connect6_link = attach!(CgroupSockAddr, "connect6");
-        let sockops_link = attach!(SockOps, "file_original_dst");
-        let getsockopt_link = attach!(CgroupSockopt, "answer_original_dst");
-
-        let sockets: SockHash<MapData, SockKey> = SockHash::try_from(
-            ebpf.take_map("SOCKETS")
-                .ok_or(RedirectError::Missing("SOCKETS"))?,
-        )
-        .map_err(RedirectError::Map)?;
-        let fast_path_stats = PerCpuArray::try_from(
-            ebpf.take_map("FAST_PATH_STATS")
-                .ok_or(RedirectError::Missing("FAST_PATH_STATS"))?,
-        )
-        .map_err(RedirectError::Map)?;
-        let fast_path_link = if options.fast_path {
-            let program: &mut SkMsg = program(&mut ebpf, "fast_path")?;
-            program.load().map_err(RedirectError::Program)?;
-            let id = program
-                .attach(sockets.fd())
-                .map_err(RedirectError::Program)?;
-            Some(program.take_link(id).map_err(RedirectError::Program)?)
+        let fast_path_pin = pins.link(FAST_PATH_PROGRAM);
+        if options.fast_path {
+            let program = program_fd(&ebpf, FAST_PATH_PROGRAM)?;
+            attach_or_adopt(&fast_path_pin, FAST_PATH_PROGRAM, program, || {
+                sys::link_create(
+                    program,
+                    sockets.fd().as_fd(),
+                    bpf_attach_type::BPF_SK_MSG_VERDICT,
+                )
+            })?;
         } else {
-            None
-        };
-
-        let enrolled = HashMap::try_from(
-            ebpf.take_map("ENROLLED")
-                .ok_or(RedirectError::Missing("ENROLLED"))?,
-        )
-        .map_err(RedirectError::Map)?;
-        let by_client = HashMap::try_from(
-            ebpf.take_map("BY_CLIENT")
-                .ok_or(RedirectError::Missing("BY_CLIENT"))?,
-        )
-        .map_err(RedirectError::Map)?;
+            remove_pin(&fast_path_pin)?;
+        }
+        // Pods enrolled through an earlier loader: their inbound links run this build's program.
+        let inbound = program_fd(&ebpf, INBOUND_PROGRAM)?;
+        for (cookie, pin) in pins.inbound_links()? {
+            let updated =
+                sys::obj_get(&pin).and_then(|link| sys::link_update(link.as_fd(), inbound));
+            if let Err(error) = updated {
+                // Its network namespace is gone (the link is defunct): so is the pod.
+                warn!(netns_cookie = cookie, %error, "dropping the inbound link of a vanished pod");
+                remove_pin(&pin)?;
+            }
+        }
+        if adopted {
+            info!(pins = %root.display(), "took over pinned capture");
+        } else {
+            info!(pins = %root.display(), cgroup = %cgroup.display(), "capture installed");
+        }
         Ok(Redirect {
-            _ebpf: ebpf,
+            ebpf,
+            pins,
+            adopted,
             enrolled,
             by_client,
-            _links: (connect4_link, connect6_link, sockops_link, getsockopt_link),
-            fast_path: (sockets, fast_path_link),
+            sockets,
             fast_path_stats,
         })
     }
 
-    /// Captures the TCP connections of the pod whose network namespace has this cookie.
-    pub fn enroll(&mut self, netns_cookie: u64) -> Result<(), RedirectError> {
-        self.enroll_with(netns_cookie, &Exclusions::default())
+    /// Whether [`Redirect::install`] took over capture pinned by an earlier loader.
+    pub fn adopted(&self) -> bool {
+        self.adopted
     }
 
-    /// Like [`Redirect::enroll`], leaving the given destinations alone (a pod's opt-outs).
-    /// Enrolling an enrolled pod again replaces its settings.
-    pub fn enroll_with(
+    /// Where this capture's links and maps are pinned.
+    pub fn pin_dir(&self) -> &Path {
+        self.pins.root()
+    }
+
+    /// Removes this capture: every link (detaching its program), map and pin.
+    pub fn uninstall(self) -> Result<(), RedirectError> {
+        let root = self.pins.root().to_owned();
+        drop(self);
+        uninstall(&root).map(drop)
+    }
+
+    /// Captures the TCP connections of the pod whose network namespace is `netns` (an open
+    /// `/run/netns/<name>` or `/proc/<pid>/ns/net`): its connects go to the tunnel's outbound
+    /// listener, and connections reaching it from outside the pod go to the tunnel's plaintext
+    /// inbound listener, both in the pod's namespace. Enrolling again replaces the pod's
+    /// exclusions. Returns the namespace's cookie, the pod's key in every capture map.
+    pub fn enroll(
         &mut self,
-        netns_cookie: u64,
+        netns: impl AsFd,
         exclusions: &Exclusions,
-    ) -> Result<(), RedirectError> {
+    ) -> Result<u64, RedirectError> {
         let settings = exclusions.to_settings()?;
+        let cookie = netns_cookie_of(netns.as_fd())?;
+        let pin = self.pins.inbound_link(cookie);
+        if !pin.exists() {
+            let program = program_fd(&self.ebpf, INBOUND_PROGRAM)?;
+            let link = sys::link_create(program, netns.as_fd(), bpf_attach_type::BPF_SK_LOOKUP)
+                .map_err(|source| link_error("attach", INBOUND_PROGRAM, source))?;
+            sys::obj_pin(link.as_fd(), &pin)
+                .map_err(|source| RedirectError::Pin { path: pin, source })?;
+        }
         self.enrolled
-            .insert(netns_cookie, settings, 0)
-            .map_err(RedirectError::Map)
+            .insert(cookie, settings, 0)
+            .map_err(RedirectError::Map)?;
+        Ok(cookie)
     }
 
-    /// Stops capturing a pod's connections; the next connect goes straight out.
+    /// Stops capturing a pod's connections, both ways; the next connection goes straight.
     pub fn unenroll(&mut self, netns_cookie: u64) -> Result<(), RedirectError> {
         match self.enrolled.remove(&netns_cookie) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(RedirectError::Map(e)),
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(RedirectError::Map(e)),
         }
+        remove_pin(&self.pins.inbound_link(netns_cookie))
+    }
+
+    /// The netns cookies of the enrolled pods.
+    pub fn enrolled(&self) -> Vec<u64> {
+        self.enrolled.keys().filter_map(Result::ok).collect()
     }
 
     /// Sockets of a namespace currently on the fast path (both ends of each app-tunnel leg).
     pub fn fast_path_sockets(&self, netns_cookie: u64) -> usize {
-        self.fast_path
-            .0
+        self.sockets
             .keys()
             .filter_map(Result::ok)
             .filter(|key| key.netns_cookie == netns_cookie)
@@ -224,13 +309,9 @@ impl Redirect {
         netns_cookie: u64,
         client: SocketAddr,
     ) -> Result<Option<SocketAddr>, RedirectError> {
-        let addr = match client {
-            SocketAddr::V4(v4) => v4.ip().to_ipv6_mapped().octets(),
-            SocketAddr::V6(v6) => v6.ip().octets(),
-        };
         let key = ClientKey {
             netns_cookie,
-            addr,
+            addr: address_key(client.ip()),
             port: client.port(),
             _pad: [0; 6],
         };
@@ -242,15 +323,85 @@ impl Redirect {
     }
 }
 
-/// The program `name` of the object, as its type.
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, RedirectError>
-where
-    &'a mut T: TryFrom<&'a mut Program, Error = aya::programs::ProgramError>,
-{
-    ebpf.program_mut(name)
-        .ok_or(RedirectError::Missing(name))?
-        .try_into()
-        .map_err(RedirectError::Program)
+/// Takes map `name` out of the loaded object.
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, RedirectError> {
+    ebpf.take_map(name).ok_or(RedirectError::Missing(name))
+}
+
+/// Loads (verifies) program `name` of the object.
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), RedirectError> {
+    let loaded = match ebpf.program_mut(name).ok_or(RedirectError::Missing(name))? {
+        Program::CgroupSockAddr(p) => p.load(),
+        Program::SockOps(p) => p.load(),
+        Program::CgroupSockopt(p) => p.load(),
+        Program::SkMsg(p) => p.load(),
+        Program::SkLookup(p) => p.load(),
+        _ => return Err(RedirectError::Missing(name)),
+    };
+    loaded.map_err(RedirectError::Program)
+}
+
+/// The descriptor of loaded program `name`.
+fn program_fd<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<BorrowedFd<'a>, RedirectError> {
+    let program = ebpf.program(name).ok_or(RedirectError::Missing(name))?;
+    Ok(program.fd().map_err(RedirectError::Program)?.as_fd())
+}
+
+fn link_error(action: &'static str, what: &str, source: std::io::Error) -> RedirectError {
+    RedirectError::Link {
+        action,
+        what: what.to_owned(),
+        source,
+    }
+}
+
+/// Makes the link pinned at `pin` run `program`: swapped in place if the pin exists (true),
+/// otherwise created with `create` and pinned (false).
+fn attach_or_adopt(
+    pin: &Path,
+    name: &str,
+    program: BorrowedFd<'_>,
+    create: impl FnOnce() -> std::io::Result<std::os::fd::OwnedFd>,
+) -> Result<bool, RedirectError> {
+    if pin.exists() {
+        let link =
+            sys::obj_get(pin).map_err(|source| link_error("open the pinned", name, source))?;
+        sys::link_update(link.as_fd(), program)
+            .map_err(|source| link_error("update the pinned", name, source))?;
+        return Ok(true);
+    }
+    let link = create().map_err(|source| link_error("attach", name, source))?;
+    sys::obj_pin(link.as_fd(), pin).map_err(|source| RedirectError::Pin {
+        path: pin.to_owned(),
+        source,
+    })?;
+    Ok(false)
+}
+
+/// Refuses pinned maps whose layout differs from this build's (an older, incompatible Weft):
+/// reusing them would make the programs misread every entry.
+fn check_pinned_maps(pins: &PinLayout) -> Result<(), RedirectError> {
+    let object =
+        aya_obj::Object::parse(PROGRAMS).map_err(|e| RedirectError::Object(e.to_string()))?;
+    for name in MAPS {
+        let path = pins.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(RedirectError::Map)?;
+        let wanted = object.maps.get(name).ok_or(RedirectError::Missing(name))?;
+        let found = (info.key_size(), info.value_size(), info.max_entries());
+        let wanted = (wanted.key_size(), wanted.value_size(), wanted.max_entries());
+        if found != wanted {
+            return Err(RedirectError::IncompatiblePin {
+                path,
+                name,
+                found: format!("{found:?}"),
+                wanted: format!("{wanted:?}"),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn to_socket_addr(dst: &OriginalDst) -> SocketAddr {

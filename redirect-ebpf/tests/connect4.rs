@@ -5,48 +5,12 @@
 use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
-use redirect_ebpf::{OUTBOUND_PORT, Options, Redirect, cgroup2_mount, netns_cookie};
+mod common;
 
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "this test loads eBPF programs and must run as root"
-        );
-        let name = format!("wfr{}{tag}", std::process::id());
-        let ok = |c: &mut Command| assert!(c.status().unwrap().success(), "{c:?}");
-        ok(Command::new("ip").args(["netns", "add", &name]));
-        ok(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
-        Netns(name)
-    }
-
-    fn path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.0)
-    }
-
-    /// Runs `f` on a thread inside the namespace.
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let file = std::fs::File::open(self.path()).unwrap();
-        std::thread::spawn(move || {
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            f()
-        })
-        .join()
-        .unwrap()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
+use common::{Capture, Netns};
+use redirect_ebpf::{Exclusions, OUTBOUND_PORT, Options, netns_cookie};
 
 /// Connects to a destination with no route; the client's local address when captured.
 fn connect(marked: bool) -> Result<SocketAddr, ErrorKind> {
@@ -66,9 +30,9 @@ fn connect(marked: bool) -> Result<SocketAddr, ErrorKind> {
 fn captures_enrolled_namespaces_only_and_records_the_original_destination() {
     let enrolled = Netns::new("e");
     let plain = Netns::new("p");
-    let mut redirect = Redirect::install(&cgroup2_mount().unwrap(), &Options::default()).unwrap();
+    let mut redirect = Capture::install(Options::default());
     redirect
-        .enroll(netns_cookie(&enrolled.path()).unwrap())
+        .enroll(enrolled.file(), &Exclusions::default())
         .unwrap();
 
     // The tunnel's outbound listener inside the enrolled pod.
@@ -143,9 +107,9 @@ fn the_accepted_socket_answers_so_original_dst_per_pod() {
     // accepted socket must get its own pod's original destination.
     let a = Netns::new("a");
     let b = Netns::new("b");
-    let mut redirect = Redirect::install(&cgroup2_mount().unwrap(), &Options::default()).unwrap();
+    let mut redirect = Capture::install(Options::default());
     for ns in [&a, &b] {
-        redirect.enroll(netns_cookie(&ns.path()).unwrap()).unwrap();
+        redirect.enroll(ns.file(), &Exclusions::default()).unwrap();
     }
     let listener_a = a.run(|| TcpListener::bind(("127.0.0.1", OUTBOUND_PORT)).unwrap());
     let listener_b = b.run(|| TcpListener::bind(("127.0.0.1", OUTBOUND_PORT)).unwrap());
@@ -200,9 +164,9 @@ fn so_original_dst6(stream: &TcpStream) -> std::io::Result<SocketAddr> {
 #[test]
 fn ipv6_connects_are_captured_to_the_ipv6_loopback_listener() {
     let enrolled = Netns::new("6");
-    let mut redirect = Redirect::install(&cgroup2_mount().unwrap(), &Options::default()).unwrap();
+    let mut redirect = Capture::install(Options::default());
     redirect
-        .enroll(netns_cookie(&enrolled.path()).unwrap())
+        .enroll(enrolled.file(), &Exclusions::default())
         .unwrap();
     let listener = enrolled.run(|| TcpListener::bind(("::1", OUTBOUND_PORT)).unwrap());
     let client = enrolled.run(|| {
@@ -242,10 +206,13 @@ fn read_retrying(s: &mut TcpStream, buf: &mut [u8]) -> usize {
 fn with_the_fast_path_bytes_flow_both_ways_intact() {
     use std::io::Write;
     let enrolled = Netns::new("f");
-    let options = Options { fast_path: true };
-    let mut redirect = Redirect::install(&cgroup2_mount().unwrap(), &options).unwrap();
+    let options = Options {
+        fast_path: true,
+        ..Options::default()
+    };
+    let mut redirect = Capture::install(options);
     redirect
-        .enroll(netns_cookie(&enrolled.path()).unwrap())
+        .enroll(enrolled.file(), &Exclusions::default())
         .unwrap();
     let listener = enrolled.run(|| TcpListener::bind(("127.0.0.1", OUTBOUND_PORT)).unwrap());
     // The "tunnel": echoes everything back, in 64 KiB reads.
@@ -303,14 +270,12 @@ fn with_the_fast_path_bytes_flow_both_ways_intact() {
 #[test]
 fn excluded_ports_and_ranges_are_left_alone() {
     let enrolled = Netns::new("x");
-    let mut redirect = Redirect::install(&cgroup2_mount().unwrap(), &Options::default()).unwrap();
+    let mut redirect = Capture::install(Options::default());
     let exclusions = redirect_ebpf::Exclusions {
         ports: vec![5432],
         cidrs_v4: vec![("10.77.0.0".parse().unwrap(), 16)],
     };
-    redirect
-        .enroll_with(netns_cookie(&enrolled.path()).unwrap(), &exclusions)
-        .unwrap();
+    redirect.enroll(enrolled.file(), &exclusions).unwrap();
     let _listener = enrolled.run(|| TcpListener::bind(("127.0.0.1", OUTBOUND_PORT)).unwrap());
     let dial = |dst: &'static str| {
         move || {

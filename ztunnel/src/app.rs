@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use crate::admin::{self, AdminState, Endpoint};
 use crate::config::RunConfig;
 use crate::identity::{CertificateManager, LocalCa};
+use crate::inbound_capture::InboundCapture;
 use crate::logging::SetLogFilter;
 use crate::pods::{PodsStatus, run_pods};
 use crate::proxy::context::Tunnel;
@@ -81,6 +82,7 @@ pub async fn run(config: RunConfig, set_log_filter: SetLogFilter) -> anyhow::Res
         config.node_name.clone(),
         Some(config.socket_mark),
         pods,
+        config.capture_pin_dir.clone().map(InboundCapture::new),
     ));
     info!(node = %config.node_name, trust_domain = %config.trust_domain, "tunnel started");
 

@@ -93,6 +93,11 @@ pub struct RunConfig {
     /// SO_MARK put on every socket the tunnel makes, so capture can leave them alone.
     #[arg(long, env = "WEFT_SOCKET_MARK", default_value_t = 0x539)]
     pub socket_mark: u32,
+    /// Pin directory of the node's eBPF capture (e.g. /sys/fs/bpf/weft): when set, each local
+    /// pod's plaintext inbound listener is registered there so capture steers connections from
+    /// outside the mesh to it (re-registered within 250 ms if capture is reinstalled).
+    #[arg(long, env = "WEFT_CAPTURE_PIN_DIR")]
+    pub capture_pin_dir: Option<PathBuf>,
 }
 
 impl RunConfig {

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod identity;
+pub mod inbound_capture;
 pub mod logging;
 pub mod netns;
 pub mod pods;

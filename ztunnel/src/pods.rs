@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
@@ -11,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::identity::CertificateError;
+use crate::inbound_capture::{InboundCapture, InboundCaptureStatus, InboundListener};
 use crate::netns::{NetnsWorker, SocketFactory};
 use crate::proxy::context::{Pod, Tunnel};
 use crate::proxy::hbone::serve_hbone_connection;
@@ -49,6 +51,9 @@ pub enum PodError {
 struct RunningPod {
     workload: Arc<Workload>,
     stop: CancellationToken,
+    /// Duplicates of the plaintext inbound listeners, for capture's registration; closed
+    /// with the pod.
+    inbound: Vec<InboundListener>,
 }
 
 /// Which local pods run and which failed, for readiness and `/config_dump`.
@@ -58,17 +63,25 @@ pub struct PodsStatus {
     pub synced: bool,
     pub running: Vec<String>,
     pub failed: BTreeMap<String, String>,
+    /// Registration with the node's eBPF capture, when configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inbound_capture: Option<InboundCaptureStatus>,
 }
 
 /// Keeps the set of running pods equal to the local HBONE workloads of the state.
+/// With `inbound_capture`, also keeps every running pod's plaintext inbound listeners
+/// registered with the node's eBPF capture (checked four times a second).
 pub async fn run_pods(
     tunnel: Arc<Tunnel>,
     node: String,
     mark: Option<u32>,
     status: Arc<Mutex<PodsStatus>>,
+    mut inbound_capture: Option<InboundCapture>,
 ) {
     let mut running: HashMap<String, RunningPod> = HashMap::new();
     let mut state_rx = tunnel.state.clone();
+    let mut capture_tick = tokio::time::interval(CAPTURE_SYNC_INTERVAL);
+    capture_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let state = state_rx.borrow_and_update().clone();
         let failed = reconcile(&tunnel, &node, mark, &state, &mut running).await;
@@ -83,12 +96,33 @@ pub async fn run_pods(
             s.running.sort();
             s.failed = failed;
         }
-        tokio::select! {
-            changed = state_rx.changed() => if changed.is_err() { return },
-            _ = tunnel.shutdown.cancelled() => return,
+        loop {
+            if let Some(capture) = inbound_capture.as_mut() {
+                capture.sync(
+                    running
+                        .iter()
+                        .map(|(key, pod)| (key, pod.inbound.as_slice())),
+                );
+                if let Ok(mut s) = status.lock() {
+                    s.inbound_capture = Some(capture.status());
+                }
+            }
+            tokio::select! {
+                changed = state_rx.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                _ = tunnel.shutdown.cancelled() => return,
+                _ = capture_tick.tick(), if inbound_capture.is_some() => {}
+            }
         }
     }
 }
+
+/// How often registration with capture is checked (a reinstalled capture is picked up within).
+const CAPTURE_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
 async fn reconcile(
     tunnel: &Arc<Tunnel>,
@@ -116,9 +150,16 @@ async fn reconcile(
             continue;
         }
         match start_pod(tunnel, workload.clone(), mark).await {
-            Ok(stop) => {
+            Ok((stop, inbound)) => {
                 info!(pod = %key, identity = %workload.identity(tunnel.trust_domain()), "pod listeners running");
-                running.insert(key, RunningPod { workload, stop });
+                running.insert(
+                    key,
+                    RunningPod {
+                        workload,
+                        stop,
+                        inbound,
+                    },
+                );
             }
             Err(e) => {
                 error!("{e}");
@@ -133,7 +174,7 @@ async fn start_pod(
     tunnel: &Arc<Tunnel>,
     workload: Arc<Workload>,
     mark: Option<u32>,
-) -> Result<CancellationToken, PodError> {
+) -> Result<(CancellationToken, Vec<InboundListener>), PodError> {
     let key = workload.key();
     let netns = workload
         .netns
@@ -199,6 +240,28 @@ async fn start_pod(
         }
     }
 
+    let mut inbound = Vec::new();
+    for (listener, kind) in &listeners {
+        if matches!(kind, Kind::InboundPlaintext) {
+            let family_v6 = listener.local_addr().is_ok_and(|a| a.is_ipv6());
+            let ips = pod
+                .workload
+                .ips
+                .iter()
+                .copied()
+                .filter(|ip| ip.is_ipv6() == family_v6)
+                .collect();
+            let fd = listener
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| PodError::Netns {
+                    pod: key.clone(),
+                    source,
+                })?;
+            inbound.push(InboundListener { ips, fd });
+        }
+    }
+
     let stop = tunnel.shutdown.child_token();
     for (listener, kind) in listeners {
         let pod = pod.clone();
@@ -220,7 +283,7 @@ async fn start_pod(
         };
         tokio::spawn(accept_loop(listener, stop.clone(), tunnel.clone(), handler));
     }
-    Ok(stop)
+    Ok((stop, inbound))
 }
 
 #[derive(Clone, Copy)]

@@ -4,6 +4,47 @@
 
 /// Port of the tunnel's outbound listener inside each enrolled pod.
 pub const OUTBOUND_PORT: u16 = 15001;
+/// Port of the tunnel's plaintext inbound listener inside each enrolled pod.
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// Port of the tunnel's HBONE (mTLS) listener inside each enrolled pod.
+pub const HBONE_PORT: u16 = 15008;
+/// Port of the tunnel's explicit SOCKS5 entry inside each enrolled pod.
+pub const SOCKS5_PORT: u16 = 15080;
+/// Whether `port` (host byte order) is one of the tunnel's own in-pod ports: connections to
+/// them are never captured, either way.
+pub const fn is_mesh_port(port: u16) -> bool {
+    port == OUTBOUND_PORT
+        || port == INBOUND_PLAINTEXT_PORT
+        || port == HBONE_PORT
+        || port == SOCKS5_PORT
+}
+
+/// An IPv6 address as the kernel's four network-order words, as bytes.
+pub fn ipv6_bytes(words: [u32; 4]) -> [u8; 16] {
+    let mut addr = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = words[i].to_ne_bytes();
+        addr[i * 4] = b[0];
+        addr[i * 4 + 1] = b[1];
+        addr[i * 4 + 2] = b[2];
+        addr[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    addr
+}
+
+/// Key of the inbound listener map: a local pod address, IPv4 as IPv4-mapped IPv6, network
+/// byte order. The value is the tunnel's plaintext inbound listener of that pod.
+pub type InboundKey = [u8; 16];
+
+/// An IPv4 address (network byte order, as the kernel stores it) as IPv4-mapped IPv6 bytes.
+pub const fn ipv4_mapped(ip_network_order: u32) -> [u8; 16] {
+    let b = ip_network_order.to_ne_bytes();
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
+    ]
+}
 
 /// Most destination ports one pod can exclude from capture.
 pub const MAX_EXCLUDED_PORTS: usize = 8;

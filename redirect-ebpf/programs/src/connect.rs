@@ -7,7 +7,9 @@ use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie};
 use aya_ebpf::macros::{cgroup_sock_addr, map};
 use aya_ebpf::maps::{HashMap, LruHashMap};
 use aya_ebpf::programs::SockAddrContext;
-use redirect_common::{MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, OriginalDst, PodSettings};
+use redirect_common::{
+    MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, OriginalDst, PodSettings, ipv4_mapped, is_mesh_port,
+};
 
 /// Enrolled pods: netns cookie -> settings.
 #[map]
@@ -118,14 +120,11 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
         return Ok(ALLOW);
     }
     let port = u16::from_be(sa.user_port as u16);
-    if port_excluded(&settings, port) || cidr_excluded(&settings, sa.user_ip4) {
+    if is_mesh_port(port) || port_excluded(&settings, port) || cidr_excluded(&settings, sa.user_ip4)
+    {
         return Ok(ALLOW);
     }
-    let mut addr = [0u8; 16];
-    addr[10] = 0xff;
-    addr[11] = 0xff;
-    addr[12..].copy_from_slice(&sa.user_ip4.to_ne_bytes());
-    if !record(ctx, addr, port) {
+    if !record(ctx, ipv4_mapped(sa.user_ip4), port) {
         return Ok(ALLOW);
     }
     sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
@@ -150,7 +149,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
         return Ok(ALLOW);
     }
     let port = u16::from_be(sa.user_port as u16);
-    if port_excluded(&settings, port) {
+    if is_mesh_port(port) || port_excluded(&settings, port) {
         return Ok(ALLOW);
     }
     if !record(ctx, addr, port) {

@@ -8,6 +8,8 @@ mod connect;
 #[cfg(target_arch = "bpf")]
 mod fast_path;
 #[cfg(target_arch = "bpf")]
+mod inbound;
+#[cfg(target_arch = "bpf")]
 mod original_dst;
 
 #[cfg(target_arch = "bpf")]

@@ -14,7 +14,7 @@ use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie};
 use aya_ebpf::macros::{cgroup_sockopt, map, sock_ops};
 use aya_ebpf::maps::LruHashMap;
 use aya_ebpf::programs::{SockOpsContext, SockoptContext};
-use redirect_common::{ClientKey, OriginalDst, SO_ORIGINAL_DST, SOL_IP};
+use redirect_common::{ClientKey, OriginalDst, SO_ORIGINAL_DST, SOL_IP, ipv4_mapped, ipv6_bytes};
 
 use crate::connect::ORIGINAL_DST;
 
@@ -27,22 +27,6 @@ const AF_INET6: u32 = 10;
 const SOL_IPV6: i32 = 41;
 /// sockops and getsockopt verdict: go on as usual.
 const PASS: i32 = 1;
-
-fn words_to_bytes(words: [u32; 4]) -> [u8; 16] {
-    let mut addr = [0u8; 16];
-    for (i, word) in words.iter().enumerate() {
-        addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-    }
-    addr
-}
-
-fn mapped(ip4_network_order: u32) -> [u8; 16] {
-    let mut addr = [0u8; 16];
-    addr[10] = 0xff;
-    addr[11] = 0xff;
-    addr[12..].copy_from_slice(&ip4_network_order.to_ne_bytes());
-    addr
-}
 
 #[sock_ops]
 pub fn file_original_dst(ctx: SockOpsContext) -> u32 {
@@ -78,9 +62,9 @@ pub fn file_original_dst(ctx: SockOpsContext) -> u32 {
                 core::ptr::read_volatile(&(*ops).local_ip6[3]),
             ]
         };
-        words_to_bytes(words)
+        ipv6_bytes(words)
     } else {
-        mapped(ctx.local_ip4())
+        ipv4_mapped(ctx.local_ip4())
     };
     let key = ClientKey {
         netns_cookie: netns,
@@ -119,14 +103,14 @@ fn try_answer(ctx: &SockoptContext) -> Result<i32, i32> {
     let (addr, peer_port) = unsafe {
         let addr = if v6 {
             // Word by word at constant offsets, as the verifier demands.
-            words_to_bytes([
+            ipv6_bytes([
                 core::ptr::read_volatile(&(*sk).dst_ip6[0]),
                 core::ptr::read_volatile(&(*sk).dst_ip6[1]),
                 core::ptr::read_volatile(&(*sk).dst_ip6[2]),
                 core::ptr::read_volatile(&(*sk).dst_ip6[3]),
             ])
         } else {
-            mapped((*sk).dst_ip4)
+            ipv4_mapped((*sk).dst_ip4)
         };
         (addr, u16::from_be((*sk).dst_port))
     };

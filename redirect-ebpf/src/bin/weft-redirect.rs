@@ -1,25 +1,53 @@
-//! Runs Weft's capture for a fixed set of pods until SIGTERM: installs the programs, enrolls
-//! each given network namespace, and detaches everything on exit. A stepping stone and a test
-//! tool: `mesh-node` will drive the same library from cluster state.
+//! Weft's capture from the command line: `run` installs the programs (or takes over what an
+//! earlier run pinned) and enrolls the given network namespaces, then waits for SIGTERM;
+//! capture stays pinned after it exits, so restarting it changes nothing for live traffic.
+//! `uninstall` removes every program, link and map. A stepping stone and a test tool:
+//! `mesh-node` drives the same library from cluster state.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
-use redirect_ebpf::{Exclusions, Options, Redirect, cgroup2_mount, netns_cookie};
+use redirect_ebpf::{
+    Exclusions, Options, Redirect, cgroup2_mount, default_pin_dir, preflight, uninstall,
+};
 
-/// Transparent capture for the pods whose network namespaces are given.
 #[derive(Parser)]
-#[command(name = "weft-redirect", version)]
+#[command(
+    name = "weft-redirect",
+    version,
+    about = "Weft's transparent capture (eBPF)"
+)]
 struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install capture (or take over a pinned one) for the given pods and hold until SIGTERM.
+    Run(RunArgs),
+    /// Remove every capture program, link and map pinned under the pin directory.
+    Uninstall {
+        /// Where capture is pinned; default: weft on the BPF file system (/sys/fs/bpf/weft).
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
     /// A pod's network namespace to enroll (e.g. /run/netns/pod-a); repeat for more.
     #[arg(long = "enroll", required = true)]
     enroll: Vec<PathBuf>,
     /// The cgroup to attach to; default: the root of the cgroup v2 hierarchy.
     #[arg(long)]
     cgroup: Option<PathBuf>,
+    /// Where links and maps are pinned; default: weft on the BPF file system (/sys/fs/bpf/weft).
+    #[arg(long)]
+    pin_dir: Option<PathBuf>,
     /// Move bytes between applications and the tunnel with sockops + sk_msg.
     #[arg(long)]
     fast_path: bool,
@@ -32,7 +60,17 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    match run(Args::parse()) {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let result = match Args::parse().command {
+        Command::Run(args) => run(args),
+        Command::Uninstall { pin_dir } => remove(pin_dir),
+    };
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("weft-redirect: {e:#}");
@@ -41,7 +79,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
+fn run(args: RunArgs) -> anyhow::Result<()> {
     // Block the signals first, so none is lost between install and wait.
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGTERM);
@@ -50,30 +88,59 @@ fn run(args: Args) -> anyhow::Result<()> {
         .thread_block()
         .context("cannot block SIGTERM/SIGINT")?;
 
+    preflight()?;
     let cgroup = match args.cgroup {
         Some(path) => path,
         None => cgroup2_mount()?,
     };
     let options = Options {
         fast_path: args.fast_path,
+        pin_dir: args.pin_dir,
     };
     let exclusions = Exclusions {
         ports: args.exclude_ports,
         cidrs_v4: args.exclude_cidrs,
     };
+    // Open every namespace first: a wrong path stops here, before anything is installed.
+    let namespaces = args
+        .enroll
+        .iter()
+        .map(|path| {
+            std::fs::File::open(path)
+                .map(|file| (path, file))
+                .with_context(|| format!("cannot open the network namespace {}", path.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut redirect = Redirect::install(&cgroup, &options)?;
-    for path in &args.enroll {
-        let cookie = netns_cookie(path)?;
-        redirect.enroll_with(cookie, &exclusions)?;
+    for (path, netns) in &namespaces {
+        let cookie = redirect.enroll(netns, &exclusions)?;
         println!("enrolled {} (netns cookie {cookie})", path.display());
     }
+    let verb = if redirect.adopted() {
+        "taken over"
+    } else {
+        "installed"
+    };
     println!(
-        "capture installed on {}; SIGTERM to remove it",
-        cgroup.display()
+        "capture {verb} on {}, pinned under {}; SIGTERM stops this process and leaves capture in place (`weft-redirect uninstall` removes it)",
+        cgroup.display(),
+        redirect.pin_dir().display()
     );
     let signal = signals.wait().context("waiting for a signal")?;
-    println!("{signal:?}: removing capture");
-    drop(redirect);
+    println!("{signal:?}: exiting; capture stays pinned");
+    Ok(())
+}
+
+fn remove(pin_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let dir = match pin_dir {
+        Some(dir) => dir,
+        None => default_pin_dir()?,
+    };
+    if uninstall(&dir)? {
+        println!("capture removed from {}", dir.display());
+    } else {
+        println!("nothing pinned under {}", dir.display());
+    }
     Ok(())
 }
 

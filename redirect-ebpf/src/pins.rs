@@ -1,0 +1,119 @@
+//! Where capture keeps its links and maps on the BPF file system so they outlive the loader:
+//! `<dir>/maps/<MAP>`, `<dir>/links/<program>` and `<dir>/links/inbound/<netns cookie>` (one
+//! sk_lookup link per enrolled pod). The default `<dir>` is `<bpffs>/weft`.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::RedirectError;
+use crate::mounts::{bpffs_mount, on_bpffs};
+
+/// The pin directory capture uses unless told otherwise: `weft` on the BPF file system.
+pub fn default_pin_dir() -> Result<PathBuf, RedirectError> {
+    Ok(bpffs_mount()?.join("weft"))
+}
+
+/// Paths of every pin under one pin directory.
+#[derive(Clone, Debug)]
+pub(crate) struct PinLayout {
+    root: PathBuf,
+}
+
+impl PinLayout {
+    /// The layout under `root`, as it is.
+    pub(crate) fn at(root: &Path) -> Self {
+        PinLayout {
+            root: root.to_owned(),
+        }
+    }
+
+    /// The layout under `root`, creating its directories; `root` must be on a BPF file system.
+    pub(crate) fn prepare(root: &Path) -> Result<Self, RedirectError> {
+        let parent = root.parent().unwrap_or(root);
+        if !on_bpffs(parent) {
+            return Err(RedirectError::NotBpffs {
+                path: root.to_owned(),
+            });
+        }
+        let layout = PinLayout::at(root);
+        for dir in [layout.root.clone(), layout.maps(), layout.inbound_dir()] {
+            std::fs::create_dir_all(&dir).map_err(|source| RedirectError::Pin {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        Ok(layout)
+    }
+
+    pub(crate) fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn maps(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
+    pub(crate) fn map(&self, name: &str) -> PathBuf {
+        self.maps().join(name)
+    }
+
+    pub(crate) fn link(&self, name: &str) -> PathBuf {
+        self.root.join("links").join(name)
+    }
+
+    fn inbound_dir(&self) -> PathBuf {
+        self.root.join("links").join("inbound")
+    }
+
+    pub(crate) fn inbound_link(&self, netns_cookie: u64) -> PathBuf {
+        self.inbound_dir().join(netns_cookie.to_string())
+    }
+
+    /// The pinned inbound links, by the netns cookie of their pod.
+    pub(crate) fn inbound_links(&self) -> Result<Vec<(u64, PathBuf)>, RedirectError> {
+        let dir = self.inbound_dir();
+        let entries = std::fs::read_dir(&dir).map_err(|source| RedirectError::Pin {
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(entries
+            .filter_map(Result::ok)
+            .filter_map(|entry| {
+                let cookie = entry.file_name().to_str()?.parse().ok()?;
+                Some((cookie, entry.path()))
+            })
+            .collect())
+    }
+}
+
+/// Removes a pin (detaching its link once no descriptor holds it); absent is fine.
+pub(crate) fn remove_pin(path: &Path) -> Result<(), RedirectError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(RedirectError::Pin {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Removes everything capture pinned under `dir`: every link (detaching its program) and map.
+/// Returns false if there was nothing to remove. Refuses a directory that is not on a BPF
+/// file system or does not look like a capture pin directory.
+pub fn uninstall(dir: &Path) -> Result<bool, RedirectError> {
+    if !dir.exists() {
+        return Ok(false);
+    }
+    let looks_like_ours = dir.join("maps").is_dir() || dir.join("links").is_dir();
+    if !on_bpffs(dir) || !looks_like_ours {
+        return Err(RedirectError::NotAPinDir {
+            path: dir.to_owned(),
+        });
+    }
+    std::fs::remove_dir_all(dir).map_err(|source| RedirectError::Pin {
+        path: dir.to_owned(),
+        source,
+    })?;
+    Ok(true)
+}

@@ -1,0 +1,117 @@
+//! Keeps each local pod's plaintext inbound listeners (15006) registered with the node's eBPF
+//! capture, which steers connections from outside the mesh to them. The tunnel holds a
+//! duplicate of every such listener for as long as the pod runs, so it can register it again
+//! whenever capture is (re)installed; when a pod stops, its listeners close and the kernel
+//! drops them from capture's map, so the pod's inbound connections are refused, never
+//! delivered around the tunnel.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+
+use redirect_ebpf::InboundListeners;
+use tracing::{info, warn};
+
+/// One plaintext inbound listener and the pod addresses (of its family) it serves.
+pub struct InboundListener {
+    pub ips: Vec<IpAddr>,
+    pub fd: OwnedFd,
+}
+
+/// What `/config_dump` shows of the registration.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct InboundCaptureStatus {
+    pub pin_dir: PathBuf,
+    /// Kernel id of capture's inbound map in use; none while capture is not installed.
+    pub map_id: Option<u32>,
+    /// Pods whose listeners are registered in it.
+    pub registered: Vec<String>,
+}
+
+/// Registration state against the capture pinned under one directory.
+pub struct InboundCapture {
+    pin_dir: PathBuf,
+    /// The open map and its kernel id (a new id means capture was reinstalled).
+    map: Option<(u32, InboundListeners)>,
+    /// Pods whose listeners are in the open map.
+    registered: HashSet<String>,
+    /// Why the last attempt failed, logged once per distinct reason.
+    last_error: Option<String>,
+}
+
+impl InboundCapture {
+    pub fn new(pin_dir: PathBuf) -> Self {
+        InboundCapture {
+            pin_dir,
+            map: None,
+            registered: HashSet::new(),
+            last_error: None,
+        }
+    }
+
+    /// Registers every running pod's listeners that the current capture map lacks.
+    pub fn sync<'a>(&mut self, pods: impl Iterator<Item = (&'a String, &'a [InboundListener])>) {
+        let pinned = InboundListeners::pinned_id(&self.pin_dir);
+        if pinned != self.map.as_ref().map(|(id, _)| *id) {
+            self.registered.clear();
+            self.map = match pinned {
+                None => None,
+                Some(_) => match InboundListeners::open(&self.pin_dir) {
+                    Ok(map) => Some((map.id(), map)),
+                    Err(e) => {
+                        self.report(format!("cannot open capture's inbound map: {e}"));
+                        None
+                    }
+                },
+            };
+            if let Some((id, _)) = &self.map {
+                info!(pin_dir = %self.pin_dir.display(), map_id = id, "inbound capture found; registering pod listeners");
+            }
+        }
+        let Some((_, map)) = self.map.as_mut() else {
+            return;
+        };
+        let mut present = HashSet::new();
+        for (pod, listeners) in pods {
+            present.insert(pod.clone());
+            if self.registered.contains(pod) {
+                continue;
+            }
+            let result = listeners.iter().try_for_each(|listener| {
+                listener
+                    .ips
+                    .iter()
+                    .try_for_each(|ip| map.register(*ip, &listener.fd))
+            });
+            match result {
+                Ok(()) => {
+                    self.registered.insert(pod.clone());
+                }
+                Err(e) => {
+                    let reason = format!("pod {pod}: cannot register its inbound listener: {e}");
+                    warn!("{reason}");
+                    self.last_error = Some(reason);
+                }
+            }
+        }
+        self.registered.retain(|pod| present.contains(pod));
+    }
+
+    pub fn status(&self) -> InboundCaptureStatus {
+        let mut registered: Vec<String> = self.registered.iter().cloned().collect();
+        registered.sort();
+        InboundCaptureStatus {
+            pin_dir: self.pin_dir.clone(),
+            map_id: self.map.as_ref().map(|(id, _)| *id),
+            registered,
+        }
+    }
+
+    fn report(&mut self, reason: String) {
+        if self.last_error.as_ref() != Some(&reason) {
+            warn!("{reason}");
+            self.last_error = Some(reason);
+        }
+    }
+}
