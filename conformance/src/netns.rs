@@ -85,6 +85,16 @@ impl Netns {
 
     /// Runs a closure on a thread inside the namespace (sockets it makes live there).
     pub fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        self.spawn_in(f)
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in namespace {} panicked", self.name))?
+    }
+
+    /// Starts a closure on a thread inside the namespace; join it for its result.
+    pub fn spawn_in<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<Result<T>> {
         let path = self.path();
         std::thread::spawn(move || -> Result<T> {
             let file =
@@ -92,8 +102,6 @@ impl Netns {
             nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
             Ok(f())
         })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread in namespace {} panicked", self.name))?
     }
 }
 

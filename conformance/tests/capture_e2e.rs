@@ -283,3 +283,95 @@ fn a_gibibyte_through_the_fast_path_arrives_intact() {
     let client_id = cluster.pod("client").identity(TD);
     assert_eq!(cluster.node(2).meshed_from(&client_id).unwrap(), 1.0);
 }
+
+/// One HTTP/1.1 request on `stream`: the body of `/echo/<text>`.
+fn echo_on(stream: &mut std::net::TcpStream, text: &str) -> std::io::Result<String> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    write!(stream, "GET /echo/{text} HTTP/1.1\r\nHost: server\r\n\r\n")?;
+    let mut reader = BufReader::new(stream);
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body)?;
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The capture loader is stopped and a new one takes over while an unmodified client keeps
+/// opening connections and one long connection stays in use: no connection fails, every one
+/// is meshed, and the long connection carries on.
+#[test]
+fn restarting_the_capture_loader_under_load_fails_no_connection() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let mut cluster = cluster();
+    let server = cluster.pod("server").ip;
+    let target = std::net::SocketAddr::from((server, 8080));
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        cluster.pod("client").netns.spawn_in(move || {
+            let timeout = Some(Duration::from_secs(5));
+            let mut long = std::net::TcpStream::connect(target).unwrap();
+            long.set_read_timeout(timeout).unwrap();
+            let (mut done, mut failures, mut long_uses) = (0u32, Vec::new(), 0u32);
+            while !stop.load(Ordering::Relaxed) {
+                let text = format!("n{done}");
+                let answer = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5))
+                    .and_then(|mut s| {
+                        s.set_read_timeout(timeout)?;
+                        echo_on(&mut s, &text)
+                    });
+                match answer {
+                    Ok(body) if body == format!("server saw {text}\n") => done += 1,
+                    other => failures.push(format!("{text}: {other:?}")),
+                }
+                if done % 10 == 0 {
+                    match echo_on(&mut long, "long") {
+                        Ok(body) if body == "server saw long\n" => long_uses += 1,
+                        other => failures.push(format!("long connection: {other:?}")),
+                    }
+                }
+            }
+            (done, failures, long_uses)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let netns: Vec<_> = ["client", "server"]
+        .iter()
+        .map(|p| cluster.pod(p).netns.path())
+        .collect();
+    let log_dir = cluster.dir.path().to_owned();
+    cluster.captures[0]
+        .restart(&netns, false, &log_dir)
+        .expect("a new loader takes over");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let (done, failures, long_uses) = load.join().unwrap().unwrap();
+    assert!(failures.is_empty(), "failed: {failures:?}");
+    assert!(done >= 20, "only {done} requests in a second");
+    assert!(
+        long_uses >= 2,
+        "the long connection was used {long_uses} times"
+    );
+    let meshed = cluster
+        .node(2)
+        .meshed_from(&format!("spiffe://{TD}/ns/default/sa/client"))
+        .unwrap();
+    assert_eq!(
+        meshed,
+        f64::from(done) + 1.0,
+        "every connection (and the long one) went through the mesh"
+    );
+}
