@@ -2,6 +2,7 @@
 //! pinned under the cluster's own directory on the BPF file system (clusters of parallel tests
 //! never share pins), and `weft-redirect uninstall` when the handle is dropped.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,28 +16,50 @@ use crate::process::Process;
 pub struct Capture {
     pub process: Process,
     pub pin_dir: PathBuf,
+    /// The loader's `run` arguments after the pin directory, for a restart.
+    args: Vec<OsString>,
+    log_dir: PathBuf,
+}
+
+/// What a loader captures.
+pub struct CaptureSpec<'a> {
+    /// Network namespaces of the pods to enroll.
+    pub netns: Vec<PathBuf>,
+    /// Cgroups never captured (the tunnels').
+    pub exclude_cgroups: Vec<PathBuf>,
+    pub fast_path: bool,
+    /// Where loader logs go.
+    pub log_dir: &'a Path,
 }
 
 impl Capture {
-    /// Starts `weft-redirect run` enrolling `netns` paths, pinned under `pin_dir`, and waits
-    /// until its programs are attached.
-    pub fn start(
-        pin_dir: &Path,
-        netns: &[PathBuf],
-        fast_path: bool,
-        log_dir: &Path,
-    ) -> Result<Self> {
-        let process = spawn_loader(pin_dir, netns, fast_path, log_dir)?;
+    /// Starts `weft-redirect run` pinned under `pin_dir` and waits until its programs are
+    /// attached.
+    pub fn start(pin_dir: &Path, spec: &CaptureSpec<'_>) -> Result<Self> {
+        let mut args: Vec<OsString> = Vec::new();
+        if spec.fast_path {
+            args.push("--fast-path".into());
+        }
+        for path in &spec.netns {
+            args.extend(["--enroll".into(), path.into()]);
+        }
+        for path in &spec.exclude_cgroups {
+            args.extend(["--exclude-cgroup".into(), path.into()]);
+        }
+        let process = spawn_loader(pin_dir, &args, spec.log_dir)?;
         Ok(Capture {
             process,
             pin_dir: pin_dir.to_owned(),
+            args,
+            log_dir: spec.log_dir.to_owned(),
         })
     }
 
-    /// Stops the loader (capture stays pinned) and starts a new one that takes it over.
-    pub fn restart(&mut self, netns: &[PathBuf], fast_path: bool, log_dir: &Path) -> Result<()> {
+    /// Stops the loader (capture stays pinned) and starts a new one with the same arguments,
+    /// which must take capture over.
+    pub fn restart(&mut self) -> Result<()> {
         self.process.stop(Duration::from_secs(2));
-        self.process = spawn_loader(&self.pin_dir, netns, fast_path, log_dir)?;
+        self.process = spawn_loader(&self.pin_dir, &self.args, &self.log_dir)?;
         if !self.process.output().contains("capture taken over") {
             bail!(
                 "the restarted loader did not take over:\n{}",
@@ -63,20 +86,9 @@ pub fn uninstall(pin_dir: &Path) {
         .output();
 }
 
-fn spawn_loader(
-    pin_dir: &Path,
-    netns: &[PathBuf],
-    fast_path: bool,
-    log_dir: &Path,
-) -> Result<Process> {
+fn spawn_loader(pin_dir: &Path, args: &[OsString], log_dir: &Path) -> Result<Process> {
     let mut cmd = Command::new(crate::binary("weft-redirect"));
-    cmd.arg("run").arg("--pin-dir").arg(pin_dir);
-    if fast_path {
-        cmd.arg("--fast-path");
-    }
-    for path in netns {
-        cmd.arg("--enroll").arg(path);
-    }
+    cmd.arg("run").arg("--pin-dir").arg(pin_dir).args(args);
     static LOADERS: AtomicUsize = AtomicUsize::new(0);
     let n = LOADERS.fetch_add(1, Ordering::Relaxed);
     let log = log_dir.join(format!("weft-redirect-{n}.log"));

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::capture::Capture;
+use crate::capture::{Capture, CaptureSpec};
 use crate::netns::{Netns, run};
 use crate::process::Process;
 
@@ -201,6 +201,12 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.captures.clear();
         crate::capture::uninstall(&self.pin_dir());
+        for i in 1..=self.nodes.len() {
+            if let Some(mut tunnel) = self.nodes[i - 1].tunnel.take() {
+                tunnel.stop(Duration::from_secs(5));
+            }
+            let _ = std::fs::remove_dir(self.tunnel_cgroup(i));
+        }
         if std::env::var_os("WEFT_KEEP_LOGS").is_some() {
             let kept =
                 std::mem::replace(&mut self.dir, tempfile::TempDir::new().expect("temp dir"))
@@ -506,8 +512,19 @@ impl Cluster {
     pub fn start_tunnel(&mut self, i: usize) -> Result<()> {
         let ztunnel = crate::binary("ztunnel");
         let log = self.dir.path().join(format!("ztunnel-node{i}.log"));
+        let cgroup = self.tunnel_cgroup(i);
+        std::fs::create_dir_all(&cgroup)
+            .with_context(|| format!("create the tunnel's cgroup {}", cgroup.display()))?;
         let node = &self.nodes[i - 1];
-        let mut cmd = node.netns.command_with_host_mounts(&ztunnel);
+        // The tunnel joins its own cgroup before it starts, as a node agent's pod would be, and
+        // keeps the host's mounts (`ip netns exec` remounts /sys, hiding capture's pins).
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
+            .arg(&cgroup)
+            .arg("nsenter")
+            .arg(format!("--net={}", node.netns.path().display()))
+            .arg("--")
+            .arg(&ztunnel);
         cmd.arg("run")
             .args(["--node-name", &node.name])
             .arg("--state-file")
@@ -603,8 +620,15 @@ impl Cluster {
     /// Like [`Cluster::start_capture`], optionally with the sockops/sk_msg fast path, but the
     /// caller owns the capture: dropping it stops the loader and uninstalls.
     pub fn spawn_capture(&self, pods: &[&str], fast_path: bool) -> Result<Capture> {
-        let netns: Vec<PathBuf> = pods.iter().map(|p| self.pod(p).netns.path()).collect();
-        let capture = Capture::start(&self.pin_dir(), &netns, fast_path, self.dir.path())?;
+        let spec = CaptureSpec {
+            netns: pods.iter().map(|p| self.pod(p).netns.path()).collect(),
+            exclude_cgroups: (1..=self.nodes.len())
+                .map(|i| self.tunnel_cgroup(i))
+                .collect(),
+            fast_path,
+            log_dir: self.dir.path(),
+        };
+        let capture = Capture::start(&self.pin_dir(), &spec)?;
         self.wait_inbound_registered(pods)?;
         Ok(capture)
     }
@@ -649,6 +673,12 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+
+    /// The cgroup node `i`'s tunnel runs in (capture never touches its processes).
+    pub fn tunnel_cgroup(&self, i: usize) -> PathBuf {
+        let root = redirect_ebpf::cgroup2_mount().unwrap_or_else(|_| "/sys/fs/cgroup".into());
+        root.join(format!("{}-node{i}", self.prefix))
     }
 
     /// Where this cluster's capture is pinned (its own directory on the BPF file system).

@@ -72,17 +72,6 @@ impl Netns {
         cmd
     }
 
-    /// A command that runs inside the namespace but keeps the host's mounts (`ip netns exec`
-    /// remounts /sys, hiding the BPF file system under it): how a node agent such as the
-    /// tunnel runs, seeing capture's pins.
-    pub fn command_with_host_mounts<S: AsRef<std::ffi::OsStr>>(&self, program: S) -> Command {
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.path().display()))
-            .arg("--")
-            .arg(program);
-        cmd
-    }
-
     /// Runs a closure on a thread inside the namespace (sockets it makes live there).
     pub fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
         self.spawn_in(f)

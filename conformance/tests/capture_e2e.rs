@@ -348,13 +348,8 @@ fn restarting_the_capture_loader_under_load_fails_no_connection() {
         })
     };
     std::thread::sleep(Duration::from_millis(500));
-    let netns: Vec<_> = ["client", "server"]
-        .iter()
-        .map(|p| cluster.pod(p).netns.path())
-        .collect();
-    let log_dir = cluster.dir.path().to_owned();
     cluster.captures[0]
-        .restart(&netns, false, &log_dir)
+        .restart()
         .expect("a new loader takes over");
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
@@ -374,4 +369,37 @@ fn restarting_the_capture_loader_under_load_fails_no_connection() {
         f64::from(done) + 1.0,
         "every connection (and the long one) went through the mesh"
     );
+}
+
+/// Tunnels whose sockets carry no mark: only their cgroup keeps capture off them. The server
+/// tunnel's connection to the application inside the server pod, and the client tunnel's
+/// passthrough from inside the client pod, would otherwise be captured back into the tunnel.
+#[test]
+fn the_tunnels_own_connections_are_never_captured_even_without_their_mark() {
+    let mut spec = ClusterSpec::new(
+        2,
+        vec![
+            PodSpec::new("client", 1),
+            PodSpec::new("server", 2),
+            PodSpec::new("plain", 2).outside_mesh(),
+        ],
+    );
+    spec.tunnel_args = vec!["--socket-mark".into(), "0".into()];
+    let mut cluster = Cluster::with_http(spec, &["server", "plain"]).unwrap();
+    cluster.start_capture(&["client", "server"]).unwrap();
+    let server = cluster.pod("server").ip;
+    let (out, ok) = curl(
+        &cluster,
+        "client",
+        &format!("http://{server}:8080/echo/mesh"),
+    );
+    assert!(ok && out == "server saw mesh\n", "{out}");
+    let meshed = cluster
+        .node(2)
+        .meshed_from(&format!("spiffe://{TD}/ns/default/sa/client"))
+        .unwrap();
+    assert_eq!(meshed, 1.0);
+    let plain = cluster.pod("plain").ip;
+    let (out, ok) = curl(&cluster, "client", &format!("http://{plain}:8080/echo/out"));
+    assert!(ok && out == "plain saw out\n", "{out}");
 }

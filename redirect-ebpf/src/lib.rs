@@ -40,8 +40,9 @@ static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/
 
 /// Every map of the object, pinned so a restarted loader keeps enrollments and in-flight
 /// original destinations.
-const MAPS: [&str; 6] = [
+const MAPS: [&str; 7] = [
     "ENROLLED",
+    "EXCLUDED_CGROUPS",
     "ORIGINAL_DST",
     "BY_CLIENT",
     "SOCKETS",
@@ -118,6 +119,7 @@ pub struct Redirect {
     pins: PinLayout,
     adopted: bool,
     enrolled: HashMap<MapData, u64, PodSettings>,
+    excluded_cgroups: HashMap<MapData, u64, u8>,
     by_client: HashMap<MapData, ClientKey, OriginalDst>,
     sockets: SockHash<MapData, SockKey>,
     fast_path_stats: PerCpuArray<MapData, u64>,
@@ -159,6 +161,8 @@ impl Redirect {
         let mut ebpf = loader.load(PROGRAMS).map_err(RedirectError::Load)?;
         let enrolled =
             HashMap::try_from(take_map(&mut ebpf, "ENROLLED")?).map_err(RedirectError::Map)?;
+        let excluded_cgroups = HashMap::try_from(take_map(&mut ebpf, "EXCLUDED_CGROUPS")?)
+            .map_err(RedirectError::Map)?;
         let by_client =
             HashMap::try_from(take_map(&mut ebpf, "BY_CLIENT")?).map_err(RedirectError::Map)?;
         let sockets: SockHash<MapData, SockKey> =
@@ -216,6 +220,7 @@ impl Redirect {
             pins,
             adopted,
             enrolled,
+            excluded_cgroups,
             by_client,
             sockets,
             fast_path_stats,
@@ -272,6 +277,23 @@ impl Redirect {
             Err(e) => return Err(RedirectError::Map(e)),
         }
         remove_pin(&self.pins.inbound_link(netns_cookie))
+    }
+
+    /// Never captures connections made by processes in the cgroup at `path` (a directory of the
+    /// cgroup v2 hierarchy) or below it: the tunnel's, on top of its socket mark. Returns the
+    /// cgroup's id.
+    pub fn exclude_cgroup(&mut self, path: &Path) -> Result<u64, RedirectError> {
+        use std::os::unix::fs::MetadataExt;
+        let id = std::fs::metadata(path)
+            .map_err(|source| RedirectError::Cgroup {
+                path: path.to_owned(),
+                source,
+            })?
+            .ino();
+        self.excluded_cgroups
+            .insert(id, 1, 0)
+            .map_err(RedirectError::Map)?;
+        Ok(id)
     }
 
     /// The netns cookies of the enrolled pods.

@@ -10,7 +10,7 @@ use std::time::Duration;
 mod common;
 
 use common::{Capture, Netns};
-use redirect_ebpf::{Exclusions, OUTBOUND_PORT, Options, netns_cookie};
+use redirect_ebpf::{Exclusions, OUTBOUND_PORT, Options, cgroup2_mount, netns_cookie};
 
 /// Connects to a destination with no route; the client's local address when captured.
 fn connect(marked: bool) -> Result<SocketAddr, ErrorKind> {
@@ -301,4 +301,53 @@ fn excluded_ports_and_ranges_are_left_alone() {
         Ok(()),
         "just outside the range: captured"
     );
+}
+
+/// Runs `bash -c 'exec 3<>/dev/tcp/10.99.0.1/80'` (an unmarked connect) in `ns`, from a process
+/// placed first in `cgroup` if given; true if the connect succeeded (it can only by capture:
+/// 10.99.0.1 has no route).
+fn connects_from(ns: &Netns, cgroup: Option<&std::path::Path>) -> bool {
+    let enter = match cgroup {
+        Some(dir) => format!("echo $$ > {}/cgroup.procs && ", dir.display()),
+        None => String::new(),
+    };
+    let script = format!(
+        "{enter}exec nsenter --net={} bash -c 'exec 3<>/dev/tcp/10.99.0.1/80'",
+        ns.path().display()
+    );
+    std::process::Command::new("sh")
+        .args(["-c", &script])
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[test]
+fn processes_in_an_excluded_cgroup_are_never_captured() {
+    let enrolled = Netns::new("c");
+    let mut redirect = Capture::install(Options::default());
+    redirect
+        .enroll(enrolled.file(), &Exclusions::default())
+        .unwrap();
+    let _listener = enrolled.run(|| TcpListener::bind(("127.0.0.1", OUTBOUND_PORT)).unwrap());
+    let tunnel_cgroup = cgroup2_mount()
+        .unwrap()
+        .join(format!("weft-test-{}", std::process::id()));
+    std::fs::create_dir_all(&tunnel_cgroup).unwrap();
+
+    assert!(connects_from(&enrolled, None), "captured: lands on 15001");
+    assert!(
+        connects_from(&enrolled, Some(&tunnel_cgroup)),
+        "not excluded yet: captured"
+    );
+    redirect.exclude_cgroup(&tunnel_cgroup).unwrap();
+    assert!(
+        !connects_from(&enrolled, Some(&tunnel_cgroup)),
+        "the tunnel's cgroup: left alone, so unreachable"
+    );
+    assert!(
+        connects_from(&enrolled, None),
+        "other processes still captured"
+    );
+    std::fs::remove_dir(&tunnel_cgroup).unwrap();
 }

@@ -144,7 +144,7 @@ fn uninstall_removes_every_program_link_map_and_pin() {
                 .unwrap()
         })
         .collect();
-    assert_eq!(maps.len(), 6);
+    assert_eq!(maps.len(), 7);
 
     // A socket on the fast path holds its sk_msg program until it closes.
     drop(listener);

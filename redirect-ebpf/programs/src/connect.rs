@@ -3,7 +3,9 @@
 //! destination is recorded under the socket's cookie.
 
 use aya_ebpf::EbpfContext;
-use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie};
+use aya_ebpf::helpers::{
+    bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
+};
 use aya_ebpf::macros::{cgroup_sock_addr, map};
 use aya_ebpf::maps::{HashMap, LruHashMap};
 use aya_ebpf::programs::SockAddrContext;
@@ -26,6 +28,8 @@ const SOCK_STREAM: u32 = 1;
 const LOOPBACK_NET: u32 = 127;
 /// The tunnel marks its own sockets; they are never captured.
 const TUNNEL_MARK: u32 = 0x539;
+/// Deepest cgroup level searched for an excluded ancestor (Kubernetes containers sit at 4 to 7).
+const MAX_CGROUP_DEPTH: i32 = 16;
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
@@ -41,8 +45,31 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     }
 }
 
+/// Cgroups whose processes are never captured (the tunnel's): cgroup id -> unused.
+#[map]
+static EXCLUDED_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(64, 0);
+
+/// Whether the calling process lives in an excluded cgroup or below one.
+fn in_excluded_cgroup() -> bool {
+    let mut level = 1;
+    while level <= MAX_CGROUP_DEPTH {
+        // SAFETY: helper valid for cgroup sock_addr programs; 0 past the process's own level.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            return false;
+        }
+        // SAFETY: map lookup with a key on the stack.
+        if unsafe { EXCLUDED_CGROUPS.get(&id) }.is_some() {
+            return true;
+        }
+        level += 1;
+    }
+    false
+}
+
 /// The settings of the enrolled pod making this TCP connect, unless it must be left alone
-/// (not TCP, not enrolled, or the tunnel's own marked socket).
+/// (not TCP, not enrolled, or the tunnel's own socket: marked, or made by a process in the
+/// tunnel's cgroup).
 fn capturable(ctx: &SockAddrContext) -> Option<PodSettings> {
     // SAFETY: the kernel hands a valid bpf_sock_addr to connect programs.
     let sa = unsafe { &*ctx.sock_addr };
@@ -56,6 +83,9 @@ fn capturable(ctx: &SockAddrContext) -> Option<PodSettings> {
     // SAFETY: `sk` is always set for connect programs.
     let sk = unsafe { sa.__bindgen_anon_1.sk };
     if !sk.is_null() && unsafe { (*sk).mark } == TUNNEL_MARK {
+        return None;
+    }
+    if in_excluded_cgroup() {
         return None;
     }
     Some(settings)

@@ -51,6 +51,9 @@ struct RunArgs {
     /// Move bytes between applications and the tunnel with sockops + sk_msg.
     #[arg(long)]
     fast_path: bool,
+    /// A cgroup v2 directory whose processes are never captured (the tunnel's); repeatable.
+    #[arg(long = "exclude-cgroup")]
+    exclude_cgroups: Vec<PathBuf>,
     /// A destination port every enrolled pod leaves out of capture (at most 8).
     #[arg(long = "exclude-port")]
     exclude_ports: Vec<u16>,
@@ -112,6 +115,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut redirect = Redirect::install(&cgroup, &options)?;
+    for path in &args.exclude_cgroups {
+        let id = redirect.exclude_cgroup(path)?;
+        println!("never capturing cgroup {} (id {id})", path.display());
+    }
     for (path, netns) in &namespaces {
         let cookie = redirect.enroll(netns, &exclusions)?;
         println!("enrolled {} (netns cookie {cookie})", path.display());
