@@ -6,10 +6,10 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum RedirectError {
     #[error(
-        "a pod can exclude at most 8 ports and 4 IPv4 ranges from capture; got {ports} ports and {cidrs} ranges"
+        "a pod can exclude at most 8 ports and 4 address ranges from capture; got {ports} ports and {cidrs} ranges"
     )]
     TooManyExclusions { ports: usize, cidrs: usize },
-    #[error("{0} is not an IPv4 range (prefix length 0 to 32)")]
+    #[error("{0} is not an address range (prefix length 0 to 32 for IPv4, 0 to 128 for IPv6)")]
     BadCidr(String),
     #[error(
         "capture needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN): run the agent as root or grant the capabilities"

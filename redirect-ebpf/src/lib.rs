@@ -11,7 +11,7 @@ mod preflight;
 mod sys;
 
 use std::fs::File;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
@@ -20,7 +20,7 @@ use aya::programs::Program;
 use aya::{Ebpf, EbpfLoader};
 use aya_obj::generated::bpf_attach_type;
 use redirect_common::{
-    Cidr4, ClientKey, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, OriginalDst, PodSettings, SockKey,
+    Cidr, ClientKey, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, OriginalDst, PodSettings, SockKey,
 };
 use tracing::{info, warn};
 
@@ -73,38 +73,40 @@ pub struct Options {
     pub pin_dir: Option<PathBuf>,
 }
 
-/// Destinations a pod leaves out of capture: ports (IPv4 and IPv6) and IPv4 ranges.
+/// Destinations a pod leaves out of capture: ports and address ranges (IPv4 or IPv6).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Exclusions {
     pub ports: Vec<u16>,
-    pub cidrs_v4: Vec<(Ipv4Addr, u8)>,
+    /// Ranges as (network address, prefix length in that family's bits).
+    pub cidrs: Vec<(IpAddr, u8)>,
 }
 
 impl Exclusions {
     fn to_settings(&self) -> Result<PodSettings, RedirectError> {
-        if self.ports.len() > MAX_EXCLUDED_PORTS || self.cidrs_v4.len() > MAX_EXCLUDED_CIDRS {
+        if self.ports.len() > MAX_EXCLUDED_PORTS || self.cidrs.len() > MAX_EXCLUDED_CIDRS {
             return Err(RedirectError::TooManyExclusions {
                 ports: self.ports.len(),
-                cidrs: self.cidrs_v4.len(),
+                cidrs: self.cidrs.len(),
             });
         }
         let mut settings = PodSettings {
             outbound_port: OUTBOUND_PORT,
             excluded_port_count: self.ports.len() as u8,
-            excluded_cidr_count: self.cidrs_v4.len() as u8,
+            excluded_cidr_count: self.cidrs.len() as u8,
             _pad: [0; 4],
             excluded_ports: [0; MAX_EXCLUDED_PORTS],
-            excluded_cidrs: [Cidr4::default(); MAX_EXCLUDED_CIDRS],
+            excluded_cidrs: [Cidr::default(); MAX_EXCLUDED_CIDRS],
         };
         settings.excluded_ports[..self.ports.len()].copy_from_slice(&self.ports);
-        for (slot, (addr, prefix_len)) in settings.excluded_cidrs.iter_mut().zip(&self.cidrs_v4) {
-            if *prefix_len > 32 {
+        for (slot, (addr, prefix_len)) in settings.excluded_cidrs.iter_mut().zip(&self.cidrs) {
+            let (family_bits, offset) = if addr.is_ipv4() { (32, 96) } else { (128, 0) };
+            if *prefix_len > family_bits {
                 return Err(RedirectError::BadCidr(format!("{addr}/{prefix_len}")));
             }
-            *slot = Cidr4 {
-                addr: u32::from(*addr).to_be(),
-                prefix_len: *prefix_len,
-                _pad: [0; 3],
+            *slot = Cidr {
+                addr: address_key(*addr),
+                prefix_len: prefix_len + offset,
+                _pad: [0; 7],
             };
         }
         Ok(settings)
@@ -442,15 +444,30 @@ mod tests {
     fn exclusions_fill_the_kernel_settings_and_refuse_too_many() {
         let e = Exclusions {
             ports: vec![5432, 6379],
-            cidrs_v4: vec![("10.96.0.0".parse().unwrap(), 12)],
+            cidrs: vec![
+                ("10.96.0.0".parse().unwrap(), 12),
+                ("fd00:10::".parse().unwrap(), 32),
+            ],
         };
         let s = e.to_settings().unwrap();
-        assert_eq!((s.excluded_port_count, s.excluded_cidr_count), (2, 1));
+        assert_eq!((s.excluded_port_count, s.excluded_cidr_count), (2, 2));
         assert_eq!(&s.excluded_ports[..2], &[5432, 6379]);
-        assert_eq!(s.excluded_cidrs[0].addr.to_ne_bytes(), [10, 96, 0, 0]);
+        let v4 = s.excluded_cidrs[0];
+        assert_eq!((&v4.addr[12..], v4.prefix_len), (&[10, 96, 0, 0][..], 108));
+        let inside = address_key("10.111.2.3".parse().unwrap());
+        let outside = address_key("10.112.0.1".parse().unwrap());
+        assert!(v4.contains(&inside) && !v4.contains(&outside));
+        let v6 = s.excluded_cidrs[1];
+        assert_eq!(v6.prefix_len, 32);
+        assert!(v6.contains(&address_key("fd00:10:ff::1".parse().unwrap())));
+        assert!(!v6.contains(&address_key("fd00:11::1".parse().unwrap())));
+        assert!(
+            !v6.contains(&inside),
+            "an IPv6 range never holds an IPv4 address"
+        );
         let too_many = Exclusions {
             ports: (1..=9).collect(),
-            cidrs_v4: vec![],
+            cidrs: vec![],
         };
         assert!(
             too_many
@@ -461,7 +478,7 @@ mod tests {
         );
         let bad = Exclusions {
             ports: vec![],
-            cidrs_v4: vec![("10.0.0.0".parse().unwrap(), 33)],
+            cidrs: vec![("10.0.0.0".parse().unwrap(), 33)],
         };
         assert!(
             bad.to_settings()

@@ -273,10 +273,14 @@ fn excluded_ports_and_ranges_are_left_alone() {
     let mut redirect = Capture::install(Options::default());
     let exclusions = redirect_ebpf::Exclusions {
         ports: vec![5432],
-        cidrs_v4: vec![("10.77.0.0".parse().unwrap(), 16)],
+        cidrs: vec![
+            ("10.77.0.0".parse().unwrap(), 16),
+            ("fd99:77::".parse().unwrap(), 32),
+        ],
     };
     redirect.enroll(enrolled.file(), &exclusions).unwrap();
     let _listener = enrolled.run(|| TcpListener::bind(("127.0.0.1", OUTBOUND_PORT)).unwrap());
+    let _listener6 = enrolled.run(|| TcpListener::bind(("::1", OUTBOUND_PORT)).unwrap());
     let dial = |dst: &'static str| {
         move || {
             let dst: SocketAddr = dst.parse().unwrap();
@@ -300,6 +304,16 @@ fn excluded_ports_and_ranges_are_left_alone() {
         enrolled.run(dial("10.78.0.1:80")),
         Ok(()),
         "just outside the range: captured"
+    );
+    assert_eq!(
+        enrolled.run(dial("[fd99:77:1::5]:80")),
+        Err(ErrorKind::NetworkUnreachable),
+        "excluded IPv6 range"
+    );
+    assert_eq!(
+        enrolled.run(dial("[fd99:78::5]:80")),
+        Ok(()),
+        "outside the IPv6 range: captured"
     );
 }
 

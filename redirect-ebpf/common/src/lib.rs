@@ -48,16 +48,37 @@ pub const fn ipv4_mapped(ip_network_order: u32) -> [u8; 16] {
 
 /// Most destination ports one pod can exclude from capture.
 pub const MAX_EXCLUDED_PORTS: usize = 8;
-/// Most IPv4 destination ranges one pod can exclude from capture.
+/// Most destination ranges (IPv4 or IPv6) one pod can exclude from capture.
 pub const MAX_EXCLUDED_CIDRS: usize = 4;
 
-/// An IPv4 range: address in network byte order and prefix length.
+/// An address range of either family in one form: the network address as IPv6 bytes (IPv4 as
+/// IPv4-mapped), and the prefix length over those 128 bits (an IPv4 /n is 96 + n).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Cidr4 {
-    pub addr: u32,
+pub struct Cidr {
+    pub addr: [u8; 16],
     pub prefix_len: u8,
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 7],
+}
+
+impl Cidr {
+    /// Whether `addr` (IPv6 bytes, IPv4 as IPv4-mapped) lies in this range.
+    pub fn contains(&self, addr: &[u8; 16]) -> bool {
+        let prefix = self.prefix_len as usize;
+        let mut i = 0;
+        while i < 16 {
+            if prefix <= i * 8 {
+                return true;
+            }
+            let bits = prefix - i * 8;
+            let mask: u8 = if bits >= 8 { 0xff } else { 0xff << (8 - bits) };
+            if self.addr[i] & mask != addr[i] & mask {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
 }
 
 /// Value of the enrollment map, keyed by the pod's network namespace cookie (`u64`).
@@ -72,8 +93,8 @@ pub struct PodSettings {
     pub _pad: [u8; 4],
     /// Destination ports (host byte order) left alone for this pod.
     pub excluded_ports: [u16; MAX_EXCLUDED_PORTS],
-    /// IPv4 destination ranges left alone for this pod.
-    pub excluded_cidrs: [Cidr4; MAX_EXCLUDED_CIDRS],
+    /// Destination ranges left alone for this pod.
+    pub excluded_cidrs: [Cidr; MAX_EXCLUDED_CIDRS],
 }
 
 /// The destination an application asked for, recorded when its connect was captured.

@@ -104,23 +104,13 @@ fn port_excluded(settings: &PodSettings, port: u16) -> bool {
     false
 }
 
-/// Whether the pod excludes this IPv4 destination (network byte order) from capture.
-fn cidr_excluded(settings: &PodSettings, ip_network_order: u32) -> bool {
-    let ip = u32::from_be(ip_network_order);
+/// Whether the pod excludes this destination (IPv6 bytes, IPv4 as IPv4-mapped) from capture.
+fn cidr_excluded(settings: &PodSettings, addr: &[u8; 16]) -> bool {
     let count = settings.excluded_cidr_count as usize;
     let mut i = 0;
     while i < MAX_EXCLUDED_CIDRS {
-        if i < count {
-            let cidr = settings.excluded_cidrs[i];
-            let prefix = u32::from(cidr.prefix_len.min(32));
-            let mask = if prefix == 0 {
-                0
-            } else {
-                u32::MAX << (32 - prefix)
-            };
-            if ip & mask == u32::from_be(cidr.addr) & mask {
-                return true;
-            }
+        if i < count && settings.excluded_cidrs[i].contains(addr) {
+            return true;
         }
         i += 1;
     }
@@ -150,11 +140,11 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
         return Ok(ALLOW);
     }
     let port = u16::from_be(sa.user_port as u16);
-    if is_mesh_port(port) || port_excluded(&settings, port) || cidr_excluded(&settings, sa.user_ip4)
-    {
+    let addr = ipv4_mapped(sa.user_ip4);
+    if is_mesh_port(port) || port_excluded(&settings, port) || cidr_excluded(&settings, &addr) {
         return Ok(ALLOW);
     }
-    if !record(ctx, ipv4_mapped(sa.user_ip4), port) {
+    if !record(ctx, addr, port) {
         return Ok(ALLOW);
     }
     sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
@@ -179,7 +169,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
         return Ok(ALLOW);
     }
     let port = u16::from_be(sa.user_port as u16);
-    if is_mesh_port(port) || port_excluded(&settings, port) {
+    if is_mesh_port(port) || port_excluded(&settings, port) || cidr_excluded(&settings, &addr) {
         return Ok(ALLOW);
     }
     if !record(ctx, addr, port) {

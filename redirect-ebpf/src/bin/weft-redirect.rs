@@ -4,7 +4,7 @@
 //! `uninstall` removes every program, link and map. A stepping stone and a test tool:
 //! `mesh-node` drives the same library from cluster state.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -57,9 +57,10 @@ struct RunArgs {
     /// A destination port every enrolled pod leaves out of capture (at most 8).
     #[arg(long = "exclude-port")]
     exclude_ports: Vec<u16>,
-    /// An IPv4 range (a.b.c.d/n) every enrolled pod leaves out of capture (at most 4).
+    /// An address range (a.b.c.d/n or x:y::/n) every enrolled pod leaves out of capture (at
+    /// most 4).
     #[arg(long = "exclude-cidr", value_parser = parse_cidr)]
-    exclude_cidrs: Vec<(Ipv4Addr, u8)>,
+    exclude_cidrs: Vec<(IpAddr, u8)>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -102,7 +103,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let exclusions = Exclusions {
         ports: args.exclude_ports,
-        cidrs_v4: args.exclude_cidrs,
+        cidrs: args.exclude_cidrs,
     };
     // Open every namespace first: a wrong path stops here, before anything is installed.
     let namespaces = args
@@ -151,16 +152,17 @@ fn remove(pin_dir: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `a.b.c.d/n`.
-fn parse_cidr(text: &str) -> Result<(Ipv4Addr, u8), String> {
+/// `a.b.c.d/n` or `x:y::/n`.
+fn parse_cidr(text: &str) -> Result<(IpAddr, u8), String> {
     let (addr, len) = text
         .split_once('/')
-        .ok_or_else(|| format!("{text:?} is not a.b.c.d/n"))?;
-    let addr = addr.parse().map_err(|e| format!("{text:?}: {e}"))?;
+        .ok_or_else(|| format!("{text:?} is not address/prefix-length"))?;
+    let addr: IpAddr = addr.parse().map_err(|e| format!("{text:?}: {e}"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
     let len = len
         .parse::<u8>()
         .ok()
-        .filter(|l| *l <= 32)
-        .ok_or_else(|| format!("{text:?}: the prefix length must be 0 to 32"))?;
+        .filter(|l| *l <= max)
+        .ok_or_else(|| format!("{text:?}: the prefix length must be 0 to {max}"))?;
     Ok((addr, len))
 }
