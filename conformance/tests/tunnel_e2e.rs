@@ -497,3 +497,62 @@ fn the_same_path_works_over_ipv6() {
         "one HBONE connection over IPv6"
     );
 }
+
+/// Two pods on one node, client and server, with the tunnel's extra arguments.
+fn same_node(tunnel_args: &[&str]) -> Cluster {
+    let spec = ClusterSpec {
+        tunnel_args: tunnel_args.iter().map(|a| (*a).to_owned()).collect(),
+        ..ClusterSpec::new(
+            1,
+            vec![PodSpec::new("client", 1), PodSpec::new("server", 1)],
+        )
+    };
+    Cluster::with_http(spec, &["server"]).unwrap()
+}
+
+/// What node 1's tunnel counted for client -> server: (source-side opened, destination-side
+/// opened with the client's identity, HBONE pool connections).
+fn same_node_counts(cluster: &Cluster) -> (f64, f64, f64) {
+    let metrics = cluster.node(1).metrics().unwrap();
+    let pair = [
+        ("source_workload", "client"),
+        ("destination_workload", "server"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    let with = |reporter: &'static str, extra: &[(&'static str, &str)]| {
+        let mut labels = vec![("reporter", reporter)];
+        labels.extend_from_slice(&pair);
+        labels.extend_from_slice(extra);
+        sum(&metrics, "weft_tcp_connections_opened_total", &labels)
+    };
+    let principal = "spiffe://cluster.local/ns/default/sa/client";
+    (
+        with("source", &[]),
+        with("destination", &[("source_principal", principal)]),
+        sum(&metrics, "weft_hbone_pool_connections", &[]),
+    )
+}
+
+/// Pods on the same node are connected in process: both sides are reported as over HBONE, but
+/// no TLS connection is opened (the pool stays empty). With the shortcut off, the same request
+/// goes through TLS to the server pod's 15008.
+#[test]
+fn pods_on_one_node_are_connected_in_process_unless_the_shortcut_is_off() {
+    let cluster = same_node(&[]);
+    let url = format!("http://{}:8080/echo/local", cluster.pod("server").ip);
+    let curl = cluster.curl_socks("client", &url, &[]).unwrap();
+    assert!(
+        curl.success && curl.stdout == "server saw local\n",
+        "{curl:?}"
+    );
+    assert_eq!(same_node_counts(&cluster), (1.0, 1.0, 0.0));
+
+    let cluster = same_node(&["--same-node-shortcut", "false"]);
+    let url = format!("http://{}:8080/echo/hbone", cluster.pod("server").ip);
+    let curl = cluster.curl_socks("client", &url, &[]).unwrap();
+    assert!(
+        curl.success && curl.stdout == "server saw hbone\n",
+        "{curl:?}"
+    );
+    assert_eq!(same_node_counts(&cluster), (1.0, 1.0, 1.0));
+}

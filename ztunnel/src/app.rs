@@ -15,7 +15,7 @@ use crate::identity::{CertificateManager, LocalCa};
 use crate::inbound_capture::InboundCapture;
 use crate::logging::SetLogFilter;
 use crate::pods::{PodsStatus, run_pods};
-use crate::proxy::context::Tunnel;
+use crate::proxy::context::{LocalPods, Tunnel};
 use crate::proxy::hbone::{Pool, PoolSettings};
 use crate::state::watch_state_file;
 use crate::telemetry::Metrics;
@@ -55,6 +55,8 @@ pub async fn run(config: RunConfig, set_log_filter: SetLogFilter) -> anyhow::Res
         shutdown: CancellationToken::new(),
         connections: TaskTracker::new(),
         next_endpoint: AtomicUsize::new(0),
+        local_pods: LocalPods::default(),
+        same_node_shortcut: config.same_node_shortcut,
     });
 
     let pods = Arc::new(Mutex::new(PodsStatus::default()));

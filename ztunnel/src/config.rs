@@ -90,6 +90,11 @@ pub struct RunConfig {
     #[arg(long, env = "WEFT_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Connections between two pods of this node skip HBONE: the tunnel hands them from one
+    /// pod's namespace to the other's in process (both identities are its own; nothing crosses
+    /// a network). `false` sends them through TLS and 15008 like any other.
+    #[arg(long, env = "WEFT_SAME_NODE_SHORTCUT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub same_node_shortcut: bool,
     /// SO_MARK put on every socket the tunnel makes, so capture can leave them alone.
     #[arg(long, env = "WEFT_SOCKET_MARK", default_value_t = 0x539)]
     pub socket_mark: u32,

@@ -140,6 +140,7 @@ async fn reconcile(
         let keep = wanted.get(key).is_some_and(|w| **w == *pod.workload);
         if !keep {
             info!(pod = %key, "stopping pod listeners");
+            tunnel.local_pods.remove(key);
             pod.stop.cancel();
         }
         keep
@@ -283,6 +284,7 @@ async fn start_pod(
         };
         tokio::spawn(accept_loop(listener, stop.clone(), tunnel.clone(), handler));
     }
+    tunnel.local_pods.insert(pod);
     Ok((stop, inbound))
 }
 

@@ -30,8 +30,10 @@ pub fn run(args: &CaptureBench) -> Result<String> {
     cluster.start_app("server", &["source", "--port", &SOURCE.to_string()], SOURCE)?;
     cluster.start_tunnels()?;
     let server = cluster.pod("server").ip;
-    let client_ns = &cluster.pod("client").netns;
-    let lanes = ["direct", "mesh", "mesh_nofast"];
+    // mesh and mesh_nofast take the tunnel's same-node shortcut (its default); mesh_hbone is
+    // mesh_nofast with the shortcut off: TLS and HTTP/2 through the pod's own 15008.
+    let lanes = ["direct", "mesh", "mesh_nofast", "mesh_hbone"];
+    let mut shortcut = true;
     let mut figures: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = vec![Default::default(); lanes.len()];
     eprintln!(
         "capture bench: {} rounds, {} MiB download, {} round trips of {} B, one node; lanes interleaved: {}",
@@ -43,6 +45,20 @@ pub fn run(args: &CaptureBench) -> Result<String> {
     );
     for round in 0..args.measure.rounds {
         for (i, lane) in lanes.iter().enumerate() {
+            let wanted = *lane != "mesh_hbone";
+            if wanted != shortcut {
+                cluster.spec.tunnel_args = if wanted {
+                    vec![]
+                } else {
+                    vec!["--same-node-shortcut".into(), "false".into()]
+                };
+                if let Some(mut tunnel) = cluster.nodes[0].tunnel.take() {
+                    tunnel.stop(std::time::Duration::from_secs(10));
+                }
+                cluster.start_tunnel(1)?;
+                shortcut = wanted;
+            }
+            let meshed_before = meshed(&cluster)?;
             // Enrolled only while its lane is measured: the same pods, the same client code.
             let capture = match *lane {
                 "direct" => None,
@@ -54,19 +70,33 @@ pub fn run(args: &CaptureBench) -> Result<String> {
                 args.measure.round_trips,
                 args.measure.message,
             );
-            let (gbps, rr) = client_ns.run_in(move || -> Result<(f64, Vec<f64>)> {
-                let gbps =
-                    client::throughput(Path::Direct, SocketAddr::from((server, SOURCE)), bytes)?;
-                let rr = client::request_response(
-                    Path::Direct,
-                    SocketAddr::from((server, ECHO)),
-                    size,
-                    iters,
-                    iters / 10,
-                )?;
-                Ok((gbps, rr))
-            })??;
+            let (gbps, rr) =
+                cluster
+                    .pod("client")
+                    .netns
+                    .run_in(move || -> Result<(f64, Vec<f64>)> {
+                        let gbps = client::throughput(
+                            Path::Direct,
+                            SocketAddr::from((server, SOURCE)),
+                            bytes,
+                        )?;
+                        let rr = client::request_response(
+                            Path::Direct,
+                            SocketAddr::from((server, ECHO)),
+                            size,
+                            iters,
+                            iters / 10,
+                        )?;
+                        Ok((gbps, rr))
+                    })??;
             drop(capture);
+            // A mesh lane must really have gone through the tunnel (two connections).
+            let meshed_now = meshed(&cluster)? - meshed_before;
+            let expected = if *lane == "direct" { 0.0 } else { 2.0 };
+            anyhow::ensure!(
+                meshed_now == expected,
+                "lane {lane}: {meshed_now} meshed connections, not {expected}: capture did not do what the lane says"
+            );
             let (p50, p99) = (quantile(&rr, 0.5), quantile(&rr, 0.99));
             eprintln!(
                 "  round {round} {lane:12} {gbps:7.2} Gbit/s   rr p50 {p50:7.1} us  p99 {p99:7.1} us"
@@ -76,26 +106,11 @@ pub fn run(args: &CaptureBench) -> Result<String> {
             figures[i].2.push(p99);
         }
     }
-    // The mesh lane must really have gone through the tunnel.
-    let (status, metrics) = cluster.node(1).http_get(15020, "/metrics")?;
-    anyhow::ensure!(status == 200, "metrics: {status}");
-    let meshed = crate::metrics::sum(
-        &crate::metrics::parse(&metrics),
-        "weft_tcp_connections_opened_total",
-        &[
-            ("reporter", "destination"),
-            ("connection_security_policy", "mutual_tls"),
-        ],
-    );
-    anyhow::ensure!(
-        meshed >= (4 * args.measure.rounds) as f64,
-        "only {meshed} meshed connections: capture did not engage"
-    );
     let m: Vec<(f64, f64, f64)> = figures
         .iter()
         .map(|(g, p50, p99)| (median(g), median(p50), median(p99)))
         .collect();
-    let (direct, mesh, nofast) = (m[0], m[1], m[2]);
+    let (direct, mesh, nofast, hbone) = (m[0], m[1], m[2], m[3]);
     println!(
         "medians over {} rounds (pods on the same node):",
         args.measure.rounds
@@ -114,6 +129,12 @@ pub fn run(args: &CaptureBench) -> Result<String> {
         mesh.0 / nofast.0,
         mesh.1 / nofast.1
     );
+    println!(
+        "  same-node shortcut / HBONE to the pod's own 15008 (both without the fast path): throughput {:.2}x, added p50 {:.1} vs {:.1} us",
+        nofast.0 / hbone.0,
+        nofast.1 - direct.1,
+        hbone.1 - direct.1
+    );
     let json = serde_json::json!({
         "bench": "capture",
         "direct_gbps": round2(direct.0),
@@ -122,7 +143,26 @@ pub fn run(args: &CaptureBench) -> Result<String> {
         "direct_rr_p50_us": round2(direct.1),
         "mesh_rr_p50_us": round2(mesh.1),
         "mesh_nofast_rr_p50_us": round2(nofast.1),
+        "mesh_hbone_gbps": round2(hbone.0),
+        "mesh_hbone_rr_p50_us": round2(hbone.1),
+        "direct_rr_p99_us": round2(direct.2),
+        "mesh_rr_p99_us": round2(mesh.2),
+        "mesh_nofast_rr_p99_us": round2(nofast.2),
     });
     drop(cluster);
     serde_json::to_string(&json).context("JSON")
+}
+
+/// Connections node 1's tunnel has accepted into the mesh (as the destination side).
+fn meshed(cluster: &Cluster) -> Result<f64> {
+    let (status, metrics) = cluster.node(1).http_get(15020, "/metrics")?;
+    anyhow::ensure!(status == 200, "metrics: {status}");
+    Ok(crate::metrics::sum(
+        &crate::metrics::parse(&metrics),
+        "weft_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("connection_security_policy", "mutual_tls"),
+        ],
+    ))
 }

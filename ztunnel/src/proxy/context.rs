@@ -1,7 +1,8 @@
 //! What every proxy path shares: the tunnel-wide context and one local pod's context.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, RwLock};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -26,6 +27,32 @@ pub struct Tunnel {
     pub connections: TaskTracker,
     /// Round-robin cursor for service endpoints.
     pub next_endpoint: AtomicUsize,
+    /// The local pods whose listeners run, for the same-node shortcut.
+    pub local_pods: LocalPods,
+    /// Hand connections between two local pods over in process instead of through HBONE.
+    pub same_node_shortcut: bool,
+}
+
+/// The local pods this tunnel serves, by `namespace/name`.
+#[derive(Default)]
+pub struct LocalPods(RwLock<HashMap<String, Arc<Pod>>>);
+
+impl LocalPods {
+    pub fn insert(&self, pod: Arc<Pod>) {
+        if let Ok(mut pods) = self.0.write() {
+            pods.insert(pod.workload.key(), pod);
+        }
+    }
+
+    pub fn remove(&self, key: &str) {
+        if let Ok(mut pods) = self.0.write() {
+            pods.remove(key);
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<Arc<Pod>> {
+        self.0.read().ok()?.get(key).cloned()
+    }
 }
 
 impl Tunnel {

@@ -84,8 +84,8 @@ impl AdaptiveReader {
 pub async fn copy_tcp(
     client: TcpStream,
     upstream: TcpStream,
-    forward: &Counter,
-    backward: &Counter,
+    forward: &[Counter],
+    backward: &[Counter],
 ) -> Result<Totals, ProxyError> {
     let (crd, cwr) = client.into_split();
     let (urd, uwr) = upstream.into_split();
@@ -102,13 +102,15 @@ pub async fn copy_tcp(
 async fn tcp_to_tcp(
     rd: OwnedReadHalf,
     mut wr: OwnedWriteHalf,
-    counter: &Counter,
+    counters: &[Counter],
 ) -> io::Result<u64> {
     let mut reader = AdaptiveReader::new();
     let mut total = 0u64;
     while let Some(chunk) = reader.next(&rd).await? {
         wr.write_all(&chunk).await?;
-        counter.inc_by(chunk.len() as u64);
+        for counter in counters {
+            counter.inc_by(chunk.len() as u64);
+        }
         total += chunk.len() as u64;
     }
     wr.shutdown().await?;

@@ -53,7 +53,7 @@ pub async fn serve_inbound_plaintext(
     match pod.sockets.connect(target).await {
         Ok(app) => {
             let (received, sent) = (recorder.received.clone(), recorder.sent.clone());
-            let result = copy::copy_tcp(client, app, &received, &sent).await;
+            let result = copy::copy_tcp(client, app, &[received], &[sent]).await;
             finish(recorder, result);
         }
         Err(source) => fail(

@@ -3,6 +3,7 @@
 
 mod original_dst;
 mod route;
+mod same_node;
 pub mod socks5;
 
 use std::net::SocketAddr;
@@ -95,7 +96,31 @@ pub async fn serve_outbound(
             false,
         ),
     };
-    match connect_upstream(decision, &pod, &tunnel).await {
+    // Both ends on this node: hand the connection over in process, reported by both sides.
+    let local = match &decision {
+        Route::Hbone {
+            destination,
+            target,
+            service,
+            ..
+        } if tunnel.same_node_shortcut => tunnel.local_pods.get(&destination.key()).map(|dest| {
+            let source = tunnel.peer_of(&pod.workload, Some(client_addr));
+            let peer = Peer {
+                addr: Some(*target),
+                ..tunnel.peer_of(&dest.workload, None)
+            };
+            let recorder =
+                tunnel.record(Reporter::destination, source, peer, service.clone(), true);
+            (dest, *target, recorder)
+        }),
+        _ => None,
+    };
+    let upstream = match &local {
+        Some((dest, target, _)) => same_node::connect(dest, *target).await.map(Upstream::Tcp),
+        None => connect_upstream(decision, &pod, &tunnel).await,
+    };
+    let destination_recorder = local.map(|(_, _, recorder)| recorder);
+    match upstream {
         Ok(upstream) => {
             if let Entry::Socks5 = entry {
                 socks5::reply(&mut client, Reply::Succeeded).await;
@@ -105,13 +130,34 @@ pub async fn serve_outbound(
                 Upstream::Hbone(stream) => {
                     copy::copy_tcp_h2(client, stream.send, stream.recv, &received, &sent).await
                 }
-                Upstream::Tcp(stream) => copy::copy_tcp(client, stream, &received, &sent).await,
+                Upstream::Tcp(stream) => {
+                    let mut forward = vec![received];
+                    let mut backward = vec![sent];
+                    if let Some(other) = &destination_recorder {
+                        forward.push(other.received.clone());
+                        backward.push(other.sent.clone());
+                    }
+                    copy::copy_tcp(client, stream, &forward, &backward).await
+                }
             };
-            finish(recorder, result);
+            match (result, destination_recorder) {
+                (Ok(totals), Some(other)) => {
+                    finish(other, Ok(totals));
+                    finish(recorder, Ok(totals));
+                }
+                (Err(error), Some(other)) => {
+                    fail(other, &error);
+                    fail(recorder, &error);
+                }
+                (result, None) => finish(recorder, result),
+            }
         }
         Err(error) => {
             if let Entry::Socks5 = entry {
                 socks5::reply(&mut client, Reply::for_error(&error)).await;
+            }
+            if let Some(other) = destination_recorder {
+                fail(other, &error);
             }
             fail(recorder, &error);
         }
