@@ -4,9 +4,13 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, RwLock};
 
+use std::net::SocketAddr;
+
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::ProxyError;
 use super::hbone::Pool;
 use crate::identity::{CertificateManager, Identity};
 use crate::netns::SocketFactory;
@@ -97,4 +101,18 @@ pub struct Pod {
     pub identity: Identity,
     /// Makes sockets inside the pod's network namespace.
     pub sockets: SocketFactory,
+}
+
+impl Pod {
+    /// Connects to `target` from inside this pod's namespace (to its application, or for a
+    /// passthrough onwards).
+    pub async fn connect(&self, target: SocketAddr) -> Result<TcpStream, ProxyError> {
+        self.sockets
+            .connect(target)
+            .await
+            .map_err(|source| ProxyError::Connect {
+                addr: target,
+                source,
+            })
+    }
 }

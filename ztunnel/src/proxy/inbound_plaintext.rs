@@ -8,7 +8,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::context::{Pod, Tunnel};
-use super::{ProxyError, copy, fail, finish};
+use super::{copy, fail, finish};
 use crate::telemetry::{Peer, Reporter};
 
 /// Port of the plaintext inbound listener.
@@ -50,18 +50,12 @@ pub async fn serve_inbound_plaintext(
         ..tunnel.peer_of(&pod.workload, None)
     };
     let recorder = tunnel.record(Reporter::destination, source, destination, None, false);
-    match pod.sockets.connect(target).await {
+    match pod.connect(target).await {
         Ok(app) => {
             let (received, sent) = (recorder.received.clone(), recorder.sent.clone());
             let result = copy::copy_tcp(client, app, &[received], &[sent]).await;
             finish(recorder, result);
         }
-        Err(source) => fail(
-            recorder,
-            &ProxyError::Connect {
-                addr: target,
-                source,
-            },
-        ),
+        Err(error) => fail(recorder, &error),
     }
 }

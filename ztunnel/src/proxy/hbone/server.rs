@@ -108,14 +108,7 @@ async fn handle_stream(
     };
     let recorder = tunnel.record(Reporter::destination, source, destination, None, true);
     let app = match target {
-        Ok(target) => pod
-            .sockets
-            .connect(target)
-            .await
-            .map_err(|source| ProxyError::Connect {
-                addr: target,
-                source,
-            }),
+        Ok(target) => pod.connect(target).await,
         Err(error) => Err(error),
     };
     let app = match app {
