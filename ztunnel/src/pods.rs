@@ -18,7 +18,7 @@ use crate::proxy::context::{Pod, Tunnel};
 use crate::proxy::hbone::serve_hbone_connection;
 use crate::proxy::inbound_plaintext::{INBOUND_PLAINTEXT_PORT, serve_inbound_plaintext};
 use crate::proxy::outbound::{Entry, HBONE_PORT, serve_outbound};
-use crate::state::{Protocol, State, Workload};
+use crate::state::{Protocol, State, Workload, WorkloadIdentity};
 use crate::tls::TlsError;
 
 /// Outbound listener for captured connections.

@@ -14,7 +14,7 @@ use super::ProxyError;
 use super::hbone::Pool;
 use crate::identity::{CertificateManager, Identity};
 use crate::netns::SocketFactory;
-use crate::state::{StateHandle, Workload};
+use crate::state::{StateHandle, Workload, WorkloadIdentity};
 use crate::telemetry::{ConnectionRecorder, Metrics, Peer, Reporter};
 use crate::tls::TlsContext;
 

@@ -5,7 +5,7 @@ mod model;
 mod watch;
 
 pub use file::parse_state_file;
-pub use model::{Protocol, Service, ServicePort, State, StateSpec, Workload};
+pub use model::{Protocol, Service, ServicePort, State, StateSpec, Workload, WorkloadIdentity};
 pub use watch::{StateHandle, watch_state_file};
 
 /// Why a state update was refused; the previous state stays in force.

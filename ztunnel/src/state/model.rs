@@ -2,95 +2,24 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+pub use tunnel_proto::{Protocol, Service, ServicePort, StateSpec, Workload};
 
 use super::StateError;
 use crate::identity::Identity;
 
-/// How a workload accepts mesh traffic.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Protocol {
-    /// Enrolled: reached through its node's tunnel on port 15008.
-    #[default]
-    #[serde(rename = "HBONE")]
-    Hbone,
-    /// Not enrolled: reached by plain TCP.
-    #[serde(rename = "TCP")]
-    Tcp,
-}
-
-/// One pod.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct Workload {
-    pub name: String,
-    pub namespace: String,
-    #[serde(default = "default_service_account")]
-    pub service_account: String,
-    pub ips: Vec<IpAddr>,
-    pub node: String,
-    /// The pod's network namespace, required for pods on this tunnel's node.
-    #[serde(default)]
-    pub netns: Option<PathBuf>,
-    #[serde(default)]
-    pub protocol: Protocol,
-}
-
-fn default_service_account() -> String {
-    "default".to_owned()
-}
-
-impl Workload {
-    /// `namespace/name`, unique in the cluster.
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
-    }
-
+/// The SPIFFE identity of a workload.
+pub trait WorkloadIdentity {
     /// The SPIFFE ID this workload proves.
-    pub fn identity(&self, trust_domain: &str) -> Identity {
+    fn identity(&self, trust_domain: &str) -> Identity;
+}
+
+impl WorkloadIdentity for Workload {
+    fn identity(&self, trust_domain: &str) -> Identity {
         Identity::new(trust_domain, &self.namespace, &self.service_account)
     }
-}
-
-/// A service port and the workload port it forwards to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct ServicePort {
-    pub port: u16,
-    pub target_port: u16,
-}
-
-/// A service VIP and the workloads behind it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct Service {
-    pub name: String,
-    pub namespace: String,
-    pub addresses: Vec<IpAddr>,
-    pub ports: Vec<ServicePort>,
-    /// Workloads as `namespace/name`.
-    #[serde(default)]
-    pub endpoints: Vec<String>,
-}
-
-impl Service {
-    /// `namespace/name`.
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
-    }
-}
-
-/// The tables as a source hands them over, before validation.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StateSpec {
-    #[serde(default)]
-    pub workloads: Vec<Workload>,
-    #[serde(default)]
-    pub services: Vec<Service>,
 }
 
 /// Validated, indexed cluster state. Immutable: a change builds a new one.

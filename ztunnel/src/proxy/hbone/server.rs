@@ -17,6 +17,7 @@ use crate::identity::Identity;
 use crate::proxy::context::{Pod, Tunnel};
 use crate::proxy::copy::{self, Totals};
 use crate::proxy::{ProxyError, fail, finish};
+use crate::state::WorkloadIdentity;
 use crate::telemetry::{Peer, Reporter};
 use crate::tls::{describe_handshake_error, peer_identity};
 

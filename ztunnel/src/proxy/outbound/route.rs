@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::identity::Identity;
-use crate::state::{Protocol, State, Workload};
+use crate::state::{Protocol, State, Workload, WorkloadIdentity};
 
 /// Port of the HBONE listener in every enrolled pod.
 pub const HBONE_PORT: u16 = 15008;
