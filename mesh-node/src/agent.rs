@@ -1,0 +1,120 @@
+//! The agent's loop: read the cluster, compute the tunnel's tables and this node's enrolled
+//! pods, hand both on, again whenever the cluster changes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tracing::{error, info, warn};
+use tunnel_proto::StateSpec;
+
+use crate::capture::{CaptureReconciler, EnrolledPod};
+use crate::cluster::ClusterObjects;
+use crate::enrollment::{exclusions_of, is_enrolled, netns_of, node_of};
+use crate::manifests::ManifestFolder;
+use crate::tunnel_state::tunnel_state;
+
+/// Why the agent could not hand the tables to the tunnel.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot write the tunnel's state file {path}: {source}")]
+    WriteState {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot encode the tunnel's state: {0}")]
+    Encode(#[from] serde_yaml::Error),
+}
+
+/// The enrolled pods of `node`, with what capture needs; pods that cannot be captured are
+/// reported and left out.
+pub fn local_enrolled(
+    objects: &ClusterObjects,
+    node: &str,
+) -> (BTreeMap<String, EnrolledPod>, Vec<String>) {
+    let mut wanted = BTreeMap::new();
+    let mut problems = Vec::new();
+    for ((namespace, name), pod) in &objects.pods {
+        if node_of(pod) != Some(node) || !is_enrolled(pod, &objects.namespaces) {
+            continue;
+        }
+        let key = format!("{namespace}/{name}");
+        let Some(netns) = netns_of(pod) else {
+            problems.push(format!(
+                "pod {key}: no weft.dev/netns annotation: its network namespace is unknown"
+            ));
+            continue;
+        };
+        match exclusions_of(pod) {
+            Ok(exclusions) => {
+                wanted.insert(key, EnrolledPod { netns, exclusions });
+            }
+            Err(reason) => problems.push(format!("pod {key}: {reason}")),
+        }
+    }
+    (wanted, problems)
+}
+
+/// Writes the tunnel's state file atomically (a rename), so the tunnel never reads half.
+pub fn write_state(path: &Path, state: &StateSpec) -> Result<(), AgentError> {
+    let text = serde_yaml::to_string(state)?;
+    let tmp = path.with_extension("tmp");
+    let fail = |source| AgentError::WriteState {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::write(&tmp, text).map_err(fail)?;
+    std::fs::rename(&tmp, path).map_err(fail)
+}
+
+/// Follows the manifest folder until `stop` resolves.
+pub async fn run_local(
+    folder: &Path,
+    node: &str,
+    state_file: &Path,
+    poll: Duration,
+    mut capture: Option<CaptureReconciler>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let mut manifests = ManifestFolder::new(folder);
+    let mut last: Option<(ClusterObjects, StateSpec)> = None;
+    let mut last_problems: Vec<String> = Vec::new();
+    let mut ticker = tokio::time::interval(poll);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = &mut stop => return,
+        }
+        for e in manifests.reload() {
+            // The same broken file is reported on every pass until fixed: keep it at warn.
+            warn!("{e}; ignored, its last good objects stay");
+        }
+        let objects = manifests.objects();
+        let unchanged = last.as_ref().is_some_and(|(o, _)| *o == objects);
+        if unchanged && last_problems.is_empty() {
+            continue;
+        }
+        let state = tunnel_state(&objects);
+        if last.as_ref().map(|(_, s)| s) != Some(&state) {
+            match write_state(state_file, &state) {
+                Ok(()) => info!(
+                    workloads = state.workloads.len(),
+                    services = state.services.len(),
+                    "tunnel state written"
+                ),
+                Err(e) => error!("{e}"),
+            }
+        }
+        let (wanted, mut problems) = local_enrolled(&objects, node);
+        if let Some(capture) = capture.as_mut() {
+            problems.extend(capture.reconcile(&wanted));
+        }
+        for p in problems.iter().filter(|p| !last_problems.contains(p)) {
+            warn!("{p}; retrying");
+        }
+        last_problems = problems;
+        last = Some((objects, state));
+    }
+}

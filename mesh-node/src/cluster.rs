@@ -1,0 +1,60 @@
+//! The cluster as the agent sees it, whichever source it comes from: Kubernetes objects
+//! (`k8s-openapi` types) by namespace and name.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+
+/// `namespace/name` of a namespaced object.
+pub type ObjectKey = (String, String);
+
+/// Every object the agent uses.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClusterObjects {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub pods: BTreeMap<ObjectKey, Pod>,
+    pub services: BTreeMap<ObjectKey, Service>,
+}
+
+/// One object of a kind the agent follows.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Object {
+    Namespace(Box<Namespace>),
+    Pod(Box<Pod>),
+    Service(Box<Service>),
+}
+
+impl ClusterObjects {
+    /// Adds (or replaces) an object; objects without a name are ignored, and namespaced ones
+    /// without a namespace go to `default`, as `kubectl apply` would put them.
+    pub fn insert(&mut self, object: Object) {
+        match object {
+            Object::Namespace(ns) => {
+                if let Some(name) = ns.metadata.name.clone() {
+                    self.namespaces.insert(name, *ns);
+                }
+            }
+            Object::Pod(pod) => {
+                if let Some(key) = namespaced_key(&pod.metadata) {
+                    self.pods.insert(key, *pod);
+                }
+            }
+            Object::Service(svc) => {
+                if let Some(key) = namespaced_key(&svc.metadata) {
+                    self.services.insert(key, *svc);
+                }
+            }
+        }
+    }
+}
+
+fn namespaced_key(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Option<ObjectKey> {
+    let name = meta.name.clone()?;
+    let namespace = meta
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_owned());
+    Some((namespace, name))
+}

@@ -1,0 +1,133 @@
+//! `mesh-node run`: the per-node agent.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mesh_node::agent::run_local;
+use mesh_node::capture::CaptureReconciler;
+use redirect_ebpf::{Options, Redirect, cgroup2_mount};
+use tracing::info;
+
+#[derive(Parser)]
+#[command(name = "mesh-node", version, about = "Weft's per-node agent")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Follow the cluster and enroll this node's pods until SIGTERM.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// This node's name (the pods' spec.nodeName).
+    #[arg(long, env = "WEFT_NODE_NAME")]
+    node_name: String,
+    /// Folder of Kubernetes YAML (Namespaces, Pods, Services) to follow.
+    #[arg(long, env = "WEFT_MANIFESTS")]
+    manifests: PathBuf,
+    /// How often the folder is read again.
+    #[arg(long, env = "WEFT_MANIFEST_POLL", default_value = "200ms", value_parser = humantime::parse_duration)]
+    poll: Duration,
+    /// Where the tunnel reads the workload and service tables.
+    #[arg(long, env = "WEFT_TUNNEL_STATE_FILE")]
+    tunnel_state_file: PathBuf,
+    /// Where capture is pinned; default: weft on the BPF file system.
+    #[arg(long, env = "WEFT_CAPTURE_PIN_DIR")]
+    pin_dir: Option<PathBuf>,
+    /// The cgroup capture attaches to; default: the root of the cgroup v2 hierarchy.
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// The tunnel's cgroup (never captured); repeatable.
+    #[arg(long = "exclude-cgroup")]
+    exclude_cgroups: Vec<PathBuf>,
+    /// Move bytes between applications and the tunnel with sockops + sk_msg.
+    #[arg(long)]
+    fast_path: bool,
+    /// Do not touch capture (only compute and hand on the tables).
+    #[arg(long)]
+    no_capture: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let Command::Run(args) = Args::parse().command;
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mesh-node: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    if !args.manifests.is_dir() {
+        anyhow::bail!("--manifests {} is not a folder", args.manifests.display());
+    }
+    let capture = if args.no_capture {
+        None
+    } else {
+        let cgroup = match &args.cgroup {
+            Some(path) => path.clone(),
+            None => cgroup2_mount()?,
+        };
+        let options = Options {
+            fast_path: args.fast_path,
+            pin_dir: args.pin_dir.clone(),
+        };
+        let mut redirect = Redirect::install(&cgroup, &options)?;
+        for path in &args.exclude_cgroups {
+            redirect.exclude_cgroup(path)?;
+        }
+        info!(
+            pins = %redirect.pin_dir().display(),
+            adopted = redirect.adopted(),
+            "capture ready"
+        );
+        Some(CaptureReconciler::new(redirect))
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    runtime.block_on(async {
+        info!(node = %args.node_name, manifests = %args.manifests.display(), "mesh-node running");
+        run_local(
+            &args.manifests,
+            &args.node_name,
+            &args.tunnel_state_file,
+            args.poll,
+            capture,
+            shutdown_signal(),
+        )
+        .await;
+        info!("SIGTERM: exiting; capture stays pinned");
+    });
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
