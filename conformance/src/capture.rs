@@ -6,10 +6,11 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Result, bail};
 
+use crate::agents::wait_for_output;
 use crate::process::Process;
 
 /// A running capture loader; dropping it stops the loader and removes everything it pinned.
@@ -93,15 +94,6 @@ fn spawn_loader(pin_dir: &Path, args: &[OsString], log_dir: &Path) -> Result<Pro
     let n = LOADERS.fetch_add(1, Ordering::Relaxed);
     let log = log_dir.join(format!("weft-redirect-{n}.log"));
     let mut process = Process::spawn("weft-redirect", cmd, log)?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !process.output().contains("pinned under") {
-        if let Some(status) = process.exited() {
-            bail!("weft-redirect exited with {status}:\n{}", process.output());
-        }
-        if Instant::now() > deadline {
-            bail!("weft-redirect not ready after 20 s:\n{}", process.output());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_output(&mut process, "pinned under", Duration::from_secs(20))?;
     Ok(process)
 }

@@ -68,6 +68,9 @@ pub struct ClusterSpec {
     pub trust_domain: String,
     /// Extra flags for every `ztunnel run`.
     pub tunnel_args: Vec<String>,
+    /// One capture per node, pinned under the node's own directory, as each real node has
+    /// (`mesh-node` runs it); otherwise one capture for the whole simulated cluster.
+    pub capture_per_node: bool,
 }
 
 impl ClusterSpec {
@@ -79,6 +82,7 @@ impl ClusterSpec {
             services: Vec::new(),
             trust_domain: "cluster.local".into(),
             tunnel_args: Vec::new(),
+            capture_per_node: false,
         }
     }
 }
@@ -188,6 +192,8 @@ pub struct Cluster {
     pub apps: Vec<Process>,
     /// Capture loaders owned by the cluster; uninstalled when it is dropped.
     pub captures: Vec<Capture>,
+    /// `mesh-node` agents, one per node when started.
+    pub agents: Vec<Process>,
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
     pub router: Netns,
@@ -200,7 +206,11 @@ pub struct Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.captures.clear();
+        self.agents.clear();
         crate::capture::uninstall(&self.pin_dir());
+        for i in 1..=self.nodes.len() {
+            crate::capture::uninstall(&self.node_pin_dir(i));
+        }
         for i in 1..=self.nodes.len() {
             if let Some(mut tunnel) = self.nodes[i - 1].tunnel.take() {
                 tunnel.stop(Duration::from_secs(5));
@@ -405,6 +415,7 @@ impl Cluster {
         let cluster = Cluster {
             apps: Vec::new(),
             captures: Vec::new(),
+            agents: Vec::new(),
             nodes,
             pods,
             router,
@@ -542,7 +553,7 @@ impl Cluster {
             .arg("--ca-key")
             .arg(self.dir.path().join("ca.key"))
             .arg("--capture-pin-dir")
-            .arg(self.pin_dir())
+            .arg(self.tunnel_pin_dir(i))
             .args(&self.spec.tunnel_args);
         let process = Process::spawn(&format!("ztunnel-{}", node.name), cmd, log)?;
         self.nodes[i - 1].tunnel = Some(process);
@@ -679,6 +690,20 @@ impl Cluster {
     pub fn tunnel_cgroup(&self, i: usize) -> PathBuf {
         let root = redirect_ebpf::cgroup2_mount().unwrap_or_else(|_| "/sys/fs/cgroup".into());
         root.join(format!("{}-node{i}", self.prefix))
+    }
+
+    /// Where node `i`'s capture is pinned when each node has its own.
+    pub fn node_pin_dir(&self, i: usize) -> PathBuf {
+        PathBuf::from("/sys/fs/bpf").join(format!("{}-node{i}", self.prefix))
+    }
+
+    /// Where node `i`'s tunnel registers its inbound listeners.
+    pub fn tunnel_pin_dir(&self, i: usize) -> PathBuf {
+        if self.spec.capture_per_node {
+            self.node_pin_dir(i)
+        } else {
+            self.pin_dir()
+        }
     }
 
     /// Where this cluster's capture is pinned (its own directory on the BPF file system).

@@ -2,6 +2,7 @@
 //! veth pairs on one machine, running the real binaries, plus the helpers end-to-end cases and
 //! `weft-bench` share. Everything here needs root.
 
+pub mod agents;
 pub mod bench;
 pub mod capture;
 pub mod cluster;

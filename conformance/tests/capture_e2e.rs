@@ -313,49 +313,70 @@ fn echo_on(stream: &mut std::net::TcpStream, text: &str) -> std::io::Result<Stri
 #[test]
 fn restarting_the_capture_loader_under_load_fails_no_connection() {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
     let mut cluster = cluster();
     let server = cluster.pod("server").ip;
     let target = std::net::SocketAddr::from((server, 8080));
     let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU32::new(0));
     let load = {
-        let stop = stop.clone();
+        let (stop, done) = (stop.clone(), done.clone());
         cluster.pod("client").netns.spawn_in(move || {
             let timeout = Some(Duration::from_secs(5));
-            let mut long = std::net::TcpStream::connect(target).unwrap();
-            long.set_read_timeout(timeout).unwrap();
-            let (mut done, mut failures, mut long_uses) = (0u32, Vec::new(), 0u32);
+            let mut long = std::net::TcpStream::connect(target).map_err(|e| format!("{e}"))?;
+            long.set_read_timeout(timeout).map_err(|e| format!("{e}"))?;
+            let (mut failures, mut long_uses) = (Vec::new(), 0u32);
+            let mut n = 0u32;
             while !stop.load(Ordering::Relaxed) {
-                let text = format!("n{done}");
+                let text = format!("n{n}");
+                n += 1;
                 let answer = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5))
                     .and_then(|mut s| {
                         s.set_read_timeout(timeout)?;
                         echo_on(&mut s, &text)
                     });
                 match answer {
-                    Ok(body) if body == format!("server saw {text}\n") => done += 1,
+                    Ok(body) if body == format!("server saw {text}\n") => {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
                     other => failures.push(format!("{text}: {other:?}")),
                 }
-                if done % 10 == 0 {
+                if n.is_multiple_of(10) {
                     match echo_on(&mut long, "long") {
                         Ok(body) if body == "server saw long\n" => long_uses += 1,
                         other => failures.push(format!("long connection: {other:?}")),
                     }
                 }
             }
-            (done, failures, long_uses)
+            Ok::<_, String>((failures, long_uses))
         })
     };
-    std::thread::sleep(Duration::from_millis(500));
+    // Wait for load before the restart and after it, whatever the machine's pace.
+    let wait_for = |count: u32| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while done.load(Ordering::Relaxed) < count {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "load stalled at {count}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for(10);
     cluster.captures[0]
         .restart()
         .expect("a new loader takes over");
-    std::thread::sleep(Duration::from_millis(500));
+    let at_restart = done.load(Ordering::Relaxed);
+    wait_for(at_restart + 20);
     stop.store(true, Ordering::Relaxed);
-    let (done, failures, long_uses) = load.join().unwrap().unwrap();
+    let (failures, long_uses) = load
+        .join()
+        .unwrap()
+        .unwrap()
+        .expect("the long connection opens");
+    let done = done.load(Ordering::Relaxed);
     assert!(failures.is_empty(), "failed: {failures:?}");
-    assert!(done >= 20, "only {done} requests in a second");
     assert!(
         long_uses >= 2,
         "the long connection was used {long_uses} times"

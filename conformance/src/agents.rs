@@ -1,0 +1,141 @@
+//! `mesh-node` in the simulated cluster: the pods as Kubernetes manifests in a folder, and one
+//! agent per node following it, driving that node's capture and tunnel.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+
+use crate::cluster::Cluster;
+use crate::process::Process;
+
+/// How the manifests describe the cluster's pods.
+#[derive(Clone, Debug, Default)]
+pub struct Manifests<'a> {
+    /// Namespaces labelled `weft.dev/mesh=enabled`.
+    pub labelled: &'a [&'a str],
+    /// Pods labelled `weft.dev/mesh=disabled`.
+    pub opted_out: &'a [&'a str],
+    /// Pods left out (not created yet).
+    pub absent: &'a [&'a str],
+}
+
+impl Cluster {
+    /// The manifest folder the agents follow.
+    pub fn manifest_dir(&self) -> PathBuf {
+        self.dir.path().join("manifests")
+    }
+
+    /// Writes the cluster's namespaces and pods as Kubernetes YAML (one file, replaced
+    /// atomically) in [`Cluster::manifest_dir`].
+    pub fn write_manifests(&self, m: &Manifests<'_>) -> Result<()> {
+        let mut namespaces: Vec<&str> = self
+            .pods
+            .iter()
+            .map(|p| p.spec.namespace.as_str())
+            .collect();
+        namespaces.sort();
+        namespaces.dedup();
+        let mut out = String::new();
+        for ns in namespaces {
+            let labels = if m.labelled.contains(&ns) {
+                "{weft.dev/mesh: enabled}"
+            } else {
+                "{}"
+            };
+            let _ = write!(
+                out,
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {labels}}}\n---\n"
+            );
+        }
+        for pod in self
+            .pods
+            .iter()
+            .filter(|p| !m.absent.contains(&p.spec.name.as_str()))
+        {
+            let spec = &pod.spec;
+            let mesh_label = if m.opted_out.contains(&spec.name.as_str()) {
+                ", weft.dev/mesh: disabled"
+            } else {
+                ""
+            };
+            let _ = write!(
+                out,
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  labels: {{app: {}{mesh_label}}}\n  annotations: {{weft.dev/netns: {}}}\nspec:\n  nodeName: node{}\n  serviceAccountName: {}\n  containers: [{{name: app, image: weft-testapp}}]\nstatus:\n  phase: Running\n  podIPs: [{{ip: {}}}, {{ip: \"{}\"}}]\n---\n",
+                spec.name,
+                spec.namespace,
+                spec.name,
+                pod.netns.path().display(),
+                spec.node,
+                spec.service_account,
+                pod.ip,
+                pod.ip6,
+            );
+        }
+        let dir = self.manifest_dir();
+        std::fs::create_dir_all(&dir)?;
+        let tmp = dir.join(".cluster.yaml.tmp");
+        std::fs::write(&tmp, out)?;
+        std::fs::rename(tmp, dir.join("cluster.yaml"))?;
+        Ok(())
+    }
+
+    /// Starts one `mesh-node` per node following [`Cluster::manifest_dir`], each pinning its
+    /// capture under its node's directory and writing its node's tunnel state file; waits
+    /// until each has written it.
+    pub fn start_agents(&mut self) -> Result<()> {
+        for i in 1..=self.nodes.len() {
+            let agent = self.spawn_agent(i)?;
+            self.agents.push(agent);
+        }
+        Ok(())
+    }
+
+    /// Starts node `i`'s agent and waits until it wrote the tunnel's state.
+    pub fn spawn_agent(&self, i: usize) -> Result<Process> {
+        let node = &self.nodes[i - 1];
+        let mut cmd = Command::new(crate::binary("mesh-node"));
+        cmd.arg("run")
+            .args(["--node-name", &node.name, "--poll", "50ms"])
+            .arg("--manifests")
+            .arg(self.manifest_dir())
+            .arg("--tunnel-state-file")
+            .arg(&node.state_file)
+            .arg("--pin-dir")
+            .arg(self.node_pin_dir(i))
+            .arg("--exclude-cgroup")
+            .arg(self.tunnel_cgroup(i));
+        let log =
+            self.dir
+                .path()
+                .join(format!("mesh-node-{}-{}.log", node.name, self.agents.len()));
+        let mut agent = Process::spawn(&format!("mesh-node-{}", node.name), cmd, log)?;
+        wait_for_output(&mut agent, "tunnel state written", Duration::from_secs(20))?;
+        Ok(agent)
+    }
+}
+
+/// Waits until `process` printed `needle`; fails with its output if it exits or times out.
+pub fn wait_for_output(process: &mut Process, needle: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !process.output().contains(needle) {
+        if let Some(status) = process.exited() {
+            bail!(
+                "{} exited with {status}:\n{}",
+                process.name,
+                process.output()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} did not print {needle:?}:\n{}",
+                process.name,
+                process.output()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
