@@ -1,5 +1,9 @@
 //! What Weft's node agent (`mesh-node`) tells the tunnel, shared by both: the workload and
-//! service tables. The tunnel also reads them from a YAML state file (tests, single machines).
+//! service tables (which the tunnel also reads from a YAML state file: tests, single
+//! machines), and the versioned protocol over a Unix socket that carries them with the local
+//! pods' network namespaces ([`protocol`]).
+
+pub mod protocol;
 
 use std::net::IpAddr;
 use std::path::PathBuf;

@@ -1,0 +1,348 @@
+//! The agent-to-tunnel protocol, version 1, over a Unix stream socket the agent listens on and
+//! the tunnel connects to. Each frame is a little-endian `u32` length and that many bytes of
+//! JSON (`{"seq": n, "message": {...}}`); a frame that adds a pod carries the pod's network
+//! namespace as a file descriptor (`SCM_RIGHTS`) on its first byte.
+//!
+//! On every connection: both sides say `hello` with their version (a different version ends
+//! the connection with a message naming both); then the agent sends a full snapshot
+//! (`snapshot_start`, one `add_pod` per local pod, `state`, `snapshot_end`), and changes after
+//! it. The tunnel answers each frame with `ack` (or `nack` with the reason) carrying its
+//! `seq`; at `snapshot_end` it stops the pods the snapshot did not name and keeps the others
+//! running, so either side can restart without dropping live connections of pods still
+//! enrolled.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::io::Interest;
+use tokio::net::UnixStream;
+
+use crate::StateSpec;
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest frame accepted (a state of tens of thousands of pods fits).
+pub const MAX_FRAME: usize = 64 << 20;
+
+/// What the agent sends.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMessage {
+    Hello {
+        version: u32,
+    },
+    /// A full snapshot follows: pods not added before `SnapshotEnd` are to be stopped.
+    SnapshotStart,
+    /// A local pod to serve; its network namespace descriptor travels with this frame.
+    AddPod {
+        key: String,
+    },
+    /// A local pod no longer to serve.
+    RemovePod {
+        key: String,
+    },
+    /// The workload and service tables.
+    State {
+        state: StateSpec,
+    },
+    SnapshotEnd,
+}
+
+/// What the tunnel answers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum TunnelMessage {
+    Hello {
+        version: u32,
+    },
+    /// Frame `seq` was applied.
+    Ack {
+        seq: u64,
+    },
+    /// Frame `seq` was refused; the tunnel keeps what it had.
+    Nack {
+        seq: u64,
+        reason: String,
+    },
+}
+
+/// Why a frame could not be sent or read.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("agent socket: {0}")]
+    Io(#[from] io::Error),
+    #[error("agent socket: a frame of {0} bytes is over the limit")]
+    TooLarge(usize),
+    #[error("agent socket: malformed frame: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error("agent socket: a frame carried {0} descriptors; at most one is allowed")]
+    TooManyDescriptors(usize),
+    #[error("agent socket: the peer speaks protocol version {peer}, this build {ours}")]
+    Version { peer: u32, ours: u32 },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope<T> {
+    seq: u64,
+    message: T,
+}
+
+/// One received frame.
+#[derive(Debug)]
+pub struct Frame<T> {
+    pub seq: u64,
+    pub message: T,
+    /// The descriptor that came with it (a network namespace for `add_pod`).
+    pub fd: Option<OwnedFd>,
+}
+
+/// Sends one frame, with `fd` attached if given.
+pub async fn send<T: Serialize>(
+    stream: &UnixStream,
+    seq: u64,
+    message: &T,
+    fd: Option<BorrowedFd<'_>>,
+) -> Result<(), ProtocolError> {
+    let body = serde_json::to_vec(&Envelope { seq, message })?;
+    if body.len() > MAX_FRAME {
+        return Err(ProtocolError::TooLarge(body.len()));
+    }
+    let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    let mut sent = 0;
+    while sent < frame.len() {
+        let rest = &frame[sent..];
+        let attach = (sent == 0).then_some(fd).flatten();
+        let n = stream
+            .async_io(Interest::WRITABLE, || {
+                let fds: Vec<RawFd> = attach.iter().map(|fd| fd.as_raw_fd()).collect();
+                let cmsgs: Vec<ControlMessage> = if fds.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![ControlMessage::ScmRights(&fds)]
+                };
+                sendmsg::<()>(
+                    stream.as_raw_fd(),
+                    &[IoSlice::new(rest)],
+                    &cmsgs,
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .map_err(io::Error::from)
+            })
+            .await?;
+        sent += n;
+    }
+    Ok(())
+}
+
+/// Reads one frame; `None` when the peer closed the connection between frames.
+pub async fn recv<T: DeserializeOwned>(
+    stream: &UnixStream,
+) -> Result<Option<Frame<T>>, ProtocolError> {
+    let mut fds = Vec::new();
+    let mut header = [0u8; 4];
+    if !recv_exact(stream, &mut header, &mut fds, true).await? {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes(header) as usize;
+    if len > MAX_FRAME {
+        return Err(ProtocolError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    if !recv_exact(stream, &mut body, &mut fds, false).await? {
+        return Err(ProtocolError::Io(io::ErrorKind::UnexpectedEof.into()));
+    }
+    if fds.len() > 1 {
+        return Err(ProtocolError::TooManyDescriptors(fds.len()));
+    }
+    let envelope: Envelope<T> = serde_json::from_slice(&body)?;
+    Ok(Some(Frame {
+        seq: envelope.seq,
+        message: envelope.message,
+        fd: fds.pop(),
+    }))
+}
+
+/// Fills `buf`, collecting descriptors; false on a clean end before the first byte when
+/// `eof_ok`.
+async fn recv_exact(
+    stream: &UnixStream,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+    eof_ok: bool,
+) -> Result<bool, ProtocolError> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        let n = stream
+            .async_io(Interest::READABLE, || {
+                let mut iov = [IoSliceMut::new(&mut *rest)];
+                let mut space = nix::cmsg_space!([RawFd; 4]);
+                let msg = recvmsg::<()>(
+                    stream.as_raw_fd(),
+                    &mut iov,
+                    Some(&mut space),
+                    MsgFlags::MSG_CMSG_CLOEXEC,
+                )
+                .map_err(io::Error::from)?;
+                for cmsg in msg.cmsgs().map_err(io::Error::from)? {
+                    if let ControlMessageOwned::ScmRights(received) = cmsg {
+                        for raw in received {
+                            // SAFETY: the kernel just installed this descriptor for us.
+                            fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+                        }
+                    }
+                }
+                Ok(msg.bytes)
+            })
+            .await?;
+        if n == 0 {
+            if filled == 0 && eof_ok {
+                return Ok(false);
+            }
+            return Err(ProtocolError::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+        filled += n;
+    }
+    Ok(true)
+}
+
+/// Sends our hello and checks the peer's.
+pub async fn handshake<Ours: Serialize, Theirs: DeserializeOwned>(
+    stream: &UnixStream,
+    hello: Ours,
+    version_of: impl Fn(&Theirs) -> Option<u32>,
+) -> Result<(), ProtocolError> {
+    send(stream, 0, &hello, None).await?;
+    let Some(frame) = recv::<Theirs>(stream).await? else {
+        return Err(ProtocolError::Io(io::ErrorKind::UnexpectedEof.into()));
+    };
+    match version_of(&frame.message) {
+        Some(PROTOCOL_VERSION) => Ok(()),
+        Some(peer) => Err(ProtocolError::Version {
+            peer,
+            ours: PROTOCOL_VERSION,
+        }),
+        None => Err(ProtocolError::Io(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the first frame is not a hello",
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_carry_messages_and_a_descriptor() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let file = std::fs::File::open("/proc/self/ns/net").unwrap();
+        let inode = std::fs::metadata("/proc/self/ns/net").map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.ino()
+        });
+        send(
+            &a,
+            7,
+            &AgentMessage::AddPod {
+                key: "apps/web".into(),
+            },
+            Some(std::os::fd::AsFd::as_fd(&file)),
+        )
+        .await
+        .unwrap();
+        let big = AgentMessage::State {
+            state: StateSpec {
+                workloads: (0..3000)
+                    .map(|i| crate::Workload {
+                        name: format!("pod-{i}"),
+                        namespace: "apps".into(),
+                        service_account: "default".into(),
+                        ips: vec![std::net::IpAddr::from([
+                            10,
+                            1,
+                            (i / 250) as u8,
+                            (i % 250) as u8,
+                        ])],
+                        node: "node1".into(),
+                        netns: None,
+                        protocol: crate::Protocol::Hbone,
+                    })
+                    .collect(),
+                services: vec![],
+            },
+        };
+        let sender = tokio::spawn(async move {
+            send(&a, 8, &big, None).await.unwrap();
+            a
+        });
+        let first: Frame<AgentMessage> = recv(&b).await.unwrap().unwrap();
+        assert_eq!(first.seq, 7);
+        assert_eq!(
+            first.message,
+            AgentMessage::AddPod {
+                key: "apps/web".into()
+            }
+        );
+        let fd = first.fd.expect("the namespace descriptor arrives");
+        let got = std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd())).map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.ino()
+        });
+        assert_eq!(got.unwrap(), inode.unwrap(), "the same namespace");
+        let second: Frame<AgentMessage> = recv(&b).await.unwrap().unwrap();
+        let a = sender.await.unwrap();
+        assert!(
+            matches!(second.message, AgentMessage::State { ref state } if state.workloads.len() == 3000)
+        );
+        assert!(second.fd.is_none());
+        drop(a);
+        assert!(
+            recv::<AgentMessage>(&b).await.unwrap().is_none(),
+            "clean end"
+        );
+    }
+
+    #[tokio::test]
+    async fn malformed_frames_and_other_versions_are_refused_with_a_reason() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let garbage = b"{not json";
+        let mut frame = (garbage.len() as u32).to_le_bytes().to_vec();
+        frame.extend_from_slice(garbage);
+        a.writable().await.unwrap();
+        a.try_write(&frame).unwrap();
+        let error = recv::<AgentMessage>(&b).await.unwrap_err().to_string();
+        assert!(error.contains("malformed frame"), "{error}");
+
+        let (a, b) = UnixStream::pair().unwrap();
+        let peer = tokio::spawn(async move {
+            send(&b, 0, &TunnelMessage::Hello { version: 9 }, None)
+                .await
+                .unwrap();
+            b
+        });
+        let error = handshake::<_, TunnelMessage>(
+            &a,
+            AgentMessage::Hello {
+                version: PROTOCOL_VERSION,
+            },
+            |m| match m {
+                TunnelMessage::Hello { version } => Some(*version),
+                _ => None,
+            },
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        let _b = peer.await.unwrap();
+        assert!(
+            error.contains("version 9") && error.contains("this build 1"),
+            "{error}"
+        );
+    }
+}
