@@ -27,6 +27,9 @@ pub struct AdminState {
     pub pods: Arc<Mutex<PodsStatus>>,
     pub set_log_filter: SetLogFilter,
     pub log_filter: Mutex<String>,
+    /// Whether the state source has delivered (the agent's first snapshot), and what it is.
+    pub source_ready: tokio::sync::watch::Receiver<bool>,
+    pub source: String,
 }
 
 /// Which endpoint a listener serves.
@@ -131,6 +134,12 @@ async fn route(
 }
 
 fn readiness(state: &AdminState) -> Response<Full<Bytes>> {
+    if !*state.source_ready.borrow() {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: no state yet from {}\n", state.source),
+        );
+    }
     let pods = state.pods.lock().map(|p| p.clone()).unwrap_or_default();
     if !pods.synced {
         return text(

@@ -17,7 +17,7 @@ use crate::logging::SetLogFilter;
 use crate::pods::{PodsStatus, run_pods};
 use crate::proxy::context::{LocalPods, Tunnel};
 use crate::proxy::hbone::{Pool, PoolSettings};
-use crate::state::watch_state_file;
+use crate::state::{AgentFollower, PodNamespaces, State, watch_state_file};
 use crate::telemetry::Metrics;
 use crate::tls::TlsContext;
 
@@ -33,7 +33,25 @@ pub async fn run(config: RunConfig, set_log_filter: SetLogFilter) -> anyhow::Res
     )?;
     let certs = CertificateManager::new(Arc::new(ca));
     let tls = TlsContext::new(crypto, certs.trust_roots(), &config.trust_domain)?;
-    let state = watch_state_file(config.state_file.clone(), config.state_poll).await?;
+    // The state source: a file (ready once loaded) or the node agent (ready at its first
+    // snapshot, followed in the background once the pods loop runs).
+    let (source_ready_tx, source_ready) = tokio::sync::watch::channel(false);
+    let (state, agent_state_tx, source) = match (&config.state_file, &config.agent_socket) {
+        (Some(path), _) => {
+            let state = watch_state_file(path.clone(), config.state_poll).await?;
+            source_ready_tx.send_replace(true);
+            (state, None, format!("the state file {}", path.display()))
+        }
+        (None, Some(socket)) => {
+            let (tx, rx) = tokio::sync::watch::channel(Arc::new(State::default()));
+            (
+                rx,
+                Some(tx),
+                format!("the node agent at {}", socket.display()),
+            )
+        }
+        (None, None) => anyhow::bail!("give --state-file or --agent-socket"),
+    };
     let metrics = Metrics::new();
     let pool = Pool::new(
         PoolSettings {
@@ -57,6 +75,7 @@ pub async fn run(config: RunConfig, set_log_filter: SetLogFilter) -> anyhow::Res
         next_endpoint: AtomicUsize::new(0),
         local_pods: LocalPods::default(),
         same_node_shortcut: config.same_node_shortcut,
+        pod_namespaces: PodNamespaces::default(),
     });
 
     let pods = Arc::new(Mutex::new(PodsStatus::default()));
@@ -67,6 +86,8 @@ pub async fn run(config: RunConfig, set_log_filter: SetLogFilter) -> anyhow::Res
         pods: pods.clone(),
         set_log_filter,
         log_filter: Mutex::new(config.log.clone()),
+        source_ready,
+        source,
     });
     // Admin endpoints outlive the drain, so readiness and metrics stay visible while it runs.
     let admin_stop = CancellationToken::new();
@@ -79,13 +100,25 @@ pub async fn run(config: RunConfig, set_log_filter: SetLogFilter) -> anyhow::Res
             .await
             .with_context(|| format!("cannot listen on {addr} for {endpoint:?}"))?;
     }
+    let (applied_tx, applied) = tokio::sync::watch::channel(0usize);
     let pods_task = tokio::spawn(run_pods(
         tunnel.clone(),
         config.node_name.clone(),
         Some(config.socket_mark),
         pods,
         config.capture_pin_dir.clone().map(InboundCapture::new),
+        applied_tx,
     ));
+    if let (Some(state), Some(path)) = (agent_state_tx, &config.agent_socket) {
+        let follower = AgentFollower {
+            path: path.clone(),
+            state,
+            pods: tunnel.pod_namespaces.clone(),
+            applied,
+            synced: source_ready_tx,
+        };
+        tokio::spawn(follower.run(tunnel.shutdown.clone()));
+    }
     info!(node = %config.node_name, trust_domain = %config.trust_domain, "tunnel started");
 
     wait_for_signal().await?;

@@ -41,9 +41,17 @@ pub struct RunConfig {
     /// The node this tunnel serves: workloads whose `node` matches get listeners.
     #[arg(long, env = "WEFT_NODE_NAME")]
     pub node_name: String,
-    /// YAML file of workloads and services, reloaded on change.
-    #[arg(long, env = "WEFT_STATE_FILE")]
-    pub state_file: PathBuf,
+    /// YAML file of workloads and services, reloaded on change (tests, single machines).
+    #[arg(
+        long,
+        env = "WEFT_STATE_FILE",
+        conflicts_with = "agent_socket",
+        required_unless_present = "agent_socket"
+    )]
+    pub state_file: Option<PathBuf>,
+    /// The node agent's Unix socket: the tables and local pods come from `mesh-node`.
+    #[arg(long, env = "WEFT_AGENT_SOCKET")]
+    pub agent_socket: Option<PathBuf>,
     /// How often the state file is checked for changes.
     #[arg(long, env = "WEFT_STATE_POLL", default_value = "500ms", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]

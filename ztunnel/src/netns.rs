@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex, mpsc};
 
@@ -27,12 +28,21 @@ impl NetnsWorker {
     pub fn spawn(path: &Path) -> io::Result<Arc<Self>> {
         let ns =
             File::open(path).map_err(|e| annotate(e, path, "cannot open network namespace"))?;
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("?");
+        Self::spawn_in(ns, name, path)
+    }
+
+    /// Enters the namespace open as `ns` (a descriptor the node agent sent) on a new thread.
+    pub fn spawn_fd(ns: &OwnedFd, pod: &str) -> io::Result<Arc<Self>> {
+        let ns = File::from(ns.try_clone()?);
+        let label = format!("the network namespace of pod {pod}");
+        Self::spawn_in(ns, pod, Path::new(&label))
+    }
+
+    fn spawn_in(ns: File, name: &str, path: &Path) -> io::Result<Arc<Self>> {
         let (tx, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel();
-        let name = format!(
-            "netns-{}",
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("?")
-        );
+        let name = format!("netns-{name}");
         std::thread::Builder::new().name(name).spawn(move || {
             let entered = nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
                 .map_err(io::Error::from);

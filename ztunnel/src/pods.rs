@@ -18,7 +18,7 @@ use crate::proxy::context::{Pod, Tunnel};
 use crate::proxy::hbone::serve_hbone_connection;
 use crate::proxy::inbound_plaintext::{INBOUND_PLAINTEXT_PORT, serve_inbound_plaintext};
 use crate::proxy::outbound::{Entry, HBONE_PORT, serve_outbound};
-use crate::state::{Protocol, State, Workload, WorkloadIdentity};
+use crate::state::{Protocol, State, Workload, WorkloadIdentity, state_id};
 use crate::tls::TlsError;
 
 /// Outbound listener for captured connections.
@@ -29,7 +29,9 @@ pub const SOCKS5_PORT: u16 = 15080;
 /// Why a local pod's listeners could not start; retried on the next state change.
 #[derive(Debug, thiserror::Error)]
 pub enum PodError {
-    #[error("pod {pod} is on this node but has no netns in the state")]
+    #[error(
+        "pod {pod} is on this node but its network namespace is unknown (no netns in the state, none from the node agent)"
+    )]
     NoNetns { pod: String },
     #[error("pod {pod}: {source}")]
     Netns { pod: String, source: io::Error },
@@ -50,6 +52,8 @@ pub enum PodError {
 
 struct RunningPod {
     workload: Arc<Workload>,
+    /// The agent's namespace descriptor it runs in (its address), if it came from the agent.
+    netns: Option<usize>,
     stop: CancellationToken,
     /// Duplicates of the plaintext inbound listeners, for capture's registration; closed
     /// with the pod.
@@ -77,6 +81,7 @@ pub async fn run_pods(
     mark: Option<u32>,
     status: Arc<Mutex<PodsStatus>>,
     mut inbound_capture: Option<InboundCapture>,
+    applied: tokio::sync::watch::Sender<usize>,
 ) {
     let mut running: HashMap<String, RunningPod> = HashMap::new();
     let mut state_rx = tunnel.state.clone();
@@ -85,6 +90,7 @@ pub async fn run_pods(
     loop {
         let state = state_rx.borrow_and_update().clone();
         let failed = reconcile(&tunnel, &node, mark, &state, &mut running).await;
+        applied.send_replace(state_id(&state));
         let in_use = running
             .values()
             .map(|pod| pod.workload.identity(tunnel.trust_domain()))
@@ -121,6 +127,14 @@ pub async fn run_pods(
     }
 }
 
+/// Which agent descriptor pod `key` would run in now.
+fn netns_id(tunnel: &Tunnel, key: &str) -> Option<usize> {
+    tunnel
+        .pod_namespaces
+        .get(key)
+        .map(|fd| Arc::as_ptr(&fd) as usize)
+}
+
 /// How often registration with capture is checked (a reinstalled capture is picked up within).
 const CAPTURE_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -137,7 +151,8 @@ async fn reconcile(
         .map(|w| (w.key(), w.clone()))
         .collect();
     running.retain(|key, pod| {
-        let keep = wanted.get(key).is_some_and(|w| **w == *pod.workload);
+        let keep = wanted.get(key).is_some_and(|w| **w == *pod.workload)
+            && netns_id(tunnel, key) == pod.netns;
         if !keep {
             info!(pod = %key, "stopping pod listeners");
             tunnel.local_pods.remove(key);
@@ -153,9 +168,11 @@ async fn reconcile(
         match start_pod(tunnel, workload.clone(), mark).await {
             Ok((stop, inbound)) => {
                 info!(pod = %key, identity = %workload.identity(tunnel.trust_domain()), "pod listeners running");
+                let netns = netns_id(tunnel, &key);
                 running.insert(
                     key,
                     RunningPod {
+                        netns,
                         workload,
                         stop,
                         inbound,
@@ -177,11 +194,12 @@ async fn start_pod(
     mark: Option<u32>,
 ) -> Result<(CancellationToken, Vec<InboundListener>), PodError> {
     let key = workload.key();
-    let netns = workload
-        .netns
-        .as_ref()
-        .ok_or_else(|| PodError::NoNetns { pod: key.clone() })?;
-    let worker = NetnsWorker::spawn(netns).map_err(|source| PodError::Netns {
+    let worker = match (tunnel.pod_namespaces.get(&key), workload.netns.as_ref()) {
+        (Some(fd), _) => NetnsWorker::spawn_fd(&fd, &key),
+        (None, Some(path)) => NetnsWorker::spawn(path),
+        (None, None) => return Err(PodError::NoNetns { pod: key }),
+    }
+    .map_err(|source| PodError::Netns {
         pod: key.clone(),
         source,
     })?;

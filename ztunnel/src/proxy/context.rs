@@ -14,7 +14,7 @@ use super::ProxyError;
 use super::hbone::Pool;
 use crate::identity::{CertificateManager, Identity};
 use crate::netns::SocketFactory;
-use crate::state::{StateHandle, Workload, WorkloadIdentity};
+use crate::state::{PodNamespaces, StateHandle, Workload, WorkloadIdentity};
 use crate::telemetry::{ConnectionRecorder, Metrics, Peer, Reporter};
 use crate::tls::TlsContext;
 
@@ -35,6 +35,8 @@ pub struct Tunnel {
     pub local_pods: LocalPods,
     /// Hand connections between two local pods over in process instead of through HBONE.
     pub same_node_shortcut: bool,
+    /// Local pods' network namespaces sent by the node agent (empty with a state file).
+    pub pod_namespaces: PodNamespaces,
 }
 
 /// The local pods this tunnel serves, by `namespace/name`.

@@ -1,9 +1,11 @@
 //! What the tunnel knows of the cluster: workloads and services, independent of their source.
 
+mod agent;
 mod file;
 mod model;
 mod watch;
 
+pub use agent::{AgentFollower, PodNamespaces, state_id};
 pub use file::parse_state_file;
 pub use model::{Protocol, Service, ServicePort, State, StateSpec, Workload, WorkloadIdentity};
 pub use watch::{StateHandle, watch_state_file};
