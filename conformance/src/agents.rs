@@ -83,8 +83,8 @@ impl Cluster {
     }
 
     /// Starts one `mesh-node` per node following [`Cluster::manifest_dir`], each pinning its
-    /// capture under its node's directory and writing its node's tunnel state file; waits
-    /// until each has written it.
+    /// capture under its node's directory and serving its node's tunnel on
+    /// [`Cluster::agent_socket`]; waits until each listens.
     pub fn start_agents(&mut self) -> Result<()> {
         for i in 1..=self.nodes.len() {
             let agent = self.spawn_agent(i)?;
@@ -93,16 +93,23 @@ impl Cluster {
         Ok(())
     }
 
-    /// Starts node `i`'s agent and waits until it wrote the tunnel's state.
+    /// The socket node `i`'s agent serves its tunnel on.
+    pub fn agent_socket(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("agent-node{i}.sock"))
+    }
+
+    /// Starts node `i`'s agent and waits until it listens for its tunnel.
     pub fn spawn_agent(&self, i: usize) -> Result<Process> {
         let node = &self.nodes[i - 1];
+        // The tunnel's cgroup exists before either starts, as a DaemonSet pod's would.
+        std::fs::create_dir_all(self.tunnel_cgroup(i))?;
         let mut cmd = Command::new(crate::binary("mesh-node"));
         cmd.arg("run")
             .args(["--node-name", &node.name, "--poll", "50ms"])
             .arg("--manifests")
             .arg(self.manifest_dir())
-            .arg("--tunnel-state-file")
-            .arg(&node.state_file)
+            .arg("--tunnel-socket")
+            .arg(self.agent_socket(i))
             .arg("--pin-dir")
             .arg(self.node_pin_dir(i))
             .arg("--exclude-cgroup")
@@ -112,7 +119,7 @@ impl Cluster {
                 .path()
                 .join(format!("mesh-node-{}-{}.log", node.name, self.agents.len()));
         let mut agent = Process::spawn(&format!("mesh-node-{}", node.name), cmd, log)?;
-        wait_for_output(&mut agent, "tunnel state written", Duration::from_secs(20))?;
+        wait_for_output(&mut agent, "mesh-node running", Duration::from_secs(20))?;
         Ok(agent)
     }
 }

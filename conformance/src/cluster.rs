@@ -68,9 +68,10 @@ pub struct ClusterSpec {
     pub trust_domain: String,
     /// Extra flags for every `ztunnel run`.
     pub tunnel_args: Vec<String>,
-    /// One capture per node, pinned under the node's own directory, as each real node has
-    /// (`mesh-node` runs it); otherwise one capture for the whole simulated cluster.
-    pub capture_per_node: bool,
+    /// `mesh-node` runs each node, as on a real cluster: its own capture pinned under the
+    /// node's directory, and the node's tunnel fed over the agent socket (start the agents
+    /// before the tunnels). Otherwise tunnels read state files and one capture serves all.
+    pub agents: bool,
 }
 
 impl ClusterSpec {
@@ -82,7 +83,7 @@ impl ClusterSpec {
             services: Vec::new(),
             trust_domain: "cluster.local".into(),
             tunnel_args: Vec::new(),
-            capture_per_node: false,
+            agents: false,
         }
     }
 }
@@ -536,25 +537,27 @@ impl Cluster {
             .arg(format!("--net={}", node.netns.path().display()))
             .arg("--")
             .arg(&ztunnel);
-        cmd.arg("run")
-            .args(["--node-name", &node.name])
-            .arg("--state-file")
-            .arg(&node.state_file)
-            .args([
-                "--state-poll",
-                "100ms",
-                "--log-format",
-                "json",
-                "--trust-domain",
-                &self.spec.trust_domain,
-            ])
-            .arg("--ca-cert")
-            .arg(self.dir.path().join("ca.pem"))
-            .arg("--ca-key")
-            .arg(self.dir.path().join("ca.key"))
-            .arg("--capture-pin-dir")
-            .arg(self.tunnel_pin_dir(i))
-            .args(&self.spec.tunnel_args);
+        cmd.arg("run").args(["--node-name", &node.name]);
+        if self.spec.agents {
+            cmd.arg("--agent-socket").arg(self.agent_socket(i));
+        } else {
+            cmd.arg("--state-file")
+                .arg(&node.state_file)
+                .args(["--state-poll", "100ms"]);
+        }
+        cmd.args([
+            "--log-format",
+            "json",
+            "--trust-domain",
+            &self.spec.trust_domain,
+        ])
+        .arg("--ca-cert")
+        .arg(self.dir.path().join("ca.pem"))
+        .arg("--ca-key")
+        .arg(self.dir.path().join("ca.key"))
+        .arg("--capture-pin-dir")
+        .arg(self.tunnel_pin_dir(i))
+        .args(&self.spec.tunnel_args);
         let process = Process::spawn(&format!("ztunnel-{}", node.name), cmd, log)?;
         self.nodes[i - 1].tunnel = Some(process);
         self.wait_ready(i, Duration::from_secs(20))
@@ -699,7 +702,7 @@ impl Cluster {
 
     /// Where node `i`'s tunnel registers its inbound listeners.
     pub fn tunnel_pin_dir(&self, i: usize) -> PathBuf {
-        if self.spec.capture_per_node {
+        if self.spec.agents {
             self.node_pin_dir(i)
         } else {
             self.pin_dir()

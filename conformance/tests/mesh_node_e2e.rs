@@ -16,7 +16,7 @@ const CLIENT: &str = "spiffe://cluster.local/ns/default/sa/client";
 /// tunnels and one agent per node running; `late` not in the manifests yet.
 fn cluster(labelled: bool) -> Cluster {
     let spec = ClusterSpec {
-        capture_per_node: true,
+        agents: true,
         ..ClusterSpec::new(
             2,
             vec![
@@ -26,7 +26,14 @@ fn cluster(labelled: bool) -> Cluster {
             ],
         )
     };
-    let mut cluster = Cluster::with_http(spec, &["server"]).expect("build the cluster");
+    let mut cluster = Cluster::build(spec).expect("build the cluster");
+    cluster
+        .start_app(
+            "server",
+            &["http", "--port", "8080", "--name", "server"],
+            8080,
+        )
+        .unwrap();
     let labels: &[&str] = if labelled { &["default"] } else { &[] };
     cluster
         .write_manifests(&Manifests {
@@ -36,6 +43,9 @@ fn cluster(labelled: bool) -> Cluster {
         })
         .unwrap();
     cluster.start_agents().expect("agents start");
+    cluster
+        .start_tunnels()
+        .expect("tunnels connect to their agents");
     cluster
 }
 

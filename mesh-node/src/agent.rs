@@ -12,6 +12,7 @@ use crate::capture::{CaptureReconciler, EnrolledPod};
 use crate::cluster::ClusterObjects;
 use crate::enrollment::{exclusions_of, is_enrolled, netns_of, node_of};
 use crate::manifests::ManifestFolder;
+use crate::tunnel_link::TunnelLink;
 use crate::tunnel_state::tunnel_state;
 
 /// Why the agent could not hand the tables to the tunnel.
@@ -67,11 +68,19 @@ pub fn write_state(path: &Path, state: &StateSpec) -> Result<(), AgentError> {
     std::fs::rename(&tmp, path).map_err(fail)
 }
 
+/// Where the agent hands the tunnel its tables and local pods.
+pub enum TunnelOutput {
+    /// A YAML state file the tunnel polls (the tunnel finds pods' namespaces by path).
+    StateFile(PathBuf),
+    /// The tunnel protocol over a Unix socket (namespaces passed as descriptors).
+    Socket(TunnelLink),
+}
+
 /// Follows the manifest folder until `stop` resolves.
 pub async fn run_local(
     folder: &Path,
     node: &str,
-    state_file: &Path,
+    mut output: TunnelOutput,
     poll: Duration,
     mut capture: Option<CaptureReconciler>,
     stop: impl std::future::Future<Output = ()>,
@@ -83,31 +92,66 @@ pub async fn run_local(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(stop);
     loop {
+        let mut tunnel_came = false;
+        let connection = async {
+            match &output {
+                TunnelOutput::Socket(link) => link.next_connection().await,
+                TunnelOutput::StateFile(_) => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = ticker.tick() => {}
+            accepted = connection => match accepted {
+                Ok(stream) => {
+                    if let TunnelOutput::Socket(link) = &mut output {
+                        match link.adopt(stream).await {
+                            Ok(()) => tunnel_came = true,
+                            Err(e) => warn!("{e}"),
+                        }
+                    }
+                }
+                Err(e) => warn!("tunnel socket: {e}"),
+            },
             _ = &mut stop => return,
         }
         for e in manifests.reload() {
-            // The same broken file is reported on every pass until fixed: keep it at warn.
             warn!("{e}; ignored, its last good objects stay");
         }
         let objects = manifests.objects();
         let unchanged = last.as_ref().is_some_and(|(o, _)| *o == objects);
-        if unchanged && last_problems.is_empty() {
+        if unchanged && last_problems.is_empty() && !tunnel_came {
             continue;
         }
         let state = tunnel_state(&objects);
-        if last.as_ref().map(|(_, s)| s) != Some(&state) {
-            match write_state(state_file, &state) {
-                Ok(()) => info!(
-                    workloads = state.workloads.len(),
-                    services = state.services.len(),
-                    "tunnel state written"
-                ),
-                Err(e) => error!("{e}"),
+        let (wanted, mut problems) = local_enrolled(&objects, node);
+        // Capture lets go of pods first, the tunnel is told next, and capture takes new pods
+        // last, once the tunnel serves them: no connection meets a capture without a tunnel.
+        if let Some(capture) = capture.as_mut() {
+            problems.extend(capture.release_unwanted(&wanted));
+        }
+        match &mut output {
+            TunnelOutput::StateFile(path) => {
+                if last.as_ref().map(|(_, s)| s) != Some(&state) {
+                    match write_state(path, &state) {
+                        Ok(()) => info!(
+                            workloads = state.workloads.len(),
+                            services = state.services.len(),
+                            "tunnel state written"
+                        ),
+                        Err(e) => error!("{e}"),
+                    }
+                }
+            }
+            TunnelOutput::Socket(link) => {
+                let pods = wanted
+                    .iter()
+                    .map(|(key, pod)| (key.clone(), pod.netns.clone()))
+                    .collect();
+                if let Err(e) = link.sync(&pods, &state).await {
+                    warn!("{e}; waiting for the tunnel to reconnect");
+                }
             }
         }
-        let (wanted, mut problems) = local_enrolled(&objects, node);
         if let Some(capture) = capture.as_mut() {
             problems.extend(capture.reconcile(&wanted));
         }

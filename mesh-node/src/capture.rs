@@ -33,9 +33,9 @@ impl CaptureReconciler {
         }
     }
 
-    /// Makes capture hold exactly `wanted` (pod key -> pod); returns per-pod failures, which
-    /// are retried on the next call.
-    pub fn reconcile(&mut self, wanted: &BTreeMap<String, EnrolledPod>) -> Vec<String> {
+    /// Unenrolls the pods not in `wanted` (or enrolled with other settings), leaving new
+    /// enrollments for [`CaptureReconciler::reconcile`].
+    pub fn release_unwanted(&mut self, wanted: &BTreeMap<String, EnrolledPod>) -> Vec<String> {
         let mut failures = Vec::new();
         let stale: Vec<String> = self
             .enrolled
@@ -52,6 +52,13 @@ impl CaptureReconciler {
                 }
             }
         }
+        failures
+    }
+
+    /// Makes capture hold exactly `wanted` (pod key -> pod); returns per-pod failures, which
+    /// are retried on the next call.
+    pub fn reconcile(&mut self, wanted: &BTreeMap<String, EnrolledPod>) -> Vec<String> {
+        let mut failures = self.release_unwanted(wanted);
         for (key, pod) in wanted {
             if self.enrolled.contains_key(key) {
                 continue;

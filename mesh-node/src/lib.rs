@@ -7,4 +7,5 @@ pub mod capture;
 pub mod cluster;
 pub mod enrollment;
 pub mod manifests;
+pub mod tunnel_link;
 pub mod tunnel_state;

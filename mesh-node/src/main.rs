@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use mesh_node::agent::run_local;
+use mesh_node::agent::{TunnelOutput, run_local};
 use mesh_node::capture::CaptureReconciler;
+use mesh_node::tunnel_link::TunnelLink;
 use redirect_ebpf::{Options, Redirect, cgroup2_mount};
 use tracing::info;
 
@@ -34,9 +35,17 @@ struct RunArgs {
     /// How often the folder is read again.
     #[arg(long, env = "WEFT_MANIFEST_POLL", default_value = "200ms", value_parser = humantime::parse_duration)]
     poll: Duration,
-    /// Where the tunnel reads the workload and service tables.
+    /// Serve the tunnel protocol on this Unix socket (the tunnel connects with --agent-socket).
+    #[arg(
+        long,
+        env = "WEFT_TUNNEL_SOCKET",
+        conflicts_with = "tunnel_state_file",
+        required_unless_present = "tunnel_state_file"
+    )]
+    tunnel_socket: Option<PathBuf>,
+    /// Or write the tables to this YAML file, which the tunnel polls (--state-file).
     #[arg(long, env = "WEFT_TUNNEL_STATE_FILE")]
-    tunnel_state_file: PathBuf,
+    tunnel_state_file: Option<PathBuf>,
     /// Where capture is pinned; default: weft on the BPF file system.
     #[arg(long, env = "WEFT_CAPTURE_PIN_DIR")]
     pin_dir: Option<PathBuf>,
@@ -101,19 +110,24 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the runtime")?;
     runtime.block_on(async {
+        let output = match (&args.tunnel_socket, &args.tunnel_state_file) {
+            (Some(socket), _) => TunnelOutput::Socket(TunnelLink::bind(socket)?),
+            (None, Some(file)) => TunnelOutput::StateFile(file.clone()),
+            (None, None) => anyhow::bail!("give --tunnel-socket or --tunnel-state-file"),
+        };
         info!(node = %args.node_name, manifests = %args.manifests.display(), "mesh-node running");
         run_local(
             &args.manifests,
             &args.node_name,
-            &args.tunnel_state_file,
+            output,
             args.poll,
             capture,
             shutdown_signal(),
         )
         .await;
         info!("SIGTERM: exiting; capture stays pinned");
-    });
-    Ok(())
+        Ok(())
+    })
 }
 
 async fn shutdown_signal() {
