@@ -78,3 +78,27 @@ pub fn raise_fd_limit() {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }
+
+/// One HTTP/1.1 request for `/echo/<text>` on a blocking `stream` (kept open for more): the
+/// response body.
+pub fn http_echo(stream: &mut std::net::TcpStream, text: &str) -> std::io::Result<String> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    write!(stream, "GET /echo/{text} HTTP/1.1\r\nHost: server\r\n\r\n")?;
+    let mut reader = BufReader::new(stream);
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body)?;
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}

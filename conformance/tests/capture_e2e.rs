@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use conformance::load::http_echo;
 use conformance::metrics::sum;
 use conformance::pcap;
 use conformance::{Cluster, ClusterSpec, PodSpec};
@@ -284,29 +285,6 @@ fn a_gibibyte_through_the_fast_path_arrives_intact() {
     assert_eq!(cluster.node(2).meshed_from(&client_id).unwrap(), 1.0);
 }
 
-/// One HTTP/1.1 request on `stream`: the body of `/echo/<text>`.
-fn echo_on(stream: &mut std::net::TcpStream, text: &str) -> std::io::Result<String> {
-    use std::io::{BufRead, BufReader, Read, Write};
-    write!(stream, "GET /echo/{text} HTTP/1.1\r\nHost: server\r\n\r\n")?;
-    let mut reader = BufReader::new(stream);
-    let mut length = 0;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-            length = v.trim().parse().unwrap_or(0);
-        }
-        if line == "\r\n" {
-            break;
-        }
-    }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body)?;
-    Ok(String::from_utf8_lossy(&body).into_owned())
-}
-
 /// The capture loader is stopped and a new one takes over while an unmodified client keeps
 /// opening connections and one long connection stays in use: no connection fails, every one
 /// is meshed, and the long connection carries on.
@@ -334,7 +312,7 @@ fn restarting_the_capture_loader_under_load_fails_no_connection() {
                 let answer = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5))
                     .and_then(|mut s| {
                         s.set_read_timeout(timeout)?;
-                        echo_on(&mut s, &text)
+                        http_echo(&mut s, &text)
                     });
                 match answer {
                     Ok(body) if body == format!("server saw {text}\n") => {
@@ -343,7 +321,7 @@ fn restarting_the_capture_loader_under_load_fails_no_connection() {
                     other => failures.push(format!("{text}: {other:?}")),
                 }
                 if n.is_multiple_of(10) {
-                    match echo_on(&mut long, "long") {
+                    match http_echo(&mut long, "long") {
                         Ok(body) if body == "server saw long\n" => long_uses += 1,
                         other => failures.push(format!("long connection: {other:?}")),
                     }

@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use conformance::agents::Manifests;
+use conformance::load::http_echo;
 use conformance::metrics::sum;
 use conformance::pcap;
 use conformance::{Cluster, ClusterSpec, PodSpec};
@@ -17,6 +18,8 @@ const CLIENT: &str = "spiffe://cluster.local/ns/default/sa/client";
 fn cluster(labelled: bool) -> Cluster {
     let spec = ClusterSpec {
         agents: true,
+        // A tunnel restart waits for its live connections at most this long.
+        tunnel_args: vec!["--drain-timeout".into(), "2s".into()],
         ..ClusterSpec::new(
             2,
             vec![
@@ -170,4 +173,174 @@ fn a_pod_that_appears_later_in_a_labelled_namespace_is_enrolled() {
         let before = meshed(&cluster, late);
         echo(&cluster, "late", "hello") && meshed(&cluster, late) == before + 1.0
     });
+}
+
+/// Steady traffic from the client: a new connection per request, each carrying a secret in
+/// its path, and one long connection used between them; every outcome stamped with the time
+/// since `started`.
+struct Traffic {
+    started: Instant,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    thread: std::thread::JoinHandle<anyhow::Result<Outcome>>,
+}
+
+#[derive(Debug, Default)]
+struct Outcome {
+    successes: Vec<Duration>,
+    failures: Vec<(Duration, String)>,
+    long_failure: Option<(Duration, String)>,
+}
+
+impl Traffic {
+    fn start(cluster: &Cluster) -> Traffic {
+        use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+        let target = std::net::SocketAddr::from((cluster.pod("server").ip, 8080));
+        let started = Instant::now();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let done = std::sync::Arc::new(AtomicU32::new(0));
+        let (stop2, done2) = (stop.clone(), done.clone());
+        let thread = cluster.pod("client").netns.spawn_in(move || {
+            let timeout = Some(Duration::from_secs(3));
+            let mut outcome = Outcome::default();
+            let mut long = std::net::TcpStream::connect(target).ok();
+            let mut n = 0u32;
+            while !stop2.load(Ordering::Relaxed) {
+                n += 1;
+                let text = format!("secret-{n}");
+                let answer = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(3))
+                    .and_then(|mut s| {
+                        s.set_read_timeout(timeout)?;
+                        http_echo(&mut s, &text)
+                    });
+                match answer {
+                    Ok(body) if body == format!("server saw {text}\n") => {
+                        outcome.successes.push(started.elapsed());
+                        done2.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => {
+                        outcome
+                            .failures
+                            .push((started.elapsed(), format!("{other:?}")));
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+                if n.is_multiple_of(10) && outcome.long_failure.is_none() {
+                    let used = long
+                        .as_mut()
+                        .ok_or_else(|| std::io::Error::other("never opened"))
+                        .and_then(|s| http_echo(s, "long"));
+                    if let Err(e) = used {
+                        outcome.long_failure = Some((started.elapsed(), e.to_string()));
+                    }
+                }
+            }
+            outcome
+        });
+        Traffic {
+            started,
+            stop,
+            done,
+            thread,
+        }
+    }
+
+    /// Waits until `more` further requests succeeded.
+    fn wait_for(&self, more: u32) {
+        let done = || self.done.load(std::sync::atomic::Ordering::Relaxed);
+        let target = done() + more;
+        eventually(&format!("{more} more requests succeed"), || {
+            done() >= target
+        });
+    }
+
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    fn finish(self) -> Outcome {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap().unwrap()
+    }
+}
+
+/// The agent of the client's node restarts, then the client's tunnel restarts, under steady
+/// traffic. Nothing crosses the link in clear at any time. The agent's restart is invisible
+/// (capture stays pinned, the tunnel keeps serving and reconnects): no request fails and the
+/// long connection stays up. The tunnel's restart refuses new connections while it is down
+/// (fail closed) and serves again within a second of its start; the long connection it
+/// carried may end with it (the tunnel holds the proxied connection).
+#[test]
+fn agent_and_tunnel_restarts_under_traffic_send_nothing_in_plaintext() {
+    let mut cluster = cluster(true);
+    eventually("the client is meshed", || {
+        let before = meshed(&cluster, CLIENT);
+        echo(&cluster, "client", "first") && meshed(&cluster, CLIENT) == before + 1.0
+    });
+    let meshed_before = meshed(&cluster, CLIENT);
+    let (mut tcpdump, pcap) = cluster.capture_link(2, "restarts").unwrap();
+    let traffic = Traffic::start(&cluster);
+    traffic.wait_for(20);
+
+    cluster.agents[0].stop(Duration::from_secs(5));
+    traffic.wait_for(10);
+    cluster.agents[0] = cluster.spawn_agent(1).unwrap();
+    traffic.wait_for(20);
+
+    let tunnel_stopped = traffic.now();
+    let exit = cluster.nodes[0]
+        .tunnel
+        .as_mut()
+        .unwrap()
+        .stop(Duration::from_secs(15));
+    assert!(exit.is_some(), "the tunnel stops");
+    std::thread::sleep(Duration::from_millis(300));
+    let tunnel_started = traffic.now();
+    cluster.start_tunnel(1).unwrap();
+    traffic.wait_for(20);
+    let outcome = traffic.finish();
+    std::thread::sleep(Duration::from_millis(300));
+    tcpdump.stop(Duration::from_secs(5));
+
+    assert!(
+        !pcap::contains(&pcap, b"secret-").unwrap(),
+        "a request crossed the link in clear"
+    );
+    let before_tunnel: Vec<_> = outcome
+        .failures
+        .iter()
+        .filter(|(t, _)| *t < tunnel_stopped)
+        .collect();
+    assert!(
+        before_tunnel.is_empty(),
+        "requests failed around the agent's restart: {before_tunnel:?}"
+    );
+    if let Some((t, e)) = &outcome.long_failure {
+        assert!(
+            *t >= tunnel_stopped,
+            "the long connection broke at {t:?} (before the tunnel restart): {e}"
+        );
+    }
+    let resumed = outcome
+        .successes
+        .iter()
+        .find(|t| **t > tunnel_started)
+        .expect("service resumes");
+    let resume = *resumed - tunnel_started;
+    assert!(
+        resume < Duration::from_secs(1),
+        "service resumed {resume:?} after the new tunnel started"
+    );
+    let meshed_now = meshed(&cluster, CLIENT) - meshed_before;
+    assert!(
+        meshed_now >= outcome.successes.len() as f64,
+        "{} requests succeeded but {meshed_now} were meshed",
+        outcome.successes.len()
+    );
+    eprintln!(
+        "{} requests succeeded; {} refused while the tunnel was down; service resumed {resume:?} after the new tunnel started; long connection: {:?}",
+        outcome.successes.len(),
+        outcome.failures.len(),
+        outcome.long_failure
+    );
 }
