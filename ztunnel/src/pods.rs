@@ -52,8 +52,8 @@ pub enum PodError {
 
 struct RunningPod {
     workload: Arc<Workload>,
-    /// The agent's namespace descriptor it runs in (its address), if it came from the agent.
-    netns: Option<usize>,
+    /// The namespace it runs in (its identity), if it came from the agent.
+    netns: Option<u64>,
     stop: CancellationToken,
     /// Duplicates of the plaintext inbound listeners, for capture's registration; closed
     /// with the pod.
@@ -127,12 +127,9 @@ pub async fn run_pods(
     }
 }
 
-/// Which agent descriptor pod `key` would run in now.
-fn netns_id(tunnel: &Tunnel, key: &str) -> Option<usize> {
-    tunnel
-        .pod_namespaces
-        .get(key)
-        .map(|fd| Arc::as_ptr(&fd) as usize)
+/// Which namespace (from the agent) pod `key` would run in now.
+fn netns_id(tunnel: &Tunnel, key: &str) -> Option<u64> {
+    tunnel.pod_namespaces.identity(key)
 }
 
 /// How often registration with capture is checked (a reinstalled capture is picked up within).

@@ -21,18 +21,28 @@ use tunnel_proto::protocol::{
 
 use super::State;
 
-/// Local pods' network namespaces as the agent sent them, by `namespace/name`.
+/// Local pods' network namespaces as the agent sent them, by `namespace/name`, with each
+/// namespace's identity (its nsfs inode: a new descriptor for the same namespace, as a
+/// restarted agent sends, is the same namespace).
 #[derive(Clone, Debug, Default)]
-pub struct PodNamespaces(Arc<Mutex<HashMap<String, Arc<OwnedFd>>>>);
+pub struct PodNamespaces(Arc<Mutex<HashMap<String, (Arc<OwnedFd>, u64)>>>);
 
 impl PodNamespaces {
     pub fn get(&self, key: &str) -> Option<Arc<OwnedFd>> {
-        self.0.lock().ok()?.get(key).cloned()
+        self.0.lock().ok()?.get(key).map(|(fd, _)| fd.clone())
+    }
+
+    /// The identity of pod `key`'s namespace.
+    pub fn identity(&self, key: &str) -> Option<u64> {
+        self.0.lock().ok()?.get(key).map(|(_, id)| *id)
     }
 
     fn insert(&self, key: String, fd: OwnedFd) {
+        let id = nix::sys::stat::fstat(&fd)
+            .map(|st| st.st_ino)
+            .unwrap_or_default();
         if let Ok(mut map) = self.0.lock() {
-            map.insert(key, Arc::new(fd));
+            map.insert(key, (Arc::new(fd), id));
         }
     }
 
