@@ -25,7 +25,10 @@ use super::State;
 /// namespace's identity (its nsfs inode: a new descriptor for the same namespace, as a
 /// restarted agent sends, is the same namespace).
 #[derive(Clone, Debug, Default)]
-pub struct PodNamespaces(Arc<Mutex<HashMap<String, (Arc<OwnedFd>, u64)>>>);
+pub struct PodNamespaces(Arc<Mutex<HashMap<String, PodNamespace>>>);
+
+/// One pod's namespace descriptor and its identity (nsfs inode).
+type PodNamespace = (Arc<OwnedFd>, u64);
 
 impl PodNamespaces {
     pub fn get(&self, key: &str) -> Option<Arc<OwnedFd>> {
