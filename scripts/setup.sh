@@ -12,6 +12,8 @@ need_root() {
 need_root
 
 # command -> Debian package
+demo=0
+[ "${1:-}" = "--demo" ] && demo=1
 declare -A packages=(
   [ip]=iproute2
   [curl]=curl
@@ -23,6 +25,8 @@ declare -A packages=(
   [nft]=nftables
   [bpftool]=bpftool
 )
+# The demo runs a real Prometheus; the tests do not need it.
+if [ "$demo" = 1 ]; then packages[prometheus]=prometheus; fi
 missing=()
 for cmd in "${!packages[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${packages[$cmd]}")

@@ -74,10 +74,16 @@ impl Cluster {
                 pod.ip6,
             );
         }
+        self.replace_manifests(&out)
+    }
+
+    /// Replaces the live manifests with `text` at once (a rename), so an agent never reads
+    /// half a file.
+    pub fn replace_manifests(&self, text: &str) -> Result<()> {
         let dir = self.manifest_dir();
         std::fs::create_dir_all(&dir)?;
         let tmp = dir.join(".cluster.yaml.tmp");
-        std::fs::write(&tmp, out)?;
+        std::fs::write(&tmp, text)?;
         std::fs::rename(tmp, dir.join("cluster.yaml"))?;
         Ok(())
     }

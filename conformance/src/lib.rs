@@ -6,6 +6,7 @@ pub mod agents;
 pub mod bench;
 pub mod capture;
 pub mod cluster;
+pub mod examples;
 pub mod hbone_client;
 pub mod load;
 pub mod metrics;
@@ -14,6 +15,7 @@ pub mod pattern;
 pub mod pcap;
 pub mod pki;
 pub mod process;
+pub mod prometheus;
 
 pub use cluster::{Cluster, ClusterSpec, Node, Pod, PodSpec};
 

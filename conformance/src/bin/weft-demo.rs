@@ -1,54 +1,94 @@
-//! The README's first command: two simulated nodes, one tunnel each, and a curl from a pod on
-//! node 1 to a pod on node 2 through both tunnels (first via SOCKS5, then unmodified with eBPF
-//! capture), showing what each side saw.
+//! The README's first command: a simulated two-node cluster built from the Kubernetes
+//! manifests in `examples/`, one `mesh-node` and one tunnel per node, and a real Prometheus
+//! scraping both tunnels. It sends traffic, shows which connections were meshed and with which
+//! identities, and stays up to look around until `scripts/demo.sh down` (or Ctrl-C).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use conformance::Cluster;
+use conformance::examples::{read_examples, spec_for};
+use conformance::prometheus::Prometheus;
 
-/// Two-node Weft tunnel demo on network namespaces.
+/// Weft on a simulated two-node cluster, from manifests.
 #[derive(Parser)]
 struct Args {
-    /// Keep the cluster up until Ctrl-C, to look around.
+    /// Folder of the cluster's manifests.
+    #[arg(long, default_value = "examples")]
+    examples: PathBuf,
+    /// Tear down right after showing what happened (instead of staying up).
     #[arg(long)]
-    keep: bool,
+    exit: bool,
+    /// Where the process id is written for `scripts/demo.sh down`.
+    #[arg(long, default_value = "/run/weft-demo.pid")]
+    pid_file: PathBuf,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
     conformance::require_root();
-    println!("== building a two-node cluster: pod 'client' on node1, pod 'server' on node2");
-    let mut cluster = Cluster::client_server(&[])?;
-    let server_ip = cluster.pod("server").ip;
+    let objects = read_examples(&args.examples)?;
+    let spec = spec_for(&objects)?;
     println!(
-        "== tunnels ready; state file of node1:\n{}",
-        std::fs::read_to_string(&cluster.node(1).state_file)?
+        "== building {} nodes and {} pods from {} (namespaces: {})",
+        spec.nodes,
+        spec.pods.len(),
+        args.examples.display(),
+        objects
+            .namespaces
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut cluster = Cluster::build(spec)?;
+    cluster.start_example_apps(&objects)?;
+    cluster.write_live_manifests(&objects)?;
+    println!("== starting one mesh-node and one tunnel per node");
+    cluster.start_agents()?;
+    cluster.start_tunnels()?;
+    let _host = cluster.link_host()?;
+    let targets: Vec<String> = (1..=cluster.nodes.len())
+        .map(|i| format!("10.255.{i}.2:15020"))
+        .collect();
+    let prometheus = Prometheus::start(&targets, "127.0.0.1:9090", cluster.dir.path())?;
+    println!(
+        "== Prometheus on http://localhost:9090 scrapes {}",
+        targets.join(", ")
     );
 
-    let url = format!("http://{server_ip}:8080/echo/hello-from-the-demo");
-    println!("== in pod 'client': curl --socks5 127.0.0.1:15080 {url}");
-    let out = cluster.curl_socks("client", &url, &["--max-time", "10"])?;
-    print!("{}", out.stdout);
-    eprint!("{}", out.stderr);
-    anyhow::ensure!(out.success, "curl failed");
-
-    println!("== transparent capture: weft-redirect enrolls pods 'client' and 'server' (eBPF)");
-    cluster.start_capture(&["client", "server"])?;
-    let url = format!("http://{server_ip}:8080/echo/hello-without-socks");
-    println!("== in pod 'client', an unmodified client: curl {url}");
-    let out = cluster.run_in("client", "curl", &["-sS", "--max-time", "10", &url])?;
-    print!("{}", String::from_utf8_lossy(&out.stdout));
-    eprint!("{}", String::from_utf8_lossy(&out.stderr));
-    anyhow::ensure!(out.status.success(), "curl failed");
+    let web = cluster.pod("web").ip;
+    let calls = [
+        (
+            "shopper",
+            "http://10.96.0.10/echo/hello-via-the-service".to_owned(),
+        ),
+        (
+            "shopper",
+            format!("http://{web}:8080/echo/hello-by-pod-address"),
+        ),
+        (
+            "visitor",
+            format!("http://{web}:8080/echo/hello-from-outside-the-mesh"),
+        ),
+    ];
+    for (pod, url) in &calls {
+        let out = cluster.run_in(pod, "curl", &["-sS", "--max-time", "10", url])?;
+        println!(
+            "== in pod {pod}: curl {url}\n   {}{}",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
     std::thread::sleep(Duration::from_millis(300));
-
+    println!("== what the tunnels saw (access logs)");
     for node in &cluster.nodes {
-        println!("== {}: access log", node.name);
         for entry in node.access_logs() {
             println!(
-                "   reporter={} {} ({}) -> {} ({}) security={} bytes_received={} bytes_sent={} flags={}",
+                "   {} [{}] {} ({}) -> {} ({}) security={} {} B up, {} B down",
+                node.name,
                 entry["reporter"].as_str().unwrap_or("?"),
                 entry["src.workload"].as_str().unwrap_or("?"),
                 entry["src.identity"].as_str().unwrap_or("?"),
@@ -57,53 +97,81 @@ fn main() -> Result<()> {
                 entry["security"].as_str().unwrap_or("?"),
                 entry["bytes_received"],
                 entry["bytes_sent"],
-                entry["response_flags"].as_str().unwrap_or("?"),
             );
         }
-        println!("== {}: metrics (:15020/metrics)", node.name);
-        let (_, body) = node.http_get(15020, "/metrics")?;
-        for line in body.lines().filter(|l| l.starts_with("weft_")) {
-            println!("   {line}");
+    }
+    println!(
+        "== Prometheus: sum by (reporter, source, destination, security) (weft_tcp_connections_opened_total)"
+    );
+    let query = "sum by (reporter, source_workload, destination_workload, connection_security_policy) (weft_tcp_connections_opened_total)";
+    // Wait for the scrape after the traffic: all five records (two sides of two meshed
+    // connections, one plaintext inbound).
+    let mut result = serde_json::Value::Null;
+    for _ in 0..50 {
+        result = prometheus.query(query)?;
+        let total: f64 = result
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s["value"][1].as_str()?.parse::<f64>().ok())
+            .sum();
+        if total >= 5.0 {
+            break;
         }
+        std::thread::sleep(Duration::from_millis(200));
     }
-    if args.keep {
-        println!("\n== the cluster stays up until Ctrl-C. Try:");
+    for series in result.as_array().into_iter().flatten() {
+        let m = &series["metric"];
         println!(
-            "   ip netns exec {} curl --socks5 127.0.0.1:15080 {url}",
-            cluster.pod("client").netns.name
+            "   {} {} -> {} {}: {}",
+            m["reporter"].as_str().unwrap_or("?"),
+            m["source_workload"].as_str().unwrap_or("?"),
+            m["destination_workload"].as_str().unwrap_or("?"),
+            m["connection_security_policy"].as_str().unwrap_or("?"),
+            series["value"][1].as_str().unwrap_or("?")
         );
-        println!(
-            "   ip netns exec {} curl -s 127.0.0.1:15000/config_dump",
-            cluster.node(1).netns.name
-        );
-        println!(
-            "   ip netns exec {} curl -s 127.0.0.1:15020/metrics",
-            cluster.node(2).netns.name
-        );
-        let (tx, rx) = std::sync::mpsc::channel();
-        ctrlc_channel(tx)?;
-        let _ = rx.recv();
     }
+    if args.exit {
+        println!("== tearing down");
+        return Ok(());
+    }
+    std::fs::write(&args.pid_file, std::process::id().to_string())
+        .with_context(|| format!("write {}", args.pid_file.display()))?;
+    let netns = |pod: &str| cluster.pod(pod).netns.name.clone();
+    println!(
+        "\n== the cluster stays up. Look around (as root):\n\
+         \x20  ip netns exec {shopper} curl http://10.96.0.10/echo/hi      # meshed, by the service address\n\
+         \x20  ip netns exec {visitor} curl http://{web}:8080/echo/hi     # plain, outside the mesh\n\
+         \x20  ip netns exec {node1} curl -s localhost:15000/config_dump  # node1's tunnel state\n\
+         \x20  Prometheus: http://localhost:9090  (try weft_tcp_connections_opened_total)\n\
+         \x20  Change the cluster live: edit {manifests}/cluster.yaml (e.g. drop the shop label)\n\
+         == tear down: sudo ./scripts/demo.sh down   (or Ctrl-C here)",
+        shopper = netns("shopper"),
+        visitor = netns("visitor"),
+        node1 = cluster.node(1).netns.name,
+        manifests = cluster.manifest_dir().display(),
+    );
+    wait_for_signal()?;
     println!("== tearing down");
-    drop(cluster);
+    let _ = std::fs::remove_file(&args.pid_file);
     Ok(())
 }
 
-/// Waits for SIGINT/SIGTERM on a helper thread.
-fn ctrlc_channel(tx: std::sync::mpsc::Sender<()>) -> Result<()> {
+/// Blocks until SIGINT or SIGTERM (handled, not blocked: the cluster's processes must still
+/// get their own SIGTERM when torn down).
+fn wait_for_signal() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("runtime")?;
-    std::thread::spawn(move || {
-        runtime.block_on(async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {},
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {},
-            }
-        });
-        let _ = tx.send(());
-    });
-    Ok(())
+    runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        Ok(())
+    })
 }
