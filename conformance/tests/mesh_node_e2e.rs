@@ -344,3 +344,47 @@ fn agent_and_tunnel_restarts_under_traffic_send_nothing_in_plaintext() {
         outcome.long_failure
     );
 }
+
+/// The demo's manifests (`examples/`) stay valid: the cluster they describe meshes the
+/// labelled namespace's client, by service address too, and leaves the other one plain.
+#[test]
+fn the_example_manifests_mesh_the_labelled_namespace() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let objects = conformance::examples::read_examples(&dir).unwrap();
+    let mut cluster = Cluster::build(conformance::examples::spec_for(&objects).unwrap()).unwrap();
+    cluster.start_example_apps(&objects).unwrap();
+    cluster.write_live_manifests(&objects).unwrap();
+    cluster.start_agents().unwrap();
+    cluster.start_tunnels().unwrap();
+    let web = cluster.pod("web").ip;
+    let get = |pod: &str, url: &str| {
+        let out = cluster
+            .run_in(pod, "curl", &["-sS", "--max-time", "10", url])
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(
+        get("shopper", "http://10.96.0.10/echo/svc"),
+        "web saw svc\n"
+    );
+    assert_eq!(
+        get("visitor", &format!("http://{web}:8080/echo/plain")),
+        "web saw plain\n"
+    );
+    let node2 = cluster.node(2);
+    assert_eq!(
+        node2
+            .meshed_from("spiffe://cluster.local/ns/shop/sa/shopper")
+            .unwrap(),
+        1.0
+    );
+    let visitor_plain = sum(
+        &node2.metrics().unwrap(),
+        "weft_tcp_connections_opened_total",
+        &[
+            ("source_workload", "visitor"),
+            ("connection_security_policy", "none"),
+        ],
+    );
+    assert_eq!(visitor_plain, 1.0);
+}
