@@ -20,6 +20,8 @@ pub struct Manifests<'a> {
     pub opted_out: &'a [&'a str],
     /// Pods left out (not created yet).
     pub absent: &'a [&'a str],
+    /// More YAML documents appended as they are (objects with no pod namespace behind them).
+    pub extra: &'a str,
 }
 
 impl Cluster {
@@ -31,6 +33,11 @@ impl Cluster {
     /// Writes the cluster's namespaces and pods as Kubernetes YAML (one file, replaced
     /// atomically) in [`Cluster::manifest_dir`].
     pub fn write_manifests(&self, m: &Manifests<'_>) -> Result<()> {
+        self.replace_manifests(&self.manifests_yaml(m))
+    }
+
+    /// The cluster's namespaces and pods as Kubernetes YAML.
+    pub fn manifests_yaml(&self, m: &Manifests<'_>) -> String {
         let mut namespaces: Vec<&str> = self
             .pods
             .iter()
@@ -74,7 +81,8 @@ impl Cluster {
                 pod.ip6,
             );
         }
-        self.replace_manifests(&out)
+        out.push_str(m.extra);
+        out
     }
 
     /// Replaces the live manifests with `text` at once (a rename), so an agent never reads
@@ -111,7 +119,9 @@ impl Cluster {
         std::fs::create_dir_all(self.tunnel_cgroup(i))?;
         let mut cmd = Command::new(crate::binary("mesh-node"));
         cmd.arg("run")
-            .args(["--node-name", &node.name, "--poll", "50ms"])
+            .args(["--node-name", &node.name])
+            .arg("--poll")
+            .arg(format!("{}ms", self.spec.agent_poll_ms))
             .arg("--manifests")
             .arg(self.manifest_dir())
             .arg("--tunnel-socket")

@@ -72,6 +72,8 @@ pub struct ClusterSpec {
     /// node's directory, and the node's tunnel fed over the agent socket (start the agents
     /// before the tunnels). Otherwise tunnels read state files and one capture serves all.
     pub agents: bool,
+    /// How often the agents read the manifest folder.
+    pub agent_poll_ms: u64,
 }
 
 impl ClusterSpec {
@@ -84,6 +86,7 @@ impl ClusterSpec {
             trust_domain: "cluster.local".into(),
             tunnel_args: Vec::new(),
             agents: false,
+            agent_poll_ms: 50,
         }
     }
 }

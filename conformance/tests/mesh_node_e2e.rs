@@ -139,6 +139,7 @@ fn labelling_a_namespace_enrolls_its_pods_and_unlabelling_or_opting_out_returns_
             labelled: &["default"],
             opted_out: &["client"],
             absent: &["late"],
+            ..Manifests::default()
         })
         .unwrap();
     eventually(

@@ -3,6 +3,7 @@
 
 pub mod capture;
 pub mod client;
+pub mod enroll;
 pub mod stunnel;
 pub mod tunnel;
 

@@ -4,6 +4,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use conformance::bench::capture::{self, CaptureBench};
+use conformance::bench::enroll::{self, EnrollBench};
 use conformance::bench::tunnel::{self, TunnelBench};
 
 #[derive(Parser)]
@@ -19,6 +20,8 @@ enum Bench {
     Tunnel(TunnelBench),
     /// Two pods on one node: not enrolled vs enrolled (transparent capture through the tunnel).
     Capture(CaptureBench),
+    /// Many pods: label flip to effect, and the agent's and tunnel's memory.
+    Enroll(EnrollBench),
 }
 
 fn main() -> Result<()> {
@@ -28,6 +31,7 @@ fn main() -> Result<()> {
     let line = match cli.bench {
         Bench::Tunnel(args) => tunnel::run(&args)?,
         Bench::Capture(args) => capture::run(&args)?,
+        Bench::Enroll(args) => enroll::run(&args)?,
     };
     println!("{line}");
     Ok(())
@@ -48,6 +52,8 @@ fn build_tunnel() -> Result<()> {
         "ztunnel",
         "-p",
         "redirect-ebpf",
+        "-p",
+        "mesh-node",
         "--bins",
     ]);
     if release {
