@@ -86,7 +86,7 @@ pub async fn run_local(
     stop: impl std::future::Future<Output = ()>,
 ) {
     let mut manifests = ManifestFolder::new(folder);
-    let mut last: Option<(ClusterObjects, StateSpec)> = None;
+    let mut last_state: Option<StateSpec> = None;
     let mut last_problems: Vec<String> = Vec::new();
     let mut ticker = tokio::time::interval(poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -114,14 +114,16 @@ pub async fn run_local(
             },
             _ = &mut stop => return,
         }
-        for e in manifests.reload() {
+        let pass = std::time::Instant::now();
+        let (changed, errors) = manifests.reload();
+        for e in errors {
             warn!("{e}; ignored, its last good objects stay");
         }
-        let objects = manifests.objects();
-        let unchanged = last.as_ref().is_some_and(|(o, _)| *o == objects);
-        if unchanged && last_problems.is_empty() && !tunnel_came {
+        if !changed && last_state.is_some() && last_problems.is_empty() && !tunnel_came {
             continue;
         }
+        let objects = manifests.objects();
+        let read = pass.elapsed();
         let state = tunnel_state(&objects);
         let (wanted, mut problems) = local_enrolled(&objects, node);
         // Capture lets go of pods first, the tunnel is told next, and capture takes new pods
@@ -131,7 +133,7 @@ pub async fn run_local(
         }
         match &mut output {
             TunnelOutput::StateFile(path) => {
-                if last.as_ref().map(|(_, s)| s) != Some(&state) {
+                if last_state.as_ref() != Some(&state) {
                     match write_state(path, &state) {
                         Ok(()) => info!(
                             workloads = state.workloads.len(),
@@ -152,13 +154,21 @@ pub async fn run_local(
                 }
             }
         }
+        let told = pass.elapsed();
         if let Some(capture) = capture.as_mut() {
             problems.extend(capture.reconcile(&wanted));
         }
+        tracing::debug!(
+            read_ms = read.as_secs_f64() * 1e3,
+            tunnel_ms = (told - read).as_secs_f64() * 1e3,
+            capture_ms = (pass.elapsed() - told).as_secs_f64() * 1e3,
+            enrolled = wanted.len(),
+            "pass applied"
+        );
         for p in problems.iter().filter(|p| !last_problems.contains(p)) {
             warn!("{p}; retrying");
         }
         last_problems = problems;
-        last = Some((objects, state));
+        last_state = Some(state);
     }
 }

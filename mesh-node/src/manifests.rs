@@ -45,9 +45,12 @@ impl ManifestFolder {
     }
 
     /// Reads the folder again: new and changed files are parsed (a file that fails keeps its
-    /// last good objects), removed files drop their objects. Returns the errors of this pass.
-    pub fn reload(&mut self) -> Vec<ManifestError> {
+    /// last good objects), removed files drop their objects. Returns whether any file's
+    /// objects changed, and the errors of this pass.
+    pub fn reload(&mut self) -> (bool, Vec<ManifestError>) {
         let mut errors = Vec::new();
+        let before = self.files.len();
+        let mut changed = false;
         let listed = match list_yaml(&self.folder) {
             Ok(listed) => listed,
             Err(reason) => {
@@ -55,10 +58,11 @@ impl ManifestFolder {
                     folder: self.folder.clone(),
                     reason,
                 });
-                return errors;
+                return (false, errors);
             }
         };
         self.files.retain(|path, _| listed.contains(path));
+        changed |= self.files.len() != before;
         for path in listed {
             let text = match std::fs::read_to_string(&path) {
                 Ok(text) => text,
@@ -76,11 +80,12 @@ impl ManifestFolder {
             match parse_documents(&path, &text) {
                 Ok(objects) => {
                     self.files.insert(path, (text, objects));
+                    changed = true;
                 }
                 Err(error) => errors.push(error),
             }
         }
-        errors
+        (changed, errors)
     }
 
     /// Every object of every file, later files winning on the same name.
@@ -199,7 +204,8 @@ mod tests {
         .unwrap();
         std::fs::write(dir.path().join("notes.txt"), "not a manifest").unwrap();
         let mut folder = ManifestFolder::new(dir.path());
-        assert!(folder.reload().is_empty());
+        assert_eq!(folder.reload(), (true, vec![]));
+        assert_eq!(folder.reload(), (false, vec![]), "nothing new");
         assert_eq!(folder.objects().namespaces.len(), 2);
         assert_eq!(folder.objects().pods.len(), 1);
 
@@ -209,7 +215,8 @@ mod tests {
             "apiVersion: v1\nkind: Namespace\nmetadata: {name: renamed}\n",
         )
         .unwrap();
-        let errors = folder.reload();
+        let (changed, errors) = folder.reload();
+        assert!(changed, "b.yml changed");
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(errors[0].to_string().contains("a.yaml: document 1"));
         let objects = folder.objects();
@@ -222,7 +229,7 @@ mod tests {
         );
 
         std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
-        assert!(folder.reload().is_empty());
+        assert_eq!(folder.reload(), (true, vec![]));
         assert!(
             folder.objects().pods.is_empty(),
             "a removed file takes its objects"

@@ -157,12 +157,18 @@ async fn reconcile(
         }
         keep
     });
+    // New pods start concurrently: each enters its namespace on its own thread and gets its
+    // certificate, so a hundred pods take about as long as one.
+    let starting = wanted
+        .into_iter()
+        .filter(|(key, _)| !running.contains_key(key))
+        .map(|(key, workload)| async move {
+            let started = start_pod(tunnel, workload.clone(), mark).await;
+            (key, workload, started)
+        });
     let mut failed = BTreeMap::new();
-    for (key, workload) in wanted {
-        if running.contains_key(&key) {
-            continue;
-        }
-        match start_pod(tunnel, workload.clone(), mark).await {
+    for (key, workload, started) in futures_util::future::join_all(starting).await {
+        match started {
             Ok((stop, inbound)) => {
                 info!(pod = %key, identity = %workload.identity(tunnel.trust_domain()), "pod listeners running");
                 let netns = netns_id(tunnel, &key);

@@ -134,11 +134,11 @@ pub fn run(args: &EnrollBench) -> Result<String> {
     serde_json::to_string(&json).context("JSON")
 }
 
-/// Whether this namespace's connects are captured now: a connect to an address with no route
-/// succeeds only when capture takes it to the tunnel.
+/// Whether this namespace's connects are captured now: a connect to a closed port of the
+/// node (refused at once) succeeds only when capture takes it to the tunnel.
 fn captured() -> bool {
-    let dst: SocketAddr = "10.99.0.1:80".parse().unwrap_or_else(|_| unreachable!());
-    std::net::TcpStream::connect_timeout(&dst, Duration::from_millis(500)).is_ok()
+    let dst: SocketAddr = "10.255.1.2:9".parse().unwrap_or_else(|_| unreachable!());
+    std::net::TcpStream::connect_timeout(&dst, Duration::from_millis(50)).is_ok()
 }
 
 fn wait_until_captured(wanted: bool, timeout: Duration) -> Result<()> {
