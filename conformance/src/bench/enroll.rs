@@ -66,34 +66,48 @@ pub fn run(args: &EnrollBench) -> Result<String> {
         extra: &others,
         ..Manifests::default()
     });
+    // The probe pod alone opting out (its own label), the namespace staying labelled.
+    let probe = format!("p{:03}", args.enrolled - 1);
+    let probe_out = cluster.manifests_yaml(&Manifests {
+        labelled: &["bench"],
+        opted_out: &[probe.as_str()],
+        extra: &others,
+        ..Manifests::default()
+    });
     cluster.replace_manifests(&labelled)?;
     cluster.start_agents()?;
     cluster.start_tunnels()?;
     eprintln!("  cluster up in {:.1} s", started.elapsed().as_secs_f64());
 
-    // The probe is the pod enrolled last in the agent's order: the slowest to follow.
-    let probe = format!("p{:03}", args.enrolled - 1);
+    // The probe is the pod enrolled last in the agent's order: the slowest to follow. First
+    // the namespace label flips (all pods switch), then the probe's own label (one pod).
     let file = cluster.manifest_dir().join("cluster.yaml");
     let flips = args.flips;
-    let samples = cluster
-        .pod(&probe)
-        .netns
-        .run_in(move || -> Result<Vec<f64>> {
-            wait_until_captured(true, Duration::from_secs(60)).context("first enrollment")?;
-            let mut samples = Vec::new();
-            for flip in 0..flips {
-                let label = flip % 2 == 1;
-                let text = if label { &labelled } else { &unlabelled };
-                let tmp = file.with_extension("tmp");
-                let start = Instant::now();
-                std::fs::write(&tmp, text)?;
-                std::fs::rename(&tmp, &file)?;
-                wait_until_captured(label, Duration::from_secs(10))
-                    .with_context(|| format!("flip {flip} to labelled={label}"))?;
-                samples.push(start.elapsed().as_secs_f64() * 1e3);
-            }
-            Ok(samples)
-        })??;
+    let (samples, one_pod) =
+        cluster
+            .pod(&probe)
+            .netns
+            .run_in(move || -> Result<(Vec<f64>, Vec<f64>)> {
+                wait_until_captured(true, Duration::from_secs(60)).context("first enrollment")?;
+                let flip_between = |on: &str, off: &str| -> Result<Vec<f64>> {
+                    let mut samples = Vec::new();
+                    for flip in 0..flips {
+                        let enrolled = flip % 2 == 1;
+                        let text = if enrolled { on } else { off };
+                        let tmp = file.with_extension("tmp");
+                        let start = Instant::now();
+                        std::fs::write(&tmp, text)?;
+                        std::fs::rename(&tmp, &file)?;
+                        wait_until_captured(enrolled, Duration::from_secs(10))
+                            .with_context(|| format!("flip {flip} to enrolled={enrolled}"))?;
+                        samples.push(start.elapsed().as_secs_f64() * 1e3);
+                    }
+                    Ok(samples)
+                };
+                let namespace = flip_between(&labelled, &unlabelled)?;
+                let one_pod = flip_between(&labelled, &probe_out)?;
+                Ok((namespace, one_pod))
+            })??;
     let rss = |pid: Option<u32>| -> Result<f64> {
         let pid = pid.context("process gone")?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -118,6 +132,12 @@ pub fn run(args: &EnrollBench) -> Result<String> {
         args.poll_ms
     );
     println!(
+        "one pod's own label flipped ({} flips): p50 {:.1} ms, p99 {:.1} ms",
+        one_pod.len(),
+        quantile(&one_pod, 0.5),
+        quantile(&one_pod, 0.99)
+    );
+    println!(
         "resident memory with {} pods in the state: agent {agent_rss:.1} MB, tunnel {tunnel_rss:.1} MB (goal < 40 MB each)",
         args.pods
     );
@@ -127,6 +147,8 @@ pub fn run(args: &EnrollBench) -> Result<String> {
         "enrolled": args.enrolled,
         "label_to_effect_p50_ms": round2(p50),
         "label_to_effect_p99_ms": round2(p99),
+        "one_pod_label_to_effect_p50_ms": round2(quantile(&one_pod, 0.5)),
+        "one_pod_label_to_effect_p99_ms": round2(quantile(&one_pod, 0.99)),
         "agent_rss_mb": round2(agent_rss),
         "tunnel_rss_mb": round2(tunnel_rss),
     });
