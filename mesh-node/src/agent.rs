@@ -11,6 +11,7 @@ use tunnel_proto::StateSpec;
 use crate::capture::{CaptureReconciler, EnrolledPod};
 use crate::cluster::ClusterObjects;
 use crate::enrollment::{exclusions_of, is_enrolled, netns_of, node_of};
+use crate::kube_source::KubeSource;
 use crate::manifests::ManifestFolder;
 use crate::tunnel_link::TunnelLink;
 use crate::tunnel_state::tunnel_state;
@@ -76,16 +77,56 @@ pub enum TunnelOutput {
     Socket(TunnelLink),
 }
 
-/// Follows the manifest folder until `stop` resolves.
-pub async fn run_local(
-    folder: &Path,
+/// Where the cluster comes from.
+pub enum ClusterSource {
+    /// The local manifest folder.
+    Folder(ManifestFolder),
+    /// The Kubernetes API.
+    Kubernetes(KubeSource),
+}
+
+impl ClusterSource {
+    /// Whether the source has the whole cluster (a Kubernetes source before its first lists
+    /// does not: acting on it would unenroll every pod).
+    fn ready(&self) -> bool {
+        match self {
+            ClusterSource::Folder(_) => true,
+            ClusterSource::Kubernetes(k) => k.ready(),
+        }
+    }
+
+    /// Looks again; whether anything changed, and what could not be read.
+    fn refresh(&mut self) -> (bool, Vec<String>) {
+        match self {
+            ClusterSource::Folder(folder) => {
+                let (changed, errors) = folder.reload();
+                let errors = errors
+                    .into_iter()
+                    .map(|e| format!("{e}; ignored, its last good objects stay"))
+                    .collect();
+                (changed, errors)
+            }
+            ClusterSource::Kubernetes(k) => (k.take_changed(), Vec::new()),
+        }
+    }
+
+    fn objects(&self) -> ClusterObjects {
+        match self {
+            ClusterSource::Folder(folder) => folder.objects(),
+            ClusterSource::Kubernetes(k) => k.objects(),
+        }
+    }
+}
+
+/// Follows the cluster until `stop` resolves.
+pub async fn run_agent(
+    mut source: ClusterSource,
     node: &str,
     mut output: TunnelOutput,
     poll: Duration,
     mut capture: Option<CaptureReconciler>,
     stop: impl std::future::Future<Output = ()>,
 ) {
-    let mut manifests = ManifestFolder::new(folder);
     let mut last_state: Option<StateSpec> = None;
     let mut last_problems: Vec<String> = Vec::new();
     let mut ticker = tokio::time::interval(poll);
@@ -115,14 +156,17 @@ pub async fn run_local(
             _ = &mut stop => return,
         }
         let pass = std::time::Instant::now();
-        let (changed, errors) = manifests.reload();
+        if !source.ready() {
+            continue;
+        }
+        let (changed, errors) = source.refresh();
         for e in errors {
-            warn!("{e}; ignored, its last good objects stay");
+            warn!("{e}");
         }
         if !changed && last_state.is_some() && last_problems.is_empty() && !tunnel_came {
             continue;
         }
-        let objects = manifests.objects();
+        let objects = source.objects();
         let read = pass.elapsed();
         let state = tunnel_state(&objects);
         let (wanted, mut problems) = local_enrolled(&objects, node);

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod capture;
 pub mod cluster;
 pub mod enrollment;
+pub mod kube_source;
 pub mod manifests;
 pub mod tunnel_link;
 pub mod tunnel_state;

@@ -5,8 +5,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use mesh_node::agent::{TunnelOutput, run_local};
+use mesh_node::agent::{ClusterSource, TunnelOutput, run_agent};
 use mesh_node::capture::CaptureReconciler;
+use mesh_node::kube_source::KubeSource;
+use mesh_node::manifests::ManifestFolder;
 use mesh_node::tunnel_link::TunnelLink;
 use redirect_ebpf::{Options, Redirect, cgroup2_mount};
 use tracing::info;
@@ -29,9 +31,18 @@ struct RunArgs {
     /// This node's name (the pods' spec.nodeName).
     #[arg(long, env = "WEFT_NODE_NAME")]
     node_name: String,
-    /// Folder of Kubernetes YAML (Namespaces, Pods, Services) to follow.
-    #[arg(long, env = "WEFT_MANIFESTS")]
-    manifests: PathBuf,
+    /// Folder of Kubernetes YAML (Namespaces, Pods, Services) to follow (one machine, demos,
+    /// tests).
+    #[arg(
+        long,
+        env = "WEFT_MANIFESTS",
+        conflicts_with = "kubernetes",
+        required_unless_present = "kubernetes"
+    )]
+    manifests: Option<PathBuf>,
+    /// Follow the Kubernetes API (in-cluster service account, or KUBECONFIG).
+    #[arg(long)]
+    kubernetes: bool,
     /// How often the folder is read again.
     #[arg(long, env = "WEFT_MANIFEST_POLL", default_value = "200ms", value_parser = humantime::parse_duration)]
     poll: Duration,
@@ -80,8 +91,8 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    if !args.manifests.is_dir() {
-        anyhow::bail!("--manifests {} is not a folder", args.manifests.display());
+    if let Some(folder) = args.manifests.as_ref().filter(|f| !f.is_dir()) {
+        anyhow::bail!("--manifests {} is not a folder", folder.display());
     }
     let capture = if args.no_capture {
         None
@@ -115,9 +126,22 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             (None, Some(file)) => TunnelOutput::StateFile(file.clone()),
             (None, None) => anyhow::bail!("give --tunnel-socket or --tunnel-state-file"),
         };
-        info!(node = %args.node_name, manifests = %args.manifests.display(), "mesh-node running");
-        run_local(
-            &args.manifests,
+        let source = match &args.manifests {
+            Some(folder) => ClusterSource::Folder(ManifestFolder::new(folder)),
+            None => {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+                ClusterSource::Kubernetes(KubeSource::start(client))
+            }
+        };
+        let from = args
+            .manifests
+            .as_ref()
+            .map_or("the Kubernetes API".to_owned(), |f| f.display().to_string());
+        info!(node = %args.node_name, source = %from, "mesh-node running");
+        run_agent(
+            source,
             &args.node_name,
             output,
             args.poll,

@@ -1,0 +1,147 @@
+//! The Kubernetes source: `kube` watchers (list, then watch, with bookmarks; a relist after an
+//! expired resource version or a watch error, with backoff) feeding reflector stores of
+//! Namespaces, Pods and Services. While the API server is unreachable the stores keep the
+//! last good objects, so the agent keeps serving them. It becomes ready once every store has
+//! had its first full list.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use tokio::task::JoinHandle;
+use tracing::warn;
+
+use crate::cluster::{ClusterObjects, Object};
+
+/// The three stores and whether anything changed since the last look.
+pub struct KubeSource {
+    namespaces: Store<Namespace>,
+    pods: Store<Pod>,
+    services: Store<Service>,
+    dirty: Arc<AtomicBool>,
+    /// One flag per kind, set once its first full list is in.
+    listed: [Arc<AtomicBool>; 3],
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl KubeSource {
+    /// Starts watching through `client`.
+    pub fn start(client: Client) -> Self {
+        let dirty = Arc::new(AtomicBool::new(true));
+        let listed: [Arc<AtomicBool>; 3] = Default::default();
+        let (namespaces, ns_task) = follow(
+            Api::<Namespace>::all(client.clone()),
+            dirty.clone(),
+            listed[0].clone(),
+        );
+        let (pods, pod_task) = follow(
+            Api::<Pod>::all(client.clone()),
+            dirty.clone(),
+            listed[1].clone(),
+        );
+        let (services, svc_task) = follow(
+            Api::<Service>::all(client),
+            dirty.clone(),
+            listed[2].clone(),
+        );
+        KubeSource {
+            namespaces,
+            pods,
+            services,
+            dirty,
+            listed,
+            tasks: vec![ns_task, pod_task, svc_task],
+        }
+    }
+
+    /// Whether every store has been listed once (before that, enrollment would be partial).
+    pub fn ready(&self) -> bool {
+        self.listed.iter().all(|l| l.load(Ordering::Acquire))
+    }
+
+    /// Waits until [`KubeSource::ready`].
+    pub async fn wait_until_ready(&self) {
+        let _ = self.namespaces.wait_until_ready().await;
+        let _ = self.pods.wait_until_ready().await;
+        let _ = self.services.wait_until_ready().await;
+    }
+
+    /// Whether anything changed since the last call (and clears it).
+    pub fn take_changed(&self) -> bool {
+        self.ready() && self.dirty.swap(false, Ordering::AcqRel)
+    }
+
+    /// The objects now in the stores.
+    pub fn objects(&self) -> ClusterObjects {
+        let mut objects = ClusterObjects::default();
+        for ns in self.namespaces.state() {
+            objects.insert(Object::Namespace(Box::new((*ns).clone())));
+        }
+        for pod in self.pods.state() {
+            objects.insert(Object::Pod(Box::new((*pod).clone())));
+        }
+        for svc in self.services.state() {
+            objects.insert(Object::Service(Box::new((*svc).clone())));
+        }
+        objects
+    }
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// A reflector for one kind, marking `dirty` on every change; watch errors are logged once
+/// per distinct message and retried with backoff by the watcher.
+fn follow<K>(
+    api: Api<K>,
+    dirty: Arc<AtomicBool>,
+    listed: Arc<AtomicBool>,
+) -> (Store<K>, JoinHandle<()>)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let config = watcher::Config::default().any_semantic();
+    let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        let mut last_error = String::new();
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(event) => {
+                    if matches!(event, watcher::Event::InitDone) {
+                        listed.store(true, Ordering::Release);
+                    }
+                    dirty.store(true, Ordering::Release);
+                    last_error.clear();
+                }
+                Err(e) => {
+                    let message = format!(
+                        "watching {}: {e}; keeping the last good objects",
+                        K::plural(&())
+                    );
+                    if message != last_error {
+                        warn!("{message}");
+                        last_error = message;
+                    }
+                }
+            }
+        }
+    });
+    (reader, task)
+}

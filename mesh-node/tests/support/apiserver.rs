@@ -1,0 +1,262 @@
+//! A small Kubernetes API server for tests: the real list/watch protocol for Namespaces, Pods
+//! and Services (`/api/v1/<plural>`), objects as JSON with resource versions, watch events as
+//! newline-delimited JSON, bookmarks, and `410 Gone` for expired resource versions, so the
+//! real `kube` client and watcher run unchanged against it.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    /// Watches from before this resource version get 410 Gone.
+    compacted: u64,
+    objects: BTreeMap<(String, String, String), Value>,
+    /// Every change: (resource version, plural, event type, object).
+    log: Vec<(u64, String, &'static str, Value)>,
+    /// List requests served.
+    lists: usize,
+}
+
+/// A running test API server.
+pub struct ApiServer {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    changes: broadcast::Sender<Change>,
+}
+
+#[derive(Clone, Debug)]
+enum Change {
+    Event,
+    Expired,
+}
+
+fn plural(kind: &str) -> String {
+    match kind {
+        "Namespace" => "namespaces".into(),
+        "Pod" => "pods".into(),
+        "Service" => "services".into(),
+        other => format!("{}s", other.to_lowercase()),
+    }
+}
+
+fn kind_of(plural: &str) -> &'static str {
+    match plural {
+        "namespaces" => "Namespace",
+        "pods" => "Pod",
+        _ => "Service",
+    }
+}
+
+impl ApiServer {
+    pub async fn start() -> ApiServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(State::default()));
+        let (changes, _) = broadcast::channel(1024);
+        let server = ApiServer {
+            addr,
+            state: state.clone(),
+            changes: changes.clone(),
+        };
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (state, changes) = (state.clone(), changes.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let (state, changes) = (state.clone(), changes.clone());
+                        async move { Ok::<_, Infallible>(handle(req, state, changes)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Creates or replaces every object of a multi-document YAML text.
+    pub fn apply(&self, yaml: &str) {
+        use serde::Deserialize;
+        let mut state = self.state.lock().unwrap();
+        for document in serde_yaml::Deserializer::from_str(yaml) {
+            let mut object: Value = Value::deserialize(document).unwrap();
+            if object.is_null() {
+                continue;
+            }
+            let kind = object["kind"].as_str().unwrap().to_owned();
+            let name = object["metadata"]["name"].as_str().unwrap().to_owned();
+            let namespace = if kind == "Namespace" {
+                String::new()
+            } else {
+                let ns = object["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or("default")
+                    .to_owned();
+                object["metadata"]["namespace"] = json!(ns);
+                ns
+            };
+            state.rv += 1;
+            let rv = state.rv;
+            object["metadata"]["resourceVersion"] = json!(rv.to_string());
+            object["metadata"]["uid"] = json!(format!("uid-{kind}-{namespace}-{name}"));
+            let key = (plural(&kind), namespace, name);
+            let kind_event = if state.objects.contains_key(&key) {
+                "MODIFIED"
+            } else {
+                "ADDED"
+            };
+            state.objects.insert(key.clone(), object.clone());
+            state.log.push((rv, key.0, kind_event, object));
+        }
+        drop(state);
+        let _ = self.changes.send(Change::Event);
+    }
+
+    /// List requests served so far (a relist after 410 Gone adds to it).
+    pub fn lists(&self) -> usize {
+        self.state.lock().unwrap().lists
+    }
+
+    /// Forgets history: running watches end with `410 Gone` and watchers must list again.
+    pub fn expire(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.compacted = state.rv + 1;
+        state.log.clear();
+        drop(state);
+        let _ = self.changes.send(Change::Expired);
+    }
+}
+
+fn query(req: &Request<hyper::body::Incoming>) -> BTreeMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+fn full(status: u16, value: Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(value.to_string())).boxed())
+        .unwrap()
+}
+
+fn gone() -> Value {
+    json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": "too old resource version", "reason": "Expired", "code": 410}})
+}
+
+fn handle(
+    req: Request<hyper::body::Incoming>,
+    state: Arc<Mutex<State>>,
+    changes: broadcast::Sender<Change>,
+) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let Some(plural) = path.strip_prefix("/api/v1/").map(str::to_owned) else {
+        return full(404, json!({"kind": "Status", "code": 404}));
+    };
+    let q = query(&req);
+    let watch = matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
+    let kind = kind_of(&plural);
+    if !watch {
+        let mut state = state.lock().unwrap();
+        state.lists += 1;
+        let items: Vec<Value> = state
+            .objects
+            .iter()
+            .filter(|((p, _, _), _)| *p == plural)
+            .map(|(_, o)| o.clone())
+            .collect();
+        return full(
+            200,
+            json!({"apiVersion": "v1", "kind": format!("{kind}List"),
+                "metadata": {"resourceVersion": state.rv.to_string()}, "items": items}),
+        );
+    }
+    let from: u64 = q
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut rx = changes.subscribe();
+    let (tx, body_rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    tokio::spawn(async move {
+        let line = |v: Value| Bytes::from(format!("{v}\n"));
+        let mut sent = from;
+        loop {
+            let (pending, expired, rv) = {
+                let state = state.lock().unwrap();
+                let expired = from < state.compacted && sent < state.compacted;
+                let pending: Vec<(u64, Value)> = state
+                    .log
+                    .iter()
+                    .filter(|(rv, p, _, _)| *rv > sent && *p == plural)
+                    .map(|(rv, _, t, o)| (*rv, json!({"type": t, "object": o})))
+                    .collect();
+                (pending, expired, state.rv)
+            };
+            if expired {
+                let _ = tx.send(line(gone())).await;
+                return;
+            }
+            for (rv, event) in pending {
+                if tx.send(line(event)).await.is_err() {
+                    return;
+                }
+                sent = rv;
+            }
+            let bookmark = json!({"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": "v1",
+                "metadata": {"resourceVersion": rv.max(sent).to_string()}}});
+            tokio::select! {
+                change = rx.recv() => match change {
+                    Ok(Change::Expired) => {
+                        let _ = tx.send(line(gone())).await;
+                        return;
+                    }
+                    Ok(Change::Event) => {}
+                    Err(_) => return,
+                },
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                    if tx.send(line(bookmark)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(body_rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|bytes| (Ok::<_, Infallible>(Frame::data(bytes)), rx))
+    });
+    Response::builder()
+        .status(200)
+        .header("content-type", "application/json")
+        .body(StreamBody::new(stream).boxed())
+        .unwrap()
+}
