@@ -13,6 +13,7 @@ use crate::cluster::ClusterObjects;
 use crate::enrollment::{exclusions_of, is_enrolled, netns_of, node_of};
 use crate::kube_source::KubeSource;
 use crate::manifests::ManifestFolder;
+use crate::pod_netns::PodNamespaces;
 use crate::tunnel_link::TunnelLink;
 use crate::tunnel_state::tunnel_state;
 
@@ -36,14 +37,22 @@ pub fn local_enrolled(
 ) -> (BTreeMap<String, EnrolledPod>, Vec<String>) {
     let mut wanted = BTreeMap::new();
     let mut problems = Vec::new();
+    // Scanned at most once per pass, and only if a pod needs it.
+    let mut proc_index: Option<PodNamespaces> = None;
     for ((namespace, name), pod) in &objects.pods {
         if node_of(pod) != Some(node) || !is_enrolled(pod, &objects.namespaces) {
             continue;
         }
         let key = format!("{namespace}/{name}");
-        let Some(netns) = netns_of(pod) else {
+        // The local source names the namespace; on a real node it is found by the pod's UID.
+        let by_uid = || {
+            let uid = pod.metadata.uid.as_deref()?;
+            let index = proc_index.get_or_insert_with(|| PodNamespaces::scan(Path::new("/proc")));
+            index.get(uid).cloned()
+        };
+        let Some(netns) = netns_of(pod).or_else(by_uid) else {
             problems.push(format!(
-                "pod {key}: no weft.dev/netns annotation: its network namespace is unknown"
+                "pod {key}: its network namespace is unknown (no weft.dev/netns annotation, no running process of its UID)"
             ));
             continue;
         };

@@ -65,9 +65,9 @@ impl KubeSource {
 
     /// Waits until [`KubeSource::ready`].
     pub async fn wait_until_ready(&self) {
-        let _ = self.namespaces.wait_until_ready().await;
-        let _ = self.pods.wait_until_ready().await;
-        let _ = self.services.wait_until_ready().await;
+        while !self.ready() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     /// Whether anything changed since the last call (and clears it).

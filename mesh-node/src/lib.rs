@@ -8,5 +8,6 @@ pub mod cluster;
 pub mod enrollment;
 pub mod kube_source;
 pub mod manifests;
+pub mod pod_netns;
 pub mod tunnel_link;
 pub mod tunnel_state;
