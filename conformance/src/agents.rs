@@ -129,7 +129,8 @@ impl Cluster {
             .arg("--pin-dir")
             .arg(self.node_pin_dir(i))
             .arg("--exclude-cgroup")
-            .arg(self.tunnel_cgroup(i));
+            .arg(self.tunnel_cgroup(i))
+            .args(["--readiness-addr", "127.0.0.1:0"]);
         let log =
             self.dir
                 .path()
@@ -138,6 +139,33 @@ impl Cluster {
         wait_for_output(&mut agent, "mesh-node running", Duration::from_secs(20))?;
         Ok(agent)
     }
+}
+
+/// GET the readiness endpoint an agent logged: (status, body).
+pub fn agent_readiness(agent: &Process) -> Result<(u16, String)> {
+    let log = agent.output();
+    let addr = log
+        .lines()
+        .find_map(|l| l.split("readiness=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(|a| {
+            a.trim_matches(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'))
+                .to_owned()
+        })
+        .ok_or_else(|| anyhow::anyhow!("the agent did not log its readiness address:\n{log}"))?;
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "5",
+            "-w",
+            "\n%{http_code}",
+            &format!("http://{addr}/"),
+        ])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    Ok((code.trim().parse().unwrap_or(0), body.to_owned()))
 }
 
 /// Waits until `process` printed `needle`; fails with its output if it exits or times out.

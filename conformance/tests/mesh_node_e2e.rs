@@ -388,4 +388,8 @@ fn the_example_manifests_mesh_the_labelled_namespace() {
         ],
     );
     assert_eq!(visitor_plain, 1.0);
+    for agent in &cluster.agents {
+        let (status, body) = conformance::agents::agent_readiness(agent).unwrap();
+        assert_eq!((status, body.as_str()), (200, "ready\n"), "{}", agent.name);
+    }
 }

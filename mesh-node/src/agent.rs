@@ -86,6 +86,17 @@ pub enum TunnelOutput {
     Socket(TunnelLink),
 }
 
+/// What the agent's readiness endpoint reports.
+#[derive(Clone, Debug, Default)]
+pub struct AgentStatus {
+    /// The source had the whole cluster once and a pass was applied.
+    pub synced: bool,
+    /// Per-pod problems of the last pass (retried).
+    pub problems: Vec<String>,
+    /// Source errors now (e.g. the API server unreachable: the last good objects are served).
+    pub source_errors: Vec<String>,
+}
+
 /// Where the cluster comes from.
 pub enum ClusterSource {
     /// The local manifest folder.
@@ -119,6 +130,13 @@ impl ClusterSource {
         }
     }
 
+    fn errors(&self) -> Vec<String> {
+        match self {
+            ClusterSource::Folder(_) => Vec::new(),
+            ClusterSource::Kubernetes(k) => k.errors(),
+        }
+    }
+
     fn objects(&self) -> ClusterObjects {
         match self {
             ClusterSource::Folder(folder) => folder.objects(),
@@ -134,6 +152,7 @@ pub async fn run_agent(
     mut output: TunnelOutput,
     poll: Duration,
     mut capture: Option<CaptureReconciler>,
+    status: std::sync::Arc<std::sync::Mutex<AgentStatus>>,
     stop: impl std::future::Future<Output = ()>,
 ) {
     let mut last_state: Option<StateSpec> = None;
@@ -165,6 +184,9 @@ pub async fn run_agent(
             _ = &mut stop => return,
         }
         let pass = std::time::Instant::now();
+        if let Ok(mut s) = status.lock() {
+            s.source_errors = source.errors();
+        }
         if !source.ready() {
             continue;
         }
@@ -220,6 +242,10 @@ pub async fn run_agent(
         );
         for p in problems.iter().filter(|p| !last_problems.contains(p)) {
             warn!("{p}; retrying");
+        }
+        if let Ok(mut s) = status.lock() {
+            s.synced = true;
+            s.problems = problems.clone();
         }
         last_problems = problems;
         last_state = Some(state);

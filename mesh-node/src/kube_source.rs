@@ -17,14 +17,23 @@ use tracing::warn;
 
 use crate::cluster::{ClusterObjects, Object};
 
+/// How one kind's watch is doing.
+#[derive(Debug, Default)]
+struct KindStatus {
+    /// Its first full list is in.
+    listed: AtomicBool,
+    /// Its watch is failing now, with this message.
+    error: std::sync::Mutex<Option<String>>,
+}
+
 /// The three stores and whether anything changed since the last look.
 pub struct KubeSource {
     namespaces: Store<Namespace>,
     pods: Store<Pod>,
     services: Store<Service>,
     dirty: Arc<AtomicBool>,
-    /// One flag per kind, set once its first full list is in.
-    listed: [Arc<AtomicBool>; 3],
+    /// Per kind: listed once yet, and its current watch error.
+    kinds: [Arc<KindStatus>; 3],
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -32,35 +41,40 @@ impl KubeSource {
     /// Starts watching through `client`.
     pub fn start(client: Client) -> Self {
         let dirty = Arc::new(AtomicBool::new(true));
-        let listed: [Arc<AtomicBool>; 3] = Default::default();
+        let kinds: [Arc<KindStatus>; 3] = Default::default();
         let (namespaces, ns_task) = follow(
             Api::<Namespace>::all(client.clone()),
             dirty.clone(),
-            listed[0].clone(),
+            kinds[0].clone(),
         );
         let (pods, pod_task) = follow(
             Api::<Pod>::all(client.clone()),
             dirty.clone(),
-            listed[1].clone(),
+            kinds[1].clone(),
         );
-        let (services, svc_task) = follow(
-            Api::<Service>::all(client),
-            dirty.clone(),
-            listed[2].clone(),
-        );
+        let (services, svc_task) =
+            follow(Api::<Service>::all(client), dirty.clone(), kinds[2].clone());
         KubeSource {
             namespaces,
             pods,
             services,
             dirty,
-            listed,
+            kinds,
             tasks: vec![ns_task, pod_task, svc_task],
         }
     }
 
     /// Whether every store has been listed once (before that, enrollment would be partial).
     pub fn ready(&self) -> bool {
-        self.listed.iter().all(|l| l.load(Ordering::Acquire))
+        self.kinds.iter().all(|k| k.listed.load(Ordering::Acquire))
+    }
+
+    /// The watches failing now (the stores keep their last good objects meanwhile).
+    pub fn errors(&self) -> Vec<String> {
+        self.kinds
+            .iter()
+            .filter_map(|k| k.error.lock().ok()?.clone())
+            .collect()
     }
 
     /// Waits until [`KubeSource::ready`].
@@ -104,7 +118,7 @@ impl Drop for KubeSource {
 fn follow<K>(
     api: Api<K>,
     dirty: Arc<AtomicBool>,
-    listed: Arc<AtomicBool>,
+    status: Arc<KindStatus>,
 ) -> (Store<K>, JoinHandle<()>)
 where
     K: kube::Resource<DynamicType = ()>
@@ -125,10 +139,15 @@ where
             match event {
                 Ok(event) => {
                     if matches!(event, watcher::Event::InitDone) {
-                        listed.store(true, Ordering::Release);
+                        status.listed.store(true, Ordering::Release);
                     }
                     dirty.store(true, Ordering::Release);
-                    last_error.clear();
+                    if !last_error.is_empty() {
+                        last_error.clear();
+                        if let Ok(mut e) = status.error.lock() {
+                            *e = None;
+                        }
+                    }
                 }
                 Err(e) => {
                     let message = format!(
@@ -137,6 +156,9 @@ where
                     );
                     if message != last_error {
                         warn!("{message}");
+                        if let Ok(mut e) = status.error.lock() {
+                            *e = Some(message.clone());
+                        }
                         last_error = message;
                     }
                 }

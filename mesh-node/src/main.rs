@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use mesh_node::agent::{ClusterSource, TunnelOutput, run_agent};
+use mesh_node::agent::{AgentStatus, ClusterSource, TunnelOutput, run_agent};
 use mesh_node::capture::CaptureReconciler;
 use mesh_node::kube_source::KubeSource;
 use mesh_node::manifests::ManifestFolder;
@@ -69,13 +69,22 @@ struct RunArgs {
     /// Move bytes between applications and the tunnel with sockops + sk_msg.
     #[arg(long)]
     fast_path: bool,
+    /// Where readiness is served (any `GET`: 200 ready, 503 not yet, reasons in the body).
+    #[arg(
+        long,
+        env = "WEFT_AGENT_READINESS_ADDR",
+        default_value = "127.0.0.1:15022"
+    )]
+    readiness_addr: std::net::SocketAddr,
     /// Do not touch capture (only compute and hand on the tables).
     #[arg(long)]
     no_capture: bool,
 }
 
 fn main() -> std::process::ExitCode {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
+        .with_ansi(std::io::stdout().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
@@ -139,13 +148,18 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .manifests
             .as_ref()
             .map_or("the Kubernetes API".to_owned(), |f| f.display().to_string());
-        info!(node = %args.node_name, source = %from, "mesh-node running");
+        let status = std::sync::Arc::new(std::sync::Mutex::new(AgentStatus::default()));
+        let readiness = mesh_node::readiness::serve(args.readiness_addr, status.clone())
+            .await
+            .with_context(|| format!("cannot serve readiness on {}", args.readiness_addr))?;
+        info!(node = %args.node_name, source = %from, %readiness, "mesh-node running");
         run_agent(
             source,
             &args.node_name,
             output,
             args.poll,
             capture,
+            status,
             shutdown_signal(),
         )
         .await;

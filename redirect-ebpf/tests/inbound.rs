@@ -38,13 +38,23 @@ fn dial(from: &Netns, port: u16, marked: bool) -> Result<(), ErrorKind> {
     })
 }
 
-/// The local address of the connection waiting on `listener`, if any.
+/// The local address of the connection waiting on `listener`, if one arrives within 50 ms.
 fn accepted(listener: &TcpListener) -> Option<SocketAddr> {
-    std::thread::sleep(Duration::from_millis(50));
-    listener
-        .accept()
-        .ok()
-        .map(|(stream, _)| stream.local_addr().unwrap())
+    accepted_within(listener, Duration::from_millis(50))
+}
+
+/// Like [`accepted`], waiting up to `patience` (for connections known to be on their way).
+fn accepted_within(listener: &TcpListener, patience: Duration) -> Option<SocketAddr> {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        if let Ok((stream, _)) = listener.accept() {
+            return Some(stream.local_addr().unwrap());
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 #[test]
@@ -59,7 +69,7 @@ fn connections_from_outside_an_enrolled_pod_land_on_the_inbound_listener() {
 
     // Not enrolled: the application takes it.
     assert_eq!(dial(&outside, 8080, false), Ok(()));
-    assert_eq!(accepted(&app), Some(to_app));
+    assert_eq!(accepted_within(&app, Duration::from_secs(2)), Some(to_app));
 
     let mut capture = Capture::install(Options::default());
     let cookie = capture.enroll(pod.file(), &Exclusions::default()).unwrap();
@@ -76,7 +86,7 @@ fn connections_from_outside_an_enrolled_pod_land_on_the_inbound_listener() {
     assert!(listeners.is_registered(pod_ip));
     assert_eq!(dial(&outside, 8080, false), Ok(()));
     assert_eq!(
-        accepted(&inbound),
+        accepted_within(&inbound, Duration::from_secs(2)),
         Some(to_app),
         "on 15006, the original destination as the local address"
     );
@@ -84,17 +94,24 @@ fn connections_from_outside_an_enrolled_pod_land_on_the_inbound_listener() {
 
     // HBONE is never steered.
     assert_eq!(dial(&outside, 15008, false), Ok(()));
-    assert!(accepted(&hbone).is_some());
+    assert!(accepted_within(&hbone, Duration::from_secs(2)).is_some());
     assert_eq!(accepted(&inbound), None);
 
     // The tunnel's own connection to the application, from inside the pod, goes straight
     // (marked, so connect4 leaves it alone; sourced from the pod's address, so sk_lookup does).
     assert_eq!(dial(&pod, 8080, true), Ok(()));
-    assert_eq!(accepted(&app), Some(to_app));
+    assert_eq!(accepted_within(&app, Duration::from_secs(2)), Some(to_app));
 
     // The tunnel's listener closes: it leaves the map, connections are refused again.
     drop(inbound);
-    assert!(!listeners.is_registered(pod_ip));
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while listeners.is_registered(pod_ip) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a closed listener stays in the map"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     assert_eq!(
         dial(&outside, 8080, false),
         Err(ErrorKind::ConnectionRefused)
@@ -103,5 +120,5 @@ fn connections_from_outside_an_enrolled_pod_land_on_the_inbound_listener() {
     // Unenrolled: straight to the application.
     capture.unenroll(cookie).unwrap();
     assert_eq!(dial(&outside, 8080, false), Ok(()));
-    assert_eq!(accepted(&app), Some(to_app));
+    assert_eq!(accepted_within(&app, Duration::from_secs(2)), Some(to_app));
 }
