@@ -26,6 +26,18 @@ struct KindStatus {
     error: std::sync::Mutex<Option<String>>,
 }
 
+impl KindStatus {
+    /// Records the watch's current failure (`None`: healthy); true if that changed.
+    fn set_error(&self, error: Option<String>) -> bool {
+        let Ok(mut current) = self.error.lock() else {
+            return false;
+        };
+        let changed = *current != error;
+        *current = error;
+        changed
+    }
+}
+
 /// The three stores and whether anything changed since the last look.
 pub struct KubeSource {
     namespaces: Store<Namespace>,
@@ -134,7 +146,6 @@ where
     let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
     let task = tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
-        let mut last_error = String::new();
         while let Some(event) = stream.next().await {
             match event {
                 Ok(event) => {
@@ -142,24 +153,15 @@ where
                         status.listed.store(true, Ordering::Release);
                     }
                     dirty.store(true, Ordering::Release);
-                    if !last_error.is_empty() {
-                        last_error.clear();
-                        if let Ok(mut e) = status.error.lock() {
-                            *e = None;
-                        }
-                    }
+                    status.set_error(None);
                 }
                 Err(e) => {
                     let message = format!(
                         "watching {}: {e}; keeping the last good objects",
                         K::plural(&())
                     );
-                    if message != last_error {
+                    if status.set_error(Some(message.clone())) {
                         warn!("{message}");
-                        if let Ok(mut e) = status.error.lock() {
-                            *e = Some(message.clone());
-                        }
-                        last_error = message;
                     }
                 }
             }

@@ -13,6 +13,8 @@ use std::path::PathBuf;
 use redirect_ebpf::InboundListeners;
 use tracing::{info, warn};
 
+use crate::last_failure::LastFailure;
+
 /// One plaintext inbound listener and the pod addresses (of its family) it serves.
 pub struct InboundListener {
     pub ips: Vec<IpAddr>,
@@ -37,7 +39,7 @@ pub struct InboundCapture {
     /// Pods whose listeners are in the open map.
     registered: HashSet<String>,
     /// Why the last attempt failed, logged once per distinct reason.
-    last_error: Option<String>,
+    last_error: LastFailure,
 }
 
 impl InboundCapture {
@@ -46,7 +48,7 @@ impl InboundCapture {
             pin_dir,
             map: None,
             registered: HashSet::new(),
-            last_error: None,
+            last_error: LastFailure::default(),
         }
     }
 
@@ -90,8 +92,9 @@ impl InboundCapture {
                 }
                 Err(e) => {
                     let reason = format!("pod {pod}: cannot register its inbound listener: {e}");
-                    warn!("{reason}");
-                    self.last_error = Some(reason);
+                    if self.last_error.is_new(&reason) {
+                        warn!("{reason}");
+                    }
                 }
             }
         }
@@ -109,9 +112,8 @@ impl InboundCapture {
     }
 
     fn report(&mut self, reason: String) {
-        if self.last_error.as_ref() != Some(&reason) {
+        if self.last_error.is_new(&reason) {
             warn!("{reason}");
-            self.last_error = Some(reason);
         }
     }
 }

@@ -20,6 +20,7 @@ use tunnel_proto::protocol::{
 };
 
 use super::State;
+use crate::last_failure::LastFailure;
 
 /// Local pods' network namespaces as the agent sent them, by `namespace/name`, with each
 /// namespace's identity (its nsfs inode: a new descriptor for the same namespace, as a
@@ -87,7 +88,7 @@ impl AgentFollower {
     /// Connects, follows, reconnects with backoff, until `stop`.
     pub async fn run(mut self, stop: CancellationToken) {
         let mut backoff = Duration::from_millis(50);
-        let mut last_error = String::new();
+        let mut last_error = LastFailure::default();
         loop {
             match UnixStream::connect(&self.path).await {
                 Ok(stream) => {
@@ -102,9 +103,8 @@ impl AgentFollower {
                 Err(e) => {
                     let error =
                         format!("waiting for the node agent at {}: {e}", self.path.display());
-                    if error != last_error {
+                    if last_error.is_new(&error) {
                         warn!("{error}");
-                        last_error = error;
                     }
                 }
             }

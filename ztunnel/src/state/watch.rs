@@ -8,6 +8,7 @@ use tokio::sync::watch;
 use tracing::{error, info};
 
 use super::{State, StateError, parse_state_file};
+use crate::last_failure::LastFailure;
 
 /// The current state; cheap to clone, and `changed()` wakes on every accepted update.
 pub type StateHandle = watch::Receiver<Arc<State>>;
@@ -36,7 +37,7 @@ async fn load(path: &Path) -> Result<(String, State), StateError> {
 }
 
 async fn poll(path: PathBuf, interval: Duration, mut last: String, tx: watch::Sender<Arc<State>>) {
-    let mut last_error: Option<String> = None;
+    let mut last_error = LastFailure::default();
     loop {
         tokio::time::sleep(interval).await;
         if tx.is_closed() {
@@ -61,7 +62,7 @@ async fn poll(path: PathBuf, interval: Duration, mut last: String, tx: watch::Se
         match parse_state_file(&path, &text) {
             Ok(state) => {
                 info!(path = %path.display(), workloads = state.spec().workloads.len(), services = state.spec().services.len(), "reloaded state file");
-                last_error = None;
+                last_error.clear();
                 tx.send_replace(Arc::new(state));
             }
             Err(e) => report(
@@ -74,10 +75,9 @@ async fn poll(path: PathBuf, interval: Duration, mut last: String, tx: watch::Se
 }
 
 /// Logs an error once, not on every poll.
-fn report(last_error: &mut Option<String>, message: String) {
-    if last_error.as_deref() != Some(message.as_str()) {
+fn report(last_error: &mut LastFailure, message: String) {
+    if last_error.is_new(&message) {
         error!("{message}");
-        *last_error = Some(message);
     }
 }
 
