@@ -3,7 +3,7 @@
 //! is reported with its file, document and reason and ignored, keeping what it held before;
 //! the other files keep working.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -32,8 +32,24 @@ pub enum ManifestError {
 #[derive(Debug, Default)]
 pub struct ManifestFolder {
     folder: PathBuf,
-    /// Last good objects of each file, and the text they came from.
-    files: BTreeMap<PathBuf, (String, Vec<Object>)>,
+    /// Last good content of each file.
+    files: BTreeMap<PathBuf, ParsedFile>,
+}
+
+/// A file's text and what each of its documents held. Kept so that a changed file parses only
+/// the documents that changed: flipping one label in a file of a thousand pods parses one.
+#[derive(Debug, Default)]
+struct ParsedFile {
+    text: String,
+    documents: Vec<ParsedDocument>,
+}
+
+#[derive(Debug)]
+struct ParsedDocument {
+    text: String,
+    objects: Vec<Object>,
+    /// How many documents it counts as, for the numbers in error messages.
+    documents: usize,
 }
 
 impl ManifestFolder {
@@ -74,12 +90,13 @@ impl ManifestFolder {
                     continue;
                 }
             };
-            if self.files.get(&path).is_some_and(|(old, _)| *old == text) {
+            let old = self.files.get(&path);
+            if old.is_some_and(|old| old.text == text) {
                 continue;
             }
-            match parse_documents(&path, &text) {
-                Ok(objects) => {
-                    self.files.insert(path, (text, objects));
+            match parse_file(&path, text, old) {
+                Ok(parsed) => {
+                    self.files.insert(path, parsed);
                     changed = true;
                 }
                 Err(error) => errors.push(error),
@@ -91,9 +108,11 @@ impl ManifestFolder {
     /// Every object of every file, later files winning on the same name.
     pub fn objects(&self) -> ClusterObjects {
         let mut all = ClusterObjects::default();
-        for (_, objects) in self.files.values() {
-            for object in objects {
-                all.insert(object.clone());
+        for file in self.files.values() {
+            for document in &file.documents {
+                for object in &document.objects {
+                    all.insert(object.clone());
+                }
             }
         }
         all
@@ -116,16 +135,134 @@ fn list_yaml(folder: &Path) -> Result<Vec<PathBuf>, String> {
 
 /// Parses every document of one file; the first bad document fails the file.
 pub fn parse_documents(path: &Path, text: &str) -> Result<Vec<Object>, ManifestError> {
+    let parsed = parse_file(path, text.to_owned(), None)?;
+    Ok(parsed
+        .documents
+        .into_iter()
+        .flat_map(|document| document.objects)
+        .collect())
+}
+
+/// Parses `text`, reusing the objects of documents whose text is the same in `old`.
+fn parse_file(
+    path: &Path,
+    text: String,
+    old: Option<&ParsedFile>,
+) -> Result<ParsedFile, ManifestError> {
+    let known: HashMap<&str, &ParsedDocument> = old
+        .map(|old| old.documents.iter().map(|d| (d.text.as_str(), d)).collect())
+        .unwrap_or_default();
+    let mut documents = Vec::new();
+    let mut number = 0;
+    for chunk in split_documents(&text) {
+        let before = number;
+        let objects = match known.get(chunk.text) {
+            Some(known) => {
+                number += known.documents;
+                known.objects.clone()
+            }
+            None => parse_chunk(path, &chunk, &mut number)?,
+        };
+        documents.push(ParsedDocument {
+            text: chunk.text.to_owned(),
+            objects,
+            documents: number - before,
+        });
+    }
+    Ok(ParsedFile { text, documents })
+}
+
+/// A piece of a file that starts at a document marker (or the file's start).
+struct Chunk<'a> {
+    text: &'a str,
+    /// 0-based line of the file where it starts.
+    first_line: usize,
+}
+
+/// Cuts a YAML stream at its `---` lines. A line that starts with `---` followed by a blank or
+/// its end is always a document marker in YAML (no scalar may contain one), so no document is
+/// ever cut in two; a piece holding more than one document (after `...`) is still parsed
+/// whole.
+fn split_documents(text: &str) -> Vec<Chunk<'_>> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    let mut first_line = 0;
+    let mut offset = 0;
+    for (line_number, line) in text.split_inclusive('\n').enumerate() {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        let marker = bare
+            .strip_prefix("---")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(' ') || rest.starts_with('\t'));
+        if marker && offset > start {
+            chunks.push(Chunk {
+                text: &text[start..offset],
+                first_line,
+            });
+            start = offset;
+            first_line = line_number;
+        }
+        offset += line.len();
+    }
+    if offset > start {
+        chunks.push(Chunk {
+            text: &text[start..offset],
+            first_line,
+        });
+    }
+    chunks
+}
+
+/// `reason` with every `line N` in it moved down by `by` lines (from a piece to its file).
+fn shift_lines(reason: &str, by: usize) -> String {
+    let mut out = String::with_capacity(reason.len());
+    let mut rest = reason;
+    while let Some(at) = rest.find("line ") {
+        let (before, after) = rest.split_at(at + "line ".len());
+        out.push_str(before);
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        match after[..digits].parse::<usize>() {
+            Ok(line) => out.push_str(&(line + by).to_string()),
+            Err(_) => out.push_str(&after[..digits]),
+        }
+        rest = &after[digits..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Parses the documents of one piece; `number` counts documents in the file so far.
+fn parse_chunk(
+    path: &Path,
+    chunk: &Chunk<'_>,
+    number: &mut usize,
+) -> Result<Vec<Object>, ManifestError> {
     let mut objects = Vec::new();
-    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for document in serde_yaml::Deserializer::from_str(chunk.text) {
         let fail = |location: String, reason: String| ManifestError::Document {
             file: path.to_owned(),
-            document: index + 1,
+            document: *number + 1,
             location,
             reason,
         };
-        let value = serde_yaml::Value::deserialize(document)
-            .map_err(|e| fail(location_of(&e), e.to_string()))?;
+        let value = match serde_yaml::Value::deserialize(document) {
+            Ok(value) => value,
+            Err(e) => {
+                let location = e
+                    .location()
+                    .map(|l| {
+                        format!(
+                            " (line {}, column {})",
+                            l.line() + chunk.first_line,
+                            l.column()
+                        )
+                    })
+                    .unwrap_or_default();
+                return Err(fail(
+                    location,
+                    shift_lines(&e.to_string(), chunk.first_line),
+                ));
+            }
+        };
         if value.is_null() {
             continue; // an empty document (a trailing `---`)
         }
@@ -139,19 +276,15 @@ pub fn parse_documents(path: &Path, text: &str) -> Result<Vec<Object>, ManifestE
             "Pod" => serde_yaml::from_value(value).map(|o| Object::Pod(Box::new(o))),
             "Service" => serde_yaml::from_value(value).map(|o| Object::Service(Box::new(o))),
             other => {
-                tracing::debug!(file = %path.display(), document = index + 1, kind = other, "kind not followed; skipped");
+                tracing::debug!(file = %path.display(), document = *number + 1, kind = other, "kind not followed; skipped");
+                *number += 1;
                 continue;
             }
         };
         objects.push(object.map_err(|e| fail(String::new(), format!("{kind}: {e}")))?);
+        *number += 1;
     }
     Ok(objects)
-}
-
-fn location_of(e: &serde_yaml::Error) -> String {
-    e.location()
-        .map(|l| format!(" (line {}, column {})", l.line(), l.column()))
-        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -191,6 +324,93 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("no `kind`"), "{error}");
+    }
+
+    #[test]
+    fn documents_are_cut_only_at_markers_and_errors_name_the_line_of_the_file() {
+        // `---` inside an indented block scalar is text, `--- {...}` starts a document with
+        // content on its own line, and `...` ends a document inside one piece.
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: a\n  annotations:\n    note: |\n      ---\n      not a marker\n--- {apiVersion: v1, kind: Namespace, metadata: {name: b}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: c}\n...\n---\n# only a comment\n";
+        let objects = parse_documents(Path::new("m.yaml"), text).unwrap();
+        let names: Vec<_> = objects
+            .iter()
+            .map(|o| match o {
+                Object::Namespace(ns) => ns.metadata.name.clone().unwrap(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        let Object::Namespace(a) = &objects[0] else {
+            unreachable!()
+        };
+        assert_eq!(
+            a.metadata.annotations.as_ref().unwrap()["note"],
+            "---\nnot a marker\n"
+        );
+
+        let broken = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n---\napiVersion: v1\nkind: Pod\nmetadata: [unclosed\n";
+        let error = parse_documents(Path::new("m.yaml"), broken)
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with("m.yaml: document 3 (line 12,"), "{error}");
+        assert!(
+            error.contains("at line 12 column 1, while parsing a flow sequence at line 11"),
+            "serde_yaml's own locations are the file's too: {error}"
+        );
+    }
+
+    #[test]
+    fn a_changed_document_gives_what_a_fresh_read_gives() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cluster.yaml");
+        let many = |label: &str| {
+            let mut text = format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: apps, labels: {{weft.dev/mesh: {label}}}}}\n"
+            );
+            for i in 0..50 {
+                text.push_str(&format!(
+                    "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: apps}}\nspec: {{containers: [{{name: c, image: c}}]}}\n"
+                ));
+            }
+            text
+        };
+        std::fs::write(&file, many("enabled")).unwrap();
+        let mut folder = ManifestFolder::new(dir.path());
+        assert_eq!(folder.reload(), (true, vec![]));
+        std::fs::write(&file, many("disabled")).unwrap();
+        assert_eq!(folder.reload(), (true, vec![]));
+        let fresh = parse_documents(&file, &many("disabled")).unwrap();
+        let mut expected = ClusterObjects::default();
+        for object in fresh {
+            expected.insert(object);
+        }
+        assert_eq!(folder.objects(), expected);
+        assert_eq!(
+            folder.objects().namespaces["apps"]
+                .metadata
+                .labels
+                .as_ref()
+                .unwrap()["weft.dev/mesh"],
+            "disabled"
+        );
+
+        // A later document breaking is numbered as a fresh read numbers it, though the
+        // documents before it were not parsed again.
+        let mut broken = many("enabled");
+        broken.push_str("---\nkind: Pod\nmetadata: [unclosed\n");
+        std::fs::write(&file, &broken).unwrap();
+        let (changed, errors) = folder.reload();
+        assert!(!changed);
+        assert_eq!(
+            errors[0],
+            parse_documents(&file, &broken).unwrap_err(),
+            "same error as a fresh read"
+        );
+        assert!(
+            errors[0].to_string().contains("document 52 (line 257,"),
+            "{}",
+            errors[0]
+        );
     }
 
     #[test]

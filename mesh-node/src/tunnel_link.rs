@@ -1,10 +1,11 @@
 //! The agent's end of the tunnel protocol (`tunnel_proto::protocol`): it listens on a Unix
 //! socket, the node's tunnel connects (again after any restart of either side), gets a full
 //! snapshot of the local pods (each with its network namespace descriptor) and the tables,
-//! then only the changes. Every frame waits for the tunnel's answer, so when `sync` returns
-//! the tunnel's listeners follow what was sent.
+//! then only the changes. Frames go out ahead of their answers (up to [`WINDOW`] unanswered;
+//! the tunnel handles them in order), and `sync` returns once every one is answered, so the
+//! tunnel's listeners then follow what was sent.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -18,6 +19,11 @@ use tunnel_proto::protocol::{
 
 /// How long the tunnel may take to answer one frame before the connection is dropped.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Frames sent before the first of them must be answered. Sending a hundred pods' `add_pod`
+/// one round trip at a time cost ~15 ms of a namespace label's effect; answers are small, so
+/// neither side's socket buffer fills while the other is writing.
+const WINDOW: usize = 64;
 
 /// Why the tunnel could not be brought up to date (the connection is dropped; the tunnel
 /// reconnects and gets a snapshot).
@@ -125,10 +131,15 @@ impl TunnelLink {
         state: &StateSpec,
     ) -> Result<(), LinkError> {
         let snapshot = sent.state.is_none();
+        let mut frames = Pipeline {
+            stream,
+            seq,
+            waiting: VecDeque::new(),
+        };
         if snapshot {
-            exchange(stream, seq, &AgentMessage::SnapshotStart, None).await?;
+            frames.push(&AgentMessage::SnapshotStart, None).await?;
         }
-        let mut changed = snapshot;
+        let mut added = Vec::new();
         for (key, netns) in pods {
             if !snapshot && sent.pods.get(key) == Some(netns) {
                 continue;
@@ -140,15 +151,13 @@ impl TunnelLink {
                     continue;
                 }
             };
-            exchange(
-                stream,
-                seq,
-                &AgentMessage::AddPod { key: key.clone() },
-                Some(file.as_fd()),
-            )
-            .await?;
-            sent.pods.insert(key.clone(), netns.clone());
-            changed = true;
+            frames
+                .push(
+                    &AgentMessage::AddPod { key: key.clone() },
+                    Some(file.as_fd()),
+                )
+                .await?;
+            added.push((key.clone(), netns.clone()));
         }
         let gone: Vec<String> = sent
             .pods
@@ -156,64 +165,90 @@ impl TunnelLink {
             .filter(|k| !pods.contains_key(*k))
             .cloned()
             .collect();
-        if changed || !gone.is_empty() || sent.state.as_ref() != Some(state) {
-            exchange(
-                stream,
-                seq,
-                &AgentMessage::State {
-                    state: state.clone(),
-                },
-                None,
-            )
-            .await?;
-            sent.state = Some(state.clone());
+        let changed = snapshot || !added.is_empty() || !gone.is_empty();
+        if changed || sent.state.as_ref() != Some(state) {
+            let message = AgentMessage::State {
+                state: state.clone(),
+            };
+            frames.push(&message, None).await?;
         }
-        for key in gone {
-            if !snapshot {
-                exchange(
-                    stream,
-                    seq,
-                    &AgentMessage::RemovePod { key: key.clone() },
-                    None,
-                )
-                .await?;
+        if !snapshot {
+            for key in &gone {
+                frames
+                    .push(&AgentMessage::RemovePod { key: key.clone() }, None)
+                    .await?;
             }
-            sent.pods.remove(&key);
         }
         if snapshot {
-            exchange(stream, seq, &AgentMessage::SnapshotEnd, None).await?;
+            frames.push(&AgentMessage::SnapshotEnd, None).await?;
+        }
+        frames.finish().await?;
+        sent.pods.extend(added);
+        for key in gone {
+            sent.pods.remove(&key);
+        }
+        sent.state = Some(state.clone());
+        if snapshot {
             info!(pods = pods.len(), "snapshot sent to the tunnel");
         }
         Ok(())
     }
 }
 
-/// Sends one frame and waits for its answer; a refusal is logged (the tunnel keeps what it
-/// had), a missing or mismatched answer fails.
-async fn exchange(
-    stream: &UnixStream,
-    seq: &mut u64,
-    message: &AgentMessage,
-    fd: Option<std::os::fd::BorrowedFd<'_>>,
-) -> Result<(), LinkError> {
-    *seq += 1;
-    let want = *seq;
-    send(stream, want, message, fd).await?;
-    let answer = tokio::time::timeout(ANSWER_TIMEOUT, recv::<TunnelMessage>(stream))
-        .await
-        .map_err(|_| LinkError::Timeout { seq: want })??;
-    let Some(frame) = answer else {
-        return Err(ProtocolError::Io(std::io::ErrorKind::UnexpectedEof.into()).into());
-    };
-    match frame.message {
-        TunnelMessage::Ack { seq } if seq == want => Ok(()),
-        TunnelMessage::Nack { seq, reason } if seq == want => {
-            warn!(seq, "the tunnel refused an update: {reason}");
-            Ok(())
+/// Frames on their way to the tunnel, answered in the order they were sent.
+struct Pipeline<'a> {
+    stream: &'a UnixStream,
+    seq: &'a mut u64,
+    /// Sequence numbers sent and not answered yet, oldest first.
+    waiting: VecDeque<u64>,
+}
+
+impl Pipeline<'_> {
+    /// Sends one frame, first taking the oldest answer if [`WINDOW`] frames are unanswered.
+    async fn push(
+        &mut self,
+        message: &AgentMessage,
+        fd: Option<std::os::fd::BorrowedFd<'_>>,
+    ) -> Result<(), LinkError> {
+        if self.waiting.len() >= WINDOW {
+            self.answer().await?;
         }
-        TunnelMessage::Ack { seq } | TunnelMessage::Nack { seq, .. } => {
-            Err(LinkError::OutOfOrder { want, got: seq })
+        *self.seq += 1;
+        send(self.stream, *self.seq, message, fd).await?;
+        self.waiting.push_back(*self.seq);
+        Ok(())
+    }
+
+    /// Takes every outstanding answer.
+    async fn finish(mut self) -> Result<(), LinkError> {
+        while !self.waiting.is_empty() {
+            self.answer().await?;
         }
-        TunnelMessage::Hello { .. } => Err(LinkError::OutOfOrder { want, got: 0 }),
+        Ok(())
+    }
+
+    /// Takes the oldest outstanding answer; a refusal is logged (the tunnel keeps what it
+    /// had), a missing or mismatched answer fails.
+    async fn answer(&mut self) -> Result<(), LinkError> {
+        let Some(want) = self.waiting.pop_front() else {
+            return Ok(());
+        };
+        let answer = tokio::time::timeout(ANSWER_TIMEOUT, recv::<TunnelMessage>(self.stream))
+            .await
+            .map_err(|_| LinkError::Timeout { seq: want })??;
+        let Some(frame) = answer else {
+            return Err(ProtocolError::Io(std::io::ErrorKind::UnexpectedEof.into()).into());
+        };
+        match frame.message {
+            TunnelMessage::Ack { seq } if seq == want => Ok(()),
+            TunnelMessage::Nack { seq, reason } if seq == want => {
+                warn!(seq, "the tunnel refused an update: {reason}");
+                Ok(())
+            }
+            TunnelMessage::Ack { seq } | TunnelMessage::Nack { seq, .. } => {
+                Err(LinkError::OutOfOrder { want, got: seq })
+            }
+            TunnelMessage::Hello { .. } => Err(LinkError::OutOfOrder { want, got: 0 }),
+        }
     }
 }

@@ -13,7 +13,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::identity::CertificateError;
 use crate::inbound_capture::{InboundCapture, InboundCaptureStatus, InboundListener};
-use crate::netns::{NetnsWorker, SocketFactory};
+use crate::netns::{PodNetns, SocketFactory};
 use crate::proxy::context::{Pod, Tunnel};
 use crate::proxy::hbone::serve_hbone_connection;
 use crate::proxy::inbound_plaintext::{INBOUND_PLAINTEXT_PORT, serve_inbound_plaintext};
@@ -157,17 +157,28 @@ async fn reconcile(
         }
         keep
     });
-    // New pods start concurrently: each enters its namespace on its own thread and gets its
-    // certificate, so a hundred pods take about as long as one.
-    let starting = wanted
-        .into_iter()
-        .filter(|(key, _)| !running.contains_key(key))
-        .map(|(key, workload)| async move {
-            let started = start_pod(tunnel, workload.clone(), mark).await;
+    // New pods start together, each on its own task so they spread over the runtime's
+    // threads: a start is a few socket calls in the pod's namespace and a certificate.
+    let mut starting = tokio::task::JoinSet::new();
+    for (key, workload) in wanted {
+        if running.contains_key(&key) {
+            continue;
+        }
+        let tunnel = tunnel.clone();
+        starting.spawn(async move {
+            let started = start_pod(&tunnel, workload.clone(), mark).await;
             (key, workload, started)
         });
+    }
     let mut failed = BTreeMap::new();
-    for (key, workload, started) in futures_util::future::join_all(starting).await {
+    while let Some(joined) = starting.join_next().await {
+        let (key, workload, started) = match joined {
+            Ok(result) => result,
+            Err(e) => {
+                error!("a pod's start failed: {e}");
+                continue;
+            }
+        };
         match started {
             Ok((stop, inbound)) => {
                 info!(pod = %key, identity = %workload.identity(tunnel.trust_domain()), "pod listeners running");
@@ -197,16 +208,16 @@ async fn start_pod(
     mark: Option<u32>,
 ) -> Result<(CancellationToken, Vec<InboundListener>), PodError> {
     let key = workload.key();
-    let worker = match (tunnel.pod_namespaces.get(&key), workload.netns.as_ref()) {
-        (Some(fd), _) => NetnsWorker::spawn_fd(&fd, &key),
-        (None, Some(path)) => NetnsWorker::spawn(path),
+    let netns = match (tunnel.pod_namespaces.get(&key), workload.netns.as_ref()) {
+        (Some(fd), _) => PodNetns::from_fd(&fd, &key),
+        (None, Some(path)) => PodNetns::open(path),
         (None, None) => return Err(PodError::NoNetns { pod: key }),
     }
     .map_err(|source| PodError::Netns {
         pod: key.clone(),
         source,
     })?;
-    let sockets = SocketFactory::pod(worker, mark);
+    let sockets = SocketFactory::pod(netns, mark);
     let identity = workload.identity(tunnel.trust_domain());
     let slot = tunnel
         .certs

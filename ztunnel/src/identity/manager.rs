@@ -27,8 +27,13 @@ impl CertificateSlot {
 pub struct CertificateManager {
     provider: Arc<dyn CertificateProvider>,
     /// Renewal tasks hold only a Weak to their slot, so dropping an identity stops its task.
-    slots: tokio::sync::Mutex<HashMap<Identity, Arc<CertificateSlot>>>,
+    /// The map's lock is held only to find an identity's cell: first fetches of different
+    /// identities run at the same time.
+    slots: std::sync::Mutex<HashMap<Identity, Arc<SlotCell>>>,
 }
+
+/// An identity's slot once its first certificate has been fetched.
+type SlotCell = tokio::sync::OnceCell<Arc<CertificateSlot>>;
 
 /// How long to wait before retrying a failed renewal.
 const RETRY: Duration = Duration::from_secs(1);
@@ -50,29 +55,39 @@ impl CertificateManager {
     /// The slot for `identity`, fetching the first certificate if needed. Concurrent callers
     /// for the same identity wait for one fetch.
     pub async fn get(&self, identity: &Identity) -> Result<Arc<CertificateSlot>, CertificateError> {
-        let mut slots = self.slots.lock().await;
-        if let Some(slot) = slots.get(identity) {
-            return Ok(slot.clone());
-        }
-        let first = self.provider.fetch(identity).await?;
-        info!(%identity, not_after = ?first.not_after, "issued workload certificate");
-        let slot = Arc::new(CertificateSlot {
-            current: ArcSwap::from_pointee(first),
-        });
-        slots.insert(identity.clone(), slot.clone());
-        tokio::spawn(renew(
-            self.provider.clone(),
-            identity.clone(),
-            Arc::downgrade(&slot),
-        ));
-        Ok(slot)
+        let cell = self
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(identity.clone())
+            .or_default()
+            .clone();
+        cell.get_or_try_init(|| async {
+            let first = self.provider.fetch(identity).await?;
+            info!(%identity, not_after = ?first.not_after, "issued workload certificate");
+            let slot = Arc::new(CertificateSlot {
+                current: ArcSwap::from_pointee(first),
+            });
+            tokio::spawn(renew(
+                self.provider.clone(),
+                identity.clone(),
+                Arc::downgrade(&slot),
+            ));
+            Ok(slot)
+        })
+        .await
+        .cloned()
     }
 
     /// Drops every certificate whose identity is not in `in_use`; their renewal stops.
     pub async fn retain(&self, in_use: &std::collections::HashSet<Identity>) {
-        self.slots.lock().await.retain(|identity, _| {
+        let mut slots = self
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        slots.retain(|identity, cell| {
             let keep = in_use.contains(identity);
-            if !keep {
+            if !keep && cell.initialized() {
                 info!(%identity, "no local workload uses this identity any more; dropping its certificate");
             }
             keep
