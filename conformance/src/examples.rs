@@ -100,11 +100,11 @@ impl Cluster {
     pub fn write_live_manifests(&self, objects: &ClusterObjects) -> Result<()> {
         let mut out = String::new();
         for ns in objects.namespaces.values() {
-            push_yaml(&mut out, ns)?;
+            push_yaml(&mut out, &**ns)?;
         }
         for ((_, name), pod) in &objects.pods {
             let live = self.pod(name);
-            let mut pod = pod.clone();
+            let mut pod = (**pod).clone();
             pod.metadata
                 .annotations
                 .get_or_insert_with(Default::default)
@@ -128,7 +128,7 @@ impl Cluster {
             push_yaml(&mut out, &pod)?;
         }
         for svc in objects.services.values() {
-            push_yaml(&mut out, svc)?;
+            push_yaml(&mut out, &**svc)?;
         }
         self.replace_manifests(&out)
     }

@@ -206,6 +206,7 @@ pub async fn run_agent(
         if let Some(capture) = capture.as_mut() {
             problems.extend(capture.release_unwanted(&wanted));
         }
+        let released = pass.elapsed();
         match &mut output {
             TunnelOutput::StateFile(path) => {
                 if last_state.as_ref() != Some(&state) {
@@ -235,7 +236,8 @@ pub async fn run_agent(
         }
         tracing::debug!(
             read_ms = read.as_secs_f64() * 1e3,
-            tunnel_ms = (told - read).as_secs_f64() * 1e3,
+            release_ms = (released - read).as_secs_f64() * 1e3,
+            tunnel_ms = (told - released).as_secs_f64() * 1e3,
             capture_ms = (pass.elapsed() - told).as_secs_f64() * 1e3,
             enrolled = wanted.len(),
             "pass applied"

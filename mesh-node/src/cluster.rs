@@ -2,26 +2,28 @@
 //! (`k8s-openapi` types) by namespace and name.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 
 /// `namespace/name` of a namespaced object.
 pub type ObjectKey = (String, String);
 
-/// Every object the agent uses.
+/// Every object the agent uses. Objects are shared with the source that holds them (a
+/// pass over a thousand pods copies pointers, not pods).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClusterObjects {
-    pub namespaces: BTreeMap<String, Namespace>,
-    pub pods: BTreeMap<ObjectKey, Pod>,
-    pub services: BTreeMap<ObjectKey, Service>,
+    pub namespaces: BTreeMap<String, Arc<Namespace>>,
+    pub pods: BTreeMap<ObjectKey, Arc<Pod>>,
+    pub services: BTreeMap<ObjectKey, Arc<Service>>,
 }
 
 /// One object of a kind the agent follows.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Object {
-    Namespace(Box<Namespace>),
-    Pod(Box<Pod>),
-    Service(Box<Service>),
+    Namespace(Arc<Namespace>),
+    Pod(Arc<Pod>),
+    Service(Arc<Service>),
 }
 
 impl ClusterObjects {
@@ -31,17 +33,17 @@ impl ClusterObjects {
         match object {
             Object::Namespace(ns) => {
                 if let Some(name) = ns.metadata.name.clone() {
-                    self.namespaces.insert(name, *ns);
+                    self.namespaces.insert(name, ns);
                 }
             }
             Object::Pod(pod) => {
                 if let Some(key) = namespaced_key(&pod.metadata) {
-                    self.pods.insert(key, *pod);
+                    self.pods.insert(key, pod);
                 }
             }
             Object::Service(svc) => {
                 if let Some(key) = namespaced_key(&svc.metadata) {
-                    self.services.insert(key, *svc);
+                    self.services.insert(key, svc);
                 }
             }
         }

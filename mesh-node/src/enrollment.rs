@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use redirect_ebpf::Exclusions;
@@ -23,7 +24,7 @@ fn label<'a>(labels: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<
 }
 
 /// Whether `pod` is enrolled, given the cluster's namespaces.
-pub fn is_enrolled(pod: &Pod, namespaces: &BTreeMap<String, Namespace>) -> bool {
+pub fn is_enrolled(pod: &Pod, namespaces: &BTreeMap<String, Arc<Namespace>>) -> bool {
     let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
     let namespace_on = namespaces
         .get(namespace)
@@ -93,7 +94,7 @@ mod tests {
         serde_yaml::from_str(yaml).unwrap()
     }
 
-    fn namespaces(labelled: bool) -> BTreeMap<String, Namespace> {
+    fn namespaces(labelled: bool) -> BTreeMap<String, Arc<Namespace>> {
         let label = if labelled {
             "{weft.dev/mesh: enabled}"
         } else {
@@ -103,7 +104,7 @@ mod tests {
             "apiVersion: v1\nkind: Namespace\nmetadata: {{name: apps, labels: {label}}}\n"
         ))
         .unwrap();
-        BTreeMap::from([("apps".to_owned(), ns)])
+        BTreeMap::from([("apps".to_owned(), Arc::new(ns))])
     }
 
     #[test]

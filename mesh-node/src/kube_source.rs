@@ -105,13 +105,13 @@ impl KubeSource {
     pub fn objects(&self) -> ClusterObjects {
         let mut objects = ClusterObjects::default();
         for ns in self.namespaces.state() {
-            objects.insert(Object::Namespace(Box::new((*ns).clone())));
+            objects.insert(Object::Namespace(ns));
         }
         for pod in self.pods.state() {
-            objects.insert(Object::Pod(Box::new((*pod).clone())));
+            objects.insert(Object::Pod(pod));
         }
         for svc in self.services.state() {
-            objects.insert(Object::Service(Box::new((*svc).clone())));
+            objects.insert(Object::Service(svc));
         }
         objects
     }

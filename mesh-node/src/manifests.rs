@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -272,9 +273,9 @@ fn parse_chunk(
             .ok_or_else(|| fail(String::new(), "no `kind`".to_owned()))?
             .to_owned();
         let object = match kind.as_str() {
-            "Namespace" => serde_yaml::from_value(value).map(|o| Object::Namespace(Box::new(o))),
-            "Pod" => serde_yaml::from_value(value).map(|o| Object::Pod(Box::new(o))),
-            "Service" => serde_yaml::from_value(value).map(|o| Object::Service(Box::new(o))),
+            "Namespace" => serde_yaml::from_value(value).map(|o| Object::Namespace(Arc::new(o))),
+            "Pod" => serde_yaml::from_value(value).map(|o| Object::Pod(Arc::new(o))),
+            "Service" => serde_yaml::from_value(value).map(|o| Object::Service(Arc::new(o))),
             other => {
                 tracing::debug!(file = %path.display(), document = *number + 1, kind = other, "kind not followed; skipped");
                 *number += 1;

@@ -81,7 +81,7 @@ fn service(
     namespace: &str,
     name: &str,
     svc: &KubeService,
-    pods: &BTreeMap<(String, String), Pod>,
+    pods: &BTreeMap<(String, String), std::sync::Arc<Pod>>,
     listed: &HashSet<(String, String)>,
 ) -> Option<Service> {
     let spec = svc.spec.as_ref()?;
@@ -100,14 +100,14 @@ fn service(
         Vec::new()
     } else {
         pods.iter()
-            .filter(|((ns, pod_name), pod)| {
-                ns == namespace
-                    && listed.contains(&(ns.clone(), pod_name.clone()))
+            .filter(|(key, pod)| {
+                key.0 == namespace
+                    && listed.contains(*key)
                     && selector.iter().all(|(k, v)| {
                         pod.metadata.labels.as_ref().and_then(|l| l.get(k)) == Some(v)
                     })
             })
-            .map(|(_, pod)| pod)
+            .map(|(_, pod)| &**pod)
             .collect()
     };
     let ports = spec

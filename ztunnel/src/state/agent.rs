@@ -166,7 +166,14 @@ impl AgentFollower {
                         let state = Arc::new(state);
                         match snapshot.as_mut() {
                             Some((_, pending)) => *pending = Some(state),
-                            None => self.publish(state).await,
+                            None => {
+                                let started = std::time::Instant::now();
+                                self.publish(state).await;
+                                tracing::debug!(
+                                    apply_ms = started.elapsed().as_secs_f64() * 1e3,
+                                    "agent state applied"
+                                );
+                            }
                         }
                         None
                     }
