@@ -132,8 +132,20 @@ impl ClusterSource {
 
     fn errors(&self) -> Vec<String> {
         match self {
-            ClusterSource::Folder(_) => Vec::new(),
+            ClusterSource::Folder(folder) => folder
+                .errors()
+                .into_iter()
+                .map(|e| format!("{e}; ignored, its last good objects stay"))
+                .collect(),
             ClusterSource::Kubernetes(k) => k.errors(),
+        }
+    }
+
+    /// Resolves when the source's watch reports a change (the agent then acts at once).
+    async fn changed(&self) {
+        match self {
+            ClusterSource::Folder(folder) => folder.changed().await,
+            ClusterSource::Kubernetes(k) => k.changed().await,
         }
     }
 
@@ -169,6 +181,7 @@ pub async fn run_agent(
             }
         };
         tokio::select! {
+            _ = source.changed() => {}
             _ = ticker.tick() => {}
             accepted = connection => match accepted {
                 Ok(stream) => {
@@ -184,15 +197,18 @@ pub async fn run_agent(
             _ = &mut stop => return,
         }
         let pass = std::time::Instant::now();
-        if let Ok(mut s) = status.lock() {
-            s.source_errors = source.errors();
-        }
         if !source.ready() {
+            if let Ok(mut s) = status.lock() {
+                s.source_errors = source.errors();
+            }
             continue;
         }
         let (changed, errors) = source.refresh();
         for e in errors {
             warn!("{e}");
+        }
+        if let Ok(mut s) = status.lock() {
+            s.source_errors = source.errors();
         }
         if !changed && last_state.is_some() && last_problems.is_empty() && !tunnel_came {
             continue;

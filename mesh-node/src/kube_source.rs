@@ -15,6 +15,7 @@ use kube::{Api, Client};
 use tokio::task::JoinHandle;
 use tracing::warn;
 
+use crate::changes::Changes;
 use crate::cluster::{ClusterObjects, Object};
 
 /// How one kind's watch is doing.
@@ -43,7 +44,7 @@ pub struct KubeSource {
     namespaces: Store<Namespace>,
     pods: Store<Pod>,
     services: Store<Service>,
-    dirty: Arc<AtomicBool>,
+    changes: Arc<Changes>,
     /// Per kind: listed once yet, and its current watch error.
     kinds: [Arc<KindStatus>; 3],
     tasks: Vec<JoinHandle<()>>,
@@ -52,25 +53,28 @@ pub struct KubeSource {
 impl KubeSource {
     /// Starts watching through `client`.
     pub fn start(client: Client) -> Self {
-        let dirty = Arc::new(AtomicBool::new(true));
+        let changes = Arc::new(Changes::default());
         let kinds: [Arc<KindStatus>; 3] = Default::default();
         let (namespaces, ns_task) = follow(
             Api::<Namespace>::all(client.clone()),
-            dirty.clone(),
+            changes.clone(),
             kinds[0].clone(),
         );
         let (pods, pod_task) = follow(
             Api::<Pod>::all(client.clone()),
-            dirty.clone(),
+            changes.clone(),
             kinds[1].clone(),
         );
-        let (services, svc_task) =
-            follow(Api::<Service>::all(client), dirty.clone(), kinds[2].clone());
+        let (services, svc_task) = follow(
+            Api::<Service>::all(client),
+            changes.clone(),
+            kinds[2].clone(),
+        );
         KubeSource {
             namespaces,
             pods,
             services,
-            dirty,
+            changes,
             kinds,
             tasks: vec![ns_task, pod_task, svc_task],
         }
@@ -98,7 +102,12 @@ impl KubeSource {
 
     /// Whether anything changed since the last call (and clears it).
     pub fn take_changed(&self) -> bool {
-        self.ready() && self.dirty.swap(false, Ordering::AcqRel)
+        self.ready() && self.changes.take()
+    }
+
+    /// Waits until a watch event arrives.
+    pub async fn changed(&self) {
+        self.changes.raised().await;
     }
 
     /// The objects now in the stores.
@@ -125,11 +134,11 @@ impl Drop for KubeSource {
     }
 }
 
-/// A reflector for one kind, marking `dirty` on every change; watch errors are logged once
+/// A reflector for one kind, raising `changes` on every change; watch errors are logged once
 /// per distinct message and retried with backoff by the watcher.
 fn follow<K>(
     api: Api<K>,
-    dirty: Arc<AtomicBool>,
+    changes: Arc<Changes>,
     status: Arc<KindStatus>,
 ) -> (Store<K>, JoinHandle<()>)
 where
@@ -152,7 +161,7 @@ where
                     if matches!(event, watcher::Event::InitDone) {
                         status.listed.store(true, Ordering::Release);
                     }
-                    dirty.store(true, Ordering::Release);
+                    changes.raise();
                     status.set_error(None);
                 }
                 Err(e) => {

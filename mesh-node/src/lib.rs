@@ -1,9 +1,10 @@
-//! Weft's per-node agent: follows the cluster (a local manifest folder today; Kubernetes next),
+//! Weft's per-node agent: follows the cluster (a local manifest folder or Kubernetes),
 //! decides which pods are enrolled, drives the node's eBPF capture and tells the tunnel the
 //! workload and service tables.
 
 pub mod agent;
 pub mod capture;
+pub mod changes;
 pub mod cluster;
 pub mod enrollment;
 pub mod kube_source;

@@ -43,7 +43,8 @@ struct RunArgs {
     /// Follow the Kubernetes API (in-cluster service account, or KUBECONFIG).
     #[arg(long)]
     kubernetes: bool,
-    /// How often the folder is read again.
+    /// How often the folder is read again, besides at once on every inotify event (and
+    /// problems retried).
     #[arg(long, env = "WEFT_MANIFEST_POLL", default_value = "200ms", value_parser = humantime::parse_duration)]
     poll: Duration,
     /// Serve the tunnel protocol on this Unix socket (the tunnel connects with --agent-socket).
@@ -136,7 +137,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             (None, None) => anyhow::bail!("give --tunnel-socket or --tunnel-state-file"),
         };
         let source = match &args.manifests {
-            Some(folder) => ClusterSource::Folder(ManifestFolder::new(folder)),
+            Some(folder) => {
+                let mut folder = ManifestFolder::new(folder);
+                if let Err(e) = folder.watch() {
+                    tracing::warn!("{e}");
+                }
+                ClusterSource::Folder(folder)
+            }
             None => {
                 let client = kube::Client::try_default()
                     .await

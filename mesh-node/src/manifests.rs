@@ -1,7 +1,8 @@
 //! The local manifest folder: the same Kubernetes YAML a cluster would hold (multi-document
 //! files of Namespace, Pod and Service), read with the same types. A file that does not parse
 //! is reported with its file, document and reason and ignored, keeping what it held before;
-//! the other files keep working.
+//! the other files keep working. The folder is watched with inotify, so an edit takes effect at
+//! once; reading it again every poll is the fallback.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::changes::Changes;
 use crate::cluster::{ClusterObjects, Object};
 
 /// Why one manifest file was ignored.
@@ -27,6 +29,10 @@ pub enum ManifestError {
     },
     #[error("cannot list the manifest folder {folder}: {reason}")]
     Folder { folder: PathBuf, reason: String },
+    #[error(
+        "cannot watch the manifest folder {folder} ({reason}); edits are picked up at the next poll instead"
+    )]
+    Watch { folder: PathBuf, reason: String },
 }
 
 /// The folder's objects, file by file, with the last good content of each file.
@@ -35,6 +41,18 @@ pub struct ManifestFolder {
     folder: PathBuf,
     /// Last good content of each file.
     files: BTreeMap<PathBuf, ParsedFile>,
+    /// What fails now, by file (the folder's own path for a listing failure), with the text
+    /// that failed: the same text is not parsed, nor reported, again.
+    failures: BTreeMap<PathBuf, Failure>,
+    /// Raised by the folder's inotify watch.
+    changes: Arc<Changes>,
+    watcher: Option<notify::RecommendedWatcher>,
+}
+
+#[derive(Debug)]
+struct Failure {
+    text: Option<String>,
+    error: ManifestError,
 }
 
 /// A file's text and what each of its documents held. Kept so that a changed file parses only
@@ -57,53 +75,133 @@ impl ManifestFolder {
     pub fn new(folder: &Path) -> Self {
         ManifestFolder {
             folder: folder.to_owned(),
-            files: BTreeMap::new(),
+            ..ManifestFolder::default()
         }
+    }
+
+    /// Watches the folder with inotify: files written (closed after writing), created,
+    /// renamed into or removed from it raise [`ManifestFolder::changed`].
+    pub fn watch(&mut self) -> Result<(), ManifestError> {
+        use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+        use notify::{RecursiveMode, Watcher};
+        let fail = |e: notify::Error| ManifestError::Watch {
+            folder: self.folder.clone(),
+            reason: e.to_string(),
+        };
+        let changes = self.changes.clone();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                // Not on every write: a file read half-written would be reported as broken.
+                let complete = match event {
+                    Ok(event) => matches!(
+                        event.kind,
+                        EventKind::Create(_)
+                            | EventKind::Remove(_)
+                            | EventKind::Modify(ModifyKind::Name(_))
+                            | EventKind::Access(AccessKind::Close(AccessMode::Write))
+                    ),
+                    Err(_) => true, // lost events (queue overflow): look again
+                };
+                if complete {
+                    changes.raise();
+                }
+            })
+            .map_err(fail)?;
+        watcher
+            .watch(&self.folder, RecursiveMode::NonRecursive)
+            .map_err(fail)?;
+        self.watcher = Some(watcher);
+        Ok(())
+    }
+
+    /// Waits until the watch sees a change (never, without a watch).
+    pub async fn changed(&self) {
+        if self.watcher.is_none() {
+            return std::future::pending().await;
+        }
+        self.changes.raised().await;
     }
 
     /// Reads the folder again: new and changed files are parsed (a file that fails keeps its
     /// last good objects), removed files drop their objects. Returns whether any file's
-    /// objects changed, and the errors of this pass.
+    /// objects changed, and the errors not reported before (a file that stays broken is
+    /// reported once; [`ManifestFolder::errors`] has every current one).
     pub fn reload(&mut self) -> (bool, Vec<ManifestError>) {
-        let mut errors = Vec::new();
+        self.changes.take();
+        let mut new_errors = Vec::new();
         let before = self.files.len();
-        let mut changed = false;
         let listed = match list_yaml(&self.folder) {
-            Ok(listed) => listed,
+            Ok(listed) => {
+                self.failures.remove(&self.folder);
+                listed
+            }
             Err(reason) => {
-                errors.push(ManifestError::Folder {
+                let error = ManifestError::Folder {
                     folder: self.folder.clone(),
                     reason,
-                });
-                return (false, errors);
+                };
+                self.fail(self.folder.clone(), None, error, &mut new_errors);
+                return (false, new_errors);
             }
         };
         self.files.retain(|path, _| listed.contains(path));
-        changed |= self.files.len() != before;
+        let folder = self.folder.clone();
+        self.failures
+            .retain(|path, _| *path == folder || listed.contains(path));
+        let mut changed = self.files.len() != before;
         for path in listed {
             let text = match std::fs::read_to_string(&path) {
                 Ok(text) => text,
                 Err(e) => {
-                    errors.push(ManifestError::Read {
-                        file: path,
+                    let error = ManifestError::Read {
+                        file: path.clone(),
                         reason: e.to_string(),
-                    });
+                    };
+                    self.fail(path, None, error, &mut new_errors);
                     continue;
                 }
             };
             let old = self.files.get(&path);
             if old.is_some_and(|old| old.text == text) {
+                self.failures.remove(&path);
                 continue;
             }
-            match parse_file(&path, text, old) {
+            if self
+                .failures
+                .get(&path)
+                .is_some_and(|f| f.text.as_deref() == Some(text.as_str()))
+            {
+                continue;
+            }
+            match parse_file(&path, text.clone(), old) {
                 Ok(parsed) => {
+                    self.failures.remove(&path);
                     self.files.insert(path, parsed);
                     changed = true;
                 }
-                Err(error) => errors.push(error),
+                Err(error) => self.fail(path, Some(text), error, &mut new_errors),
             }
         }
-        (changed, errors)
+        (changed, new_errors)
+    }
+
+    /// Every failure now.
+    pub fn errors(&self) -> Vec<ManifestError> {
+        self.failures.values().map(|f| f.error.clone()).collect()
+    }
+
+    /// Records `path`'s failure, adding it to `new_errors` unless it is the one already known.
+    fn fail(
+        &mut self,
+        path: PathBuf,
+        text: Option<String>,
+        error: ManifestError,
+        new_errors: &mut Vec<ManifestError>,
+    ) {
+        if self.failures.get(&path).is_none_or(|f| f.error != error) {
+            new_errors.push(error.clone());
+        }
+        self.failures.insert(path, Failure { text, error });
     }
 
     /// Every object of every file, later files winning on the same name.
@@ -412,6 +510,67 @@ mod tests {
             "{}",
             errors[0]
         );
+    }
+
+    #[test]
+    fn a_file_that_stays_broken_is_reported_once_and_listed_until_fixed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.yaml");
+        std::fs::write(&file, "kind: Pod\nmetadata: [oops\n").unwrap();
+        let mut folder = ManifestFolder::new(dir.path());
+        let (_, errors) = folder.reload();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(folder.reload(), (false, vec![]), "reported once");
+        assert_eq!(folder.errors(), errors, "still failing");
+        std::fs::write(
+            &file,
+            "kind: Pod\nmetadata: {name: x}\nspec: {containers: 7}\n",
+        )
+        .unwrap();
+        assert_eq!(folder.reload().1.len(), 1, "a different failure is new");
+        std::fs::write(&file, GOOD).unwrap();
+        assert_eq!(folder.reload(), (true, vec![]));
+        assert!(folder.errors().is_empty(), "fixed");
+        std::fs::remove_file(&file).unwrap();
+        std::fs::write(&file, "kind: [x\n").unwrap();
+        folder.reload();
+        std::fs::remove_file(&file).unwrap();
+        folder.reload();
+        assert!(folder.errors().is_empty(), "a removed file's failure goes");
+    }
+
+    #[tokio::test]
+    async fn the_watch_wakes_on_a_file_written_or_renamed_in_and_not_before() {
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let mut folder = ManifestFolder::new(dir.path());
+        folder.watch().unwrap();
+        folder.reload();
+        async fn woke(folder: &ManifestFolder) -> bool {
+            tokio::time::timeout(Duration::from_millis(300), folder.changed())
+                .await
+                .is_ok()
+        }
+        assert!(!woke(&folder).await, "nothing happened");
+        std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
+        assert!(woke(&folder).await, "written and closed");
+        assert!(folder.reload().0);
+        // A half-written file raises nothing until it is closed.
+        let mut open = std::fs::File::create(dir.path().join("b.yaml")).unwrap();
+        assert!(woke(&folder).await, "created");
+        folder.reload();
+        std::io::Write::write_all(&mut open, b"kind: Namespace\n").unwrap();
+        assert!(!woke(&folder).await, "a write alone does not wake");
+        drop(open);
+        assert!(woke(&folder).await, "closed");
+        folder.reload();
+        let tmp = dir.path().join("c.tmp");
+        std::fs::write(&tmp, GOOD.replace("apps", "renamed")).unwrap();
+        folder.reload();
+        std::fs::rename(&tmp, dir.path().join("c.yaml")).unwrap();
+        assert!(woke(&folder).await, "renamed in");
+        assert!(folder.reload().0);
+        assert!(folder.objects().namespaces.contains_key("renamed"));
     }
 
     #[test]

@@ -25,8 +25,9 @@ pub struct EnrollBench {
     /// Label flips measured.
     #[arg(long, default_value_t = 40)]
     pub flips: usize,
-    /// How often the agent reads the manifest folder, ms (a lower bound of every figure).
-    #[arg(long, default_value_t = 20)]
+    /// How often the agent reads the manifest folder besides on inotify events, ms (the
+    /// agent's default: the events are what the figures measure).
+    #[arg(long, default_value_t = 200)]
     pub poll_ms: u64,
 }
 
@@ -126,7 +127,7 @@ pub fn run(args: &EnrollBench) -> Result<String> {
         quantile(&samples, 1.0),
     );
     println!(
-        "label flip to effect on the slowest pod ({} flips, each switching {} pods): p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms (goal p99 < 100 ms; the agent's poll, {} ms, is part of it)",
+        "label flip to effect on the slowest pod ({} flips, each switching {} pods): p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms (goal p99 < 100 ms; the agent wakes on the folder's inotify event, its {} ms poll is the fallback)",
         samples.len(),
         args.enrolled,
         args.poll_ms
