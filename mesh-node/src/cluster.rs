@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 /// `namespace/name` of a namespaced object.
 pub type ObjectKey = (String, String);
@@ -16,6 +17,7 @@ pub struct ClusterObjects {
     pub namespaces: BTreeMap<String, Arc<Namespace>>,
     pub pods: BTreeMap<ObjectKey, Arc<Pod>>,
     pub services: BTreeMap<ObjectKey, Arc<Service>>,
+    pub endpoint_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
 }
 
 /// One object of a kind the agent follows.
@@ -24,6 +26,7 @@ pub enum Object {
     Namespace(Arc<Namespace>),
     Pod(Arc<Pod>),
     Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
 }
 
 impl ClusterObjects {
@@ -44,6 +47,11 @@ impl ClusterObjects {
             Object::Service(svc) => {
                 if let Some(key) = namespaced_key(&svc.metadata) {
                     self.services.insert(key, svc);
+                }
+            }
+            Object::EndpointSlice(slice) => {
+                if let Some(key) = namespaced_key(&slice.metadata) {
+                    self.endpoint_slices.insert(key, slice);
                 }
             }
         }

@@ -1,6 +1,6 @@
 //! The Kubernetes source: `kube` watchers (list, then watch, with bookmarks; a relist after an
 //! expired resource version or a watch error, with backoff) feeding reflector stores of
-//! Namespaces, Pods and Services. While the API server is unreachable the stores keep the
+//! Namespaces, Pods, Services and EndpointSlices. While the API server is unreachable the stores keep the
 //! last good objects, so the agent keeps serving them. It becomes ready once every store has
 //! had its first full list.
 
@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
@@ -39,14 +40,15 @@ impl KindStatus {
     }
 }
 
-/// The three stores and whether anything changed since the last look.
+/// The stores and whether anything changed since the last look.
 pub struct KubeSource {
     namespaces: Store<Namespace>,
     pods: Store<Pod>,
     services: Store<Service>,
+    endpoint_slices: Store<EndpointSlice>,
     changes: Arc<Changes>,
     /// Per kind: listed once yet, and its current watch error.
-    kinds: [Arc<KindStatus>; 3],
+    kinds: [Arc<KindStatus>; 4],
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -54,7 +56,7 @@ impl KubeSource {
     /// Starts watching through `client`.
     pub fn start(client: Client) -> Self {
         let changes = Arc::new(Changes::default());
-        let kinds: [Arc<KindStatus>; 3] = Default::default();
+        let kinds: [Arc<KindStatus>; 4] = Default::default();
         let (namespaces, ns_task) = follow(
             Api::<Namespace>::all(client.clone()),
             changes.clone(),
@@ -66,17 +68,23 @@ impl KubeSource {
             kinds[1].clone(),
         );
         let (services, svc_task) = follow(
-            Api::<Service>::all(client),
+            Api::<Service>::all(client.clone()),
             changes.clone(),
             kinds[2].clone(),
+        );
+        let (endpoint_slices, slice_task) = follow(
+            Api::<EndpointSlice>::all(client),
+            changes.clone(),
+            kinds[3].clone(),
         );
         KubeSource {
             namespaces,
             pods,
             services,
+            endpoint_slices,
             changes,
             kinds,
-            tasks: vec![ns_task, pod_task, svc_task],
+            tasks: vec![ns_task, pod_task, svc_task, slice_task],
         }
     }
 
@@ -121,6 +129,9 @@ impl KubeSource {
         }
         for svc in self.services.state() {
             objects.insert(Object::Service(svc));
+        }
+        for slice in self.endpoint_slices.state() {
+            objects.insert(Object::EndpointSlice(slice));
         }
         objects
     }

@@ -1,5 +1,5 @@
 //! The local manifest folder: the same Kubernetes YAML a cluster would hold (multi-document
-//! files of Namespace, Pod and Service), read with the same types. A file that does not parse
+//! files of Namespace, Pod, Service and EndpointSlice), read with the same types. A file that does not parse
 //! is reported with its file, document and reason and ignored, keeping what it held before;
 //! the other files keep working. The folder is watched with inotify, so an edit takes effect at
 //! once; reading it again every poll is the fallback.
@@ -374,6 +374,9 @@ fn parse_chunk(
             "Namespace" => serde_yaml::from_value(value).map(|o| Object::Namespace(Arc::new(o))),
             "Pod" => serde_yaml::from_value(value).map(|o| Object::Pod(Arc::new(o))),
             "Service" => serde_yaml::from_value(value).map(|o| Object::Service(Arc::new(o))),
+            "EndpointSlice" => {
+                serde_yaml::from_value(value).map(|o| Object::EndpointSlice(Arc::new(o)))
+            }
             other => {
                 tracing::debug!(file = %path.display(), document = *number + 1, kind = other, "kind not followed; skipped");
                 *number += 1;

@@ -1,16 +1,20 @@
 //! The tunnel's view of the cluster, computed from the objects: every pod with an address as
 //! a workload (HBONE when enrolled, plain TCP otherwise) and every service with a cluster IP
-//! and its endpoints (the pods its selector picks, as an EndpointSlice would list them).
+//! and its endpoints: the ready pods of its EndpointSlices when it has any (what Kubernetes
+//! maintains, and the only endpoints of a service without selector), else the pods its
+//! selector picks (a manifest folder has no EndpointSlice controller).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Pod, Service as KubeService};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tracing::warn;
 use tunnel_proto::{Protocol, Service, ServicePort, StateSpec, Workload};
 
-use crate::cluster::ClusterObjects;
+use crate::cluster::{ClusterObjects, ObjectKey};
 use crate::enrollment::{ips_of, is_enrolled, is_host_network, netns_of, node_of};
 
 /// Pods that no longer run keep their last status but not their address.
@@ -60,15 +64,41 @@ pub fn tunnel_state(objects: &ClusterObjects) -> StateSpec {
             },
         });
     }
-    let listed: HashSet<(String, String)> = workloads
-        .iter()
-        .map(|w| (w.namespace.clone(), w.name.clone()))
-        .collect();
+    let mut by_ip = HashMap::new();
+    for w in &workloads {
+        for ip in &w.ips {
+            by_ip.insert(*ip, (w.namespace.clone(), w.name.clone()));
+        }
+    }
+    let listed: HashSet<ObjectKey> = by_ip.values().cloned().collect();
+    let mut slices: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    for ((namespace, _), slice) in &objects.endpoint_slices {
+        let service = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL));
+        if let Some(service) = service {
+            slices
+                .entry((namespace.as_str(), service.as_str()))
+                .or_default()
+                .push(slice);
+        }
+    }
+    let known = Known {
+        pods: &objects.pods,
+        listed: &listed,
+        by_ip: &by_ip,
+    };
     let services = objects
         .services
         .iter()
         .filter_map(|((namespace, name), svc)| {
-            service(namespace, name, svc, &objects.pods, &listed)
+            let slices = slices
+                .get(&(namespace.as_str(), name.as_str()))
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            service(namespace, name, svc, slices, &known)
         })
         .collect();
     StateSpec {
@@ -77,12 +107,22 @@ pub fn tunnel_state(objects: &ClusterObjects) -> StateSpec {
     }
 }
 
+/// The label that ties an EndpointSlice to its service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The workloads of the table, for finding a service's members.
+struct Known<'a> {
+    pods: &'a BTreeMap<ObjectKey, Arc<Pod>>,
+    listed: &'a HashSet<ObjectKey>,
+    by_ip: &'a HashMap<IpAddr, ObjectKey>,
+}
+
 fn service(
     namespace: &str,
     name: &str,
     svc: &KubeService,
-    pods: &BTreeMap<(String, String), std::sync::Arc<Pod>>,
-    listed: &HashSet<(String, String)>,
+    slices: &[&EndpointSlice],
+    known: &Known<'_>,
 ) -> Option<Service> {
     let spec = svc.spec.as_ref()?;
     let addresses: Vec<IpAddr> = spec
@@ -95,31 +135,39 @@ fn service(
     if addresses.is_empty() {
         return None; // headless or not allocated yet: clients reach pods directly
     }
-    let selector = spec.selector.clone().unwrap_or_default();
-    let members: Vec<&Pod> = if selector.is_empty() {
-        Vec::new()
+    let members: Vec<(&ObjectKey, &Pod)> = if !slices.is_empty() {
+        slice_members(namespace, slices, known)
     } else {
-        pods.iter()
-            .filter(|(key, pod)| {
-                key.0 == namespace
-                    && listed.contains(*key)
-                    && selector.iter().all(|(k, v)| {
-                        pod.metadata.labels.as_ref().and_then(|l| l.get(k)) == Some(v)
-                    })
-            })
-            .map(|(_, pod)| &**pod)
-            .collect()
+        let selector = spec.selector.clone().unwrap_or_default();
+        if selector.is_empty() {
+            Vec::new()
+        } else {
+            known
+                .pods
+                .iter()
+                .filter(|(key, pod)| {
+                    key.0 == namespace
+                        && known.listed.contains(*key)
+                        && selector.iter().all(|(k, v)| {
+                            pod.metadata.labels.as_ref().and_then(|l| l.get(k)) == Some(v)
+                        })
+                })
+                .map(|(key, pod)| (key, &**pod))
+                .collect()
+        }
     };
+    let member_pods: Vec<&Pod> = members.iter().map(|(_, pod)| *pod).collect();
     let ports = spec
         .ports
         .iter()
         .flatten()
         .filter_map(|p| {
             let port = u16::try_from(p.port).ok()?;
-            let target_port = match &p.target_port {
-                None => port,
-                Some(IntOrString::Int(n)) => u16::try_from(*n).ok()?,
-                Some(IntOrString::String(named)) => named_port(&members, named)?,
+            let target_port = match (slice_port(slices, p.name.as_deref()), &p.target_port) {
+                (Some(resolved), _) => resolved,
+                (None, None) => port,
+                (None, Some(IntOrString::Int(n))) => u16::try_from(*n).ok()?,
+                (None, Some(IntOrString::String(named))) => named_port(&member_pods, named)?,
             };
             Some(ServicePort { port, target_port })
         })
@@ -131,10 +179,63 @@ fn service(
         ports,
         endpoints: members
             .iter()
-            .filter_map(|p| p.metadata.name.as_ref())
-            .map(|n| format!("{namespace}/{n}"))
+            .map(|((ns, pod), _)| format!("{ns}/{pod}"))
             .collect(),
     })
+}
+
+/// The ready endpoints of a service's slices that are workloads of the table: by the pod they
+/// name, else by address. Endpoints outside the cluster's pods are left out (the tunnel's
+/// service endpoints are workloads).
+fn slice_members<'a>(
+    namespace: &str,
+    slices: &[&EndpointSlice],
+    known: &Known<'a>,
+) -> Vec<(&'a ObjectKey, &'a Pod)> {
+    let mut members = BTreeMap::new();
+    for slice in slices {
+        for endpoint in slice.endpoints.iter().flatten() {
+            let ready = endpoint
+                .conditions
+                .as_ref()
+                .and_then(|c| c.ready)
+                .unwrap_or(true); // unknown readiness counts as ready, as the API says
+            if !ready {
+                continue;
+            }
+            let by_ref = endpoint
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref().is_none_or(|k| k == "Pod"))
+                .and_then(|r| {
+                    let ns = r.namespace.as_deref().unwrap_or(namespace);
+                    Some((ns.to_owned(), r.name.clone()?))
+                });
+            let key = by_ref.or_else(|| {
+                endpoint
+                    .addresses
+                    .iter()
+                    .find_map(|a| known.by_ip.get(&a.parse().ok()?).cloned())
+            });
+            let Some(key) = key else { continue };
+            if let Some((key, pod)) = known.pods.get_key_value(&key)
+                && known.listed.contains(key)
+            {
+                members.insert(key, &**pod);
+            }
+        }
+    }
+    members.into_iter().collect()
+}
+
+/// The target port a service port resolves to in its slices (matched by port name).
+fn slice_port(slices: &[&EndpointSlice], name: Option<&str>) -> Option<u16> {
+    let name = name.unwrap_or_default();
+    slices
+        .iter()
+        .flat_map(|s| s.ports.iter().flatten())
+        .find(|p| p.name.as_deref().unwrap_or_default() == name)
+        .and_then(|p| u16::try_from(p.port?).ok())
 }
 
 /// A named target port, from the first member pod's containers that declares it.
@@ -268,6 +369,85 @@ spec: {clusterIP: None, selector: {app: web}}
                     target_port: 8443
                 }
             ]
+        );
+    }
+
+    #[test]
+    fn endpoint_slices_when_present_give_the_ready_pods_and_the_resolved_ports() {
+        let slices = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: apps}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http}, {name: tls, port: 8443, targetPort: 8443}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: manual, namespace: apps}
+spec: {clusterIP: 10.96.0.11, ports: [{port: 9000}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-abc, namespace: apps, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 9090}, {name: tls, port: 8443}]
+endpoints:
+- {addresses: [10.1.1.2], conditions: {ready: true}, targetRef: {kind: Pod, name: web-1, namespace: apps}}
+- {addresses: [10.1.2.2], conditions: {ready: false}, targetRef: {kind: Pod, name: web-2, namespace: apps}}
+- {addresses: [192.0.2.7]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: manual-1, namespace: apps, labels: {kubernetes.io/service-name: manual}}
+addressType: IPv4
+ports: [{port: 9001}]
+endpoints:
+- {addresses: [10.1.2.2]}
+"#;
+        let mut objects = objects();
+        for object in parse_documents(std::path::Path::new("s.yaml"), slices).unwrap() {
+            objects.insert(object);
+        }
+        let state = tunnel_state(&objects);
+        let by_name: BTreeMap<&str, &Service> = state
+            .services
+            .iter()
+            .map(|s| (s.name.as_str(), s))
+            .collect();
+        let web = by_name["web"];
+        assert_eq!(
+            web.endpoints,
+            vec!["apps/web-1"],
+            "web-2 is not ready; 192.0.2.7 is no pod"
+        );
+        assert_eq!(
+            web.ports,
+            vec![
+                ServicePort {
+                    port: 80,
+                    target_port: 9090
+                },
+                ServicePort {
+                    port: 8443,
+                    target_port: 8443
+                }
+            ],
+            "the slice's resolution of the named port wins"
+        );
+        let manual = by_name["manual"];
+        assert_eq!(
+            manual.endpoints,
+            vec!["apps/web-2"],
+            "a service without selector, its endpoint found by address"
+        );
+        assert_eq!(
+            manual.ports,
+            vec![ServicePort {
+                port: 9000,
+                target_port: 9001
+            }]
         );
     }
 }

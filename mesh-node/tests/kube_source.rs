@@ -44,7 +44,22 @@ apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: shop}
 spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{port: 80, targetPort: http}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: manual, namespace: shop}
+spec: {clusterIP: 10.96.0.11, ports: [{port: 9000}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: manual-1, namespace: shop, labels: {kubernetes.io/service-name: manual}}
+addressType: IPv4
+ports: [{port: 9001}]
+endpoints: [{addresses: [10.1.1.3], conditions: {ready: true}}]
 "#;
+
+/// The manual service's only endpoint stops being ready.
+const MANUAL_NOT_READY: &str = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: manual-1, namespace: shop, labels: {kubernetes.io/service-name: manual}}\naddressType: IPv4\nports: [{port: 9001}]\nendpoints: [{addresses: [10.1.1.3], conditions: {ready: false}}]\n";
 
 const LABEL_SHOP: &str =
     "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {weft.dev/mesh: enabled}}\n";
@@ -97,10 +112,30 @@ async fn the_kubernetes_source_enrolls_like_the_folder_through_changes_and_a_410
     converges(&source, &[CLUSTER], "initial list").await;
     let (enrolled, _) = local_enrolled(&source.objects(), "node1");
     assert!(enrolled.is_empty(), "nothing labelled yet");
+    let manual = |objects: &ClusterObjects| {
+        tunnel_state(objects)
+            .services
+            .into_iter()
+            .find(|s| s.name == "manual")
+            .map(|s| (s.endpoints, s.ports[0].target_port))
+    };
+    assert_eq!(
+        manual(&source.objects()),
+        Some((vec!["shop/shopper".to_owned()], 9001)),
+        "a service's endpoints come from its EndpointSlice"
+    );
+    server.apply(MANUAL_NOT_READY);
+    converges(&source, &[CLUSTER, MANUAL_NOT_READY], "endpoint not ready").await;
+    assert_eq!(manual(&source.objects()), Some((vec![], 9001)));
 
     // A live change arrives by watch.
     server.apply(LABEL_SHOP);
-    converges(&source, &[CLUSTER, LABEL_SHOP], "namespace labelled").await;
+    converges(
+        &source,
+        &[CLUSTER, MANUAL_NOT_READY, LABEL_SHOP],
+        "namespace labelled",
+    )
+    .await;
     let (enrolled, _) = local_enrolled(&source.objects(), "node1");
     assert_eq!(
         enrolled.keys().collect::<Vec<_>>(),
@@ -117,14 +152,14 @@ async fn the_kubernetes_source_enrolls_like_the_folder_through_changes_and_a_410
     server.apply(OPT_OUT_SHOPPER);
     converges(
         &source,
-        &[CLUSTER, LABEL_SHOP, OPT_OUT_SHOPPER],
+        &[CLUSTER, MANUAL_NOT_READY, LABEL_SHOP, OPT_OUT_SHOPPER],
         "after 410 Gone",
     )
     .await;
     let (enrolled, _) = local_enrolled(&source.objects(), "node1");
     assert_eq!(enrolled.keys().collect::<Vec<_>>(), ["shop/web"]);
     let deadline = Instant::now() + Duration::from_secs(15);
-    while server.lists() < lists_before + 3 {
+    while server.lists() < lists_before + 4 {
         assert!(
             Instant::now() < deadline,
             "every kind lists again after 410 Gone ({lists_before} lists before, {} after)",

@@ -1,5 +1,6 @@
-//! A small Kubernetes API server for tests: the real list/watch protocol for Namespaces, Pods
-//! and Services (`/api/v1/<plural>`), objects as JSON with resource versions, watch events as
+//! A small Kubernetes API server for tests: the real list/watch protocol for the kinds the
+//! agent follows (`/api/v1/<plural>`, `/apis/<group>/<version>/<plural>`), objects as JSON
+//! with resource versions, watch events as
 //! newline-delimited JSON, bookmarks, and `410 Gone` for expired resource versions, so the
 //! real `kube` client and watcher run unchanged against it.
 
@@ -44,21 +45,42 @@ enum Change {
     Expired,
 }
 
+/// The kinds served: kind, plural, apiVersion.
+const KINDS: &[(&str, &str, &str)] = &[
+    ("Namespace", "namespaces", "v1"),
+    ("Pod", "pods", "v1"),
+    ("Service", "services", "v1"),
+    ("EndpointSlice", "endpointslices", "discovery.k8s.io/v1"),
+    ("MeshPolicy", "meshpolicies", "weft.dev/v1alpha1"),
+    (
+        "MeshAuthentication",
+        "meshauthentications",
+        "weft.dev/v1alpha1",
+    ),
+];
+
 fn plural(kind: &str) -> String {
-    match kind {
-        "Namespace" => "namespaces".into(),
-        "Pod" => "pods".into(),
-        "Service" => "services".into(),
-        other => format!("{}s", other.to_lowercase()),
-    }
+    KINDS
+        .iter()
+        .find(|(k, _, _)| *k == kind)
+        .map(|(_, plural, _)| (*plural).to_owned())
+        .unwrap_or_else(|| panic!("the test API server does not serve {kind}"))
 }
 
-fn kind_of(plural: &str) -> &'static str {
-    match plural {
-        "namespaces" => "Namespace",
-        "pods" => "Pod",
-        _ => "Service",
-    }
+/// The kind and apiVersion at a request path, if served.
+fn kind_at(path: &str) -> Option<(&'static str, &'static str, &'static str)> {
+    let (api_version, plural) = match path.strip_prefix("/api/v1/") {
+        Some(plural) => ("v1".to_owned(), plural),
+        None => {
+            let rest = path.strip_prefix("/apis/")?;
+            let (group_version, plural) = rest.rsplit_once('/')?;
+            (group_version.to_owned(), plural)
+        }
+    };
+    KINDS
+        .iter()
+        .find(|(_, p, v)| *p == plural && *v == api_version)
+        .copied()
 }
 
 impl ApiServer {
@@ -177,13 +199,12 @@ fn handle(
     state: Arc<Mutex<State>>,
     changes: broadcast::Sender<Change>,
 ) -> Response<Body> {
-    let path = req.uri().path().to_owned();
-    let Some(plural) = path.strip_prefix("/api/v1/").map(str::to_owned) else {
+    let Some((kind, plural, api_version)) = kind_at(req.uri().path()) else {
         return full(404, json!({"kind": "Status", "code": 404}));
     };
+    let plural = plural.to_owned();
     let q = query(&req);
     let watch = matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
-    let kind = kind_of(&plural);
     if !watch {
         let mut state = state.lock().unwrap();
         state.lists += 1;
@@ -195,7 +216,7 @@ fn handle(
             .collect();
         return full(
             200,
-            json!({"apiVersion": "v1", "kind": format!("{kind}List"),
+            json!({"apiVersion": api_version, "kind": format!("{kind}List"),
                 "metadata": {"resourceVersion": state.rv.to_string()}, "items": items}),
         );
     }
@@ -230,7 +251,7 @@ fn handle(
                 }
                 sent = rv;
             }
-            let bookmark = json!({"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": "v1",
+            let bookmark = json!({"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": api_version,
                 "metadata": {"resourceVersion": rv.max(sent).to_string()}}});
             tokio::select! {
                 change = rx.recv() => match change {
