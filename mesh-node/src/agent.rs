@@ -14,6 +14,7 @@ use crate::enrollment::{exclusions_of, is_enrolled, netns_of, node_of};
 use crate::kube_source::KubeSource;
 use crate::manifests::ManifestFolder;
 use crate::pod_netns::PodNamespaces;
+use crate::policies::check_policies;
 use crate::tunnel_link::TunnelLink;
 use crate::tunnel_state::tunnel_state;
 
@@ -169,6 +170,7 @@ pub async fn run_agent(
 ) {
     let mut last_state: Option<StateSpec> = None;
     let mut last_problems: Vec<String> = Vec::new();
+    let mut last_policy_counts = (0, 0);
     let mut ticker = tokio::time::interval(poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(stop);
@@ -217,6 +219,16 @@ pub async fn run_agent(
         let read = pass.elapsed();
         let state = tunnel_state(&objects);
         let (wanted, mut problems) = local_enrolled(&objects, node);
+        let policies = check_policies(&objects);
+        if (policies.policies, policies.authentications) != last_policy_counts {
+            last_policy_counts = (policies.policies, policies.authentications);
+            info!(
+                mesh_policies = policies.policies,
+                mesh_authentications = policies.authentications,
+                "policy objects followed (checked, not enforced yet)"
+            );
+        }
+        problems.extend(policies.refused);
         // Capture lets go of pods first, the tunnel is told next, and capture takes new pods
         // last, once the tunnel serves them: no connection meets a capture without a tunnel.
         if let Some(capture) = capture.as_mut() {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use policy::{MeshAuthentication, MeshPolicy};
 
 /// `namespace/name` of a namespaced object.
 pub type ObjectKey = (String, String);
@@ -18,6 +19,8 @@ pub struct ClusterObjects {
     pub pods: BTreeMap<ObjectKey, Arc<Pod>>,
     pub services: BTreeMap<ObjectKey, Arc<Service>>,
     pub endpoint_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
+    pub mesh_policies: BTreeMap<ObjectKey, Arc<MeshPolicy>>,
+    pub mesh_authentications: BTreeMap<ObjectKey, Arc<MeshAuthentication>>,
 }
 
 /// One object of a kind the agent follows.
@@ -27,6 +30,8 @@ pub enum Object {
     Pod(Arc<Pod>),
     Service(Arc<Service>),
     EndpointSlice(Arc<EndpointSlice>),
+    MeshPolicy(Arc<MeshPolicy>),
+    MeshAuthentication(Arc<MeshAuthentication>),
 }
 
 impl ClusterObjects {
@@ -52,6 +57,16 @@ impl ClusterObjects {
             Object::EndpointSlice(slice) => {
                 if let Some(key) = namespaced_key(&slice.metadata) {
                     self.endpoint_slices.insert(key, slice);
+                }
+            }
+            Object::MeshPolicy(policy) => {
+                if let Some(key) = namespaced_key(&policy.metadata) {
+                    self.mesh_policies.insert(key, policy);
+                }
+            }
+            Object::MeshAuthentication(authn) => {
+                if let Some(key) = namespaced_key(&authn.metadata) {
+                    self.mesh_authentications.insert(key, authn);
                 }
             }
         }

@@ -1,6 +1,8 @@
 //! The Kubernetes source: `kube` watchers (list, then watch, with bookmarks; a relist after an
 //! expired resource version or a watch error, with backoff) feeding reflector stores of
-//! Namespaces, Pods, Services and EndpointSlices. While the API server is unreachable the stores keep the
+//! Namespaces, Pods, Services, EndpointSlices and Weft's MeshPolicies and
+//! MeshAuthentications (a cluster without Weft's CRDs installed never becomes ready: the
+//! watch error says which resource the API server does not serve). While the API server is unreachable the stores keep the
 //! last good objects, so the agent keeps serving them. It becomes ready once every store has
 //! had its first full list.
 
@@ -13,6 +15,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
+use policy::{MeshAuthentication, MeshPolicy};
 use tokio::task::JoinHandle;
 use tracing::warn;
 
@@ -46,9 +49,11 @@ pub struct KubeSource {
     pods: Store<Pod>,
     services: Store<Service>,
     endpoint_slices: Store<EndpointSlice>,
+    mesh_policies: Store<MeshPolicy>,
+    mesh_authentications: Store<MeshAuthentication>,
     changes: Arc<Changes>,
     /// Per kind: listed once yet, and its current watch error.
-    kinds: [Arc<KindStatus>; 4],
+    kinds: [Arc<KindStatus>; 6],
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -56,7 +61,7 @@ impl KubeSource {
     /// Starts watching through `client`.
     pub fn start(client: Client) -> Self {
         let changes = Arc::new(Changes::default());
-        let kinds: [Arc<KindStatus>; 4] = Default::default();
+        let kinds: [Arc<KindStatus>; 6] = Default::default();
         let (namespaces, ns_task) = follow(
             Api::<Namespace>::all(client.clone()),
             changes.clone(),
@@ -73,18 +78,37 @@ impl KubeSource {
             kinds[2].clone(),
         );
         let (endpoint_slices, slice_task) = follow(
-            Api::<EndpointSlice>::all(client),
+            Api::<EndpointSlice>::all(client.clone()),
             changes.clone(),
             kinds[3].clone(),
+        );
+        let (mesh_policies, policy_task) = follow(
+            Api::<MeshPolicy>::all(client.clone()),
+            changes.clone(),
+            kinds[4].clone(),
+        );
+        let (mesh_authentications, authn_task) = follow(
+            Api::<MeshAuthentication>::all(client),
+            changes.clone(),
+            kinds[5].clone(),
         );
         KubeSource {
             namespaces,
             pods,
             services,
             endpoint_slices,
+            mesh_policies,
+            mesh_authentications,
             changes,
             kinds,
-            tasks: vec![ns_task, pod_task, svc_task, slice_task],
+            tasks: vec![
+                ns_task,
+                pod_task,
+                svc_task,
+                slice_task,
+                policy_task,
+                authn_task,
+            ],
         }
     }
 
@@ -132,6 +156,12 @@ impl KubeSource {
         }
         for slice in self.endpoint_slices.state() {
             objects.insert(Object::EndpointSlice(slice));
+        }
+        for policy in self.mesh_policies.state() {
+            objects.insert(Object::MeshPolicy(policy));
+        }
+        for authn in self.mesh_authentications.state() {
+            objects.insert(Object::MeshAuthentication(authn));
         }
         objects
     }

@@ -10,6 +10,7 @@ pub mod enrollment;
 pub mod kube_source;
 pub mod manifests;
 pub mod pod_netns;
+pub mod policies;
 pub mod readiness;
 pub mod tunnel_link;
 pub mod tunnel_state;

@@ -1,5 +1,6 @@
 //! The local manifest folder: the same Kubernetes YAML a cluster would hold (multi-document
-//! files of Namespace, Pod, Service and EndpointSlice), read with the same types. A file that does not parse
+//! files of Namespace, Pod, Service, EndpointSlice and Weft's MeshPolicy and
+//! MeshAuthentication), read with the same types. A file that does not parse
 //! is reported with its file, document and reason and ignored, keeping what it held before;
 //! the other files keep working. The folder is watched with inotify, so an edit takes effect at
 //! once; reading it again every poll is the fallback.
@@ -12,6 +13,9 @@ use serde::Deserialize;
 
 use crate::changes::Changes;
 use crate::cluster::{ClusterObjects, Object};
+
+/// The apiVersion of Weft's own kinds.
+const WEFT_API_VERSION: &str = "weft.dev/v1alpha1";
 
 /// Why one manifest file was ignored.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -376,6 +380,22 @@ fn parse_chunk(
             "Service" => serde_yaml::from_value(value).map(|o| Object::Service(Arc::new(o))),
             "EndpointSlice" => {
                 serde_yaml::from_value(value).map(|o| Object::EndpointSlice(Arc::new(o)))
+            }
+            "MeshPolicy" | "MeshAuthentication" => {
+                let api_version = value.get("apiVersion").and_then(|v| v.as_str());
+                if api_version != Some(WEFT_API_VERSION) {
+                    return Err(fail(
+                        String::new(),
+                        format!(
+                            "{kind} of apiVersion {api_version:?}: Weft reads {WEFT_API_VERSION}"
+                        ),
+                    ));
+                }
+                if kind == "MeshPolicy" {
+                    serde_yaml::from_value(value).map(|o| Object::MeshPolicy(Arc::new(o)))
+                } else {
+                    serde_yaml::from_value(value).map(|o| Object::MeshAuthentication(Arc::new(o)))
+                }
             }
             other => {
                 tracing::debug!(file = %path.display(), document = *number + 1, kind = other, "kind not followed; skipped");

@@ -1,5 +1,6 @@
 //! The Kubernetes source against a list/watch test server (the real `kube` client and
-//! watcher): the same enrollment and tunnel tables as the local folder for the same objects,
+//! watcher): the same enrollment, tunnel tables and policy checks as the local folder for the
+//! same objects,
 //! live changes followed, and again after a `410 Gone` forces a relist.
 
 mod support;
@@ -10,6 +11,7 @@ use mesh_node::agent::local_enrolled;
 use mesh_node::cluster::ClusterObjects;
 use mesh_node::kube_source::KubeSource;
 use mesh_node::manifests::parse_documents;
+use mesh_node::policies::check_policies;
 use mesh_node::tunnel_state::tunnel_state;
 use support::apiserver::ApiServer;
 
@@ -56,6 +58,21 @@ metadata: {name: manual-1, namespace: shop, labels: {kubernetes.io/service-name:
 addressType: IPv4
 ports: [{port: 9001}]
 endpoints: [{addresses: [10.1.1.3], conditions: {ready: true}}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: MeshPolicy
+metadata: {name: web-readers, namespace: shop}
+spec: {selector: {matchLabels: {app: web}}, rules: [{from: [{source: {namespaces: [shop]}}]}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: MeshPolicy
+metadata: {name: typo, namespace: shop}
+spec: {rules: [{from: [{source: {ipBlocks: [10.0.0/8]}}]}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: MeshAuthentication
+metadata: {name: strict, namespace: shop}
+spec: {mode: Strict}
 "#;
 
 /// The manual service's only endpoint stops being ready.
@@ -68,7 +85,11 @@ const OPT_OUT_SHOPPER: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: shopp
 /// What the agent derives: node1's enrolled pods and the tunnel tables.
 fn results(objects: &ClusterObjects) -> String {
     let (enrolled, problems) = local_enrolled(objects, "node1");
-    format!("{enrolled:?}\n{problems:?}\n{:?}", tunnel_state(objects))
+    format!(
+        "{enrolled:?}\n{problems:?}\n{:?}\n{:?}",
+        tunnel_state(objects),
+        check_policies(objects)
+    )
 }
 
 /// The same objects read by the local folder's parser.
@@ -127,6 +148,17 @@ async fn the_kubernetes_source_enrolls_like_the_folder_through_changes_and_a_410
     server.apply(MANUAL_NOT_READY);
     converges(&source, &[CLUSTER, MANUAL_NOT_READY], "endpoint not ready").await;
     assert_eq!(manual(&source.objects()), Some((vec![], 9001)));
+    let policies = check_policies(&source.objects());
+    assert_eq!(
+        (policies.policies, policies.authentications),
+        (1, 1),
+        "Weft's own kinds are watched too"
+    );
+    assert_eq!(policies.refused.len(), 1, "{:?}", policies.refused);
+    assert!(
+        policies.refused[0]
+            .starts_with("MeshPolicy shop/typo: spec.rules[0].from[0].source.ipBlocks[0]")
+    );
 
     // A live change arrives by watch.
     server.apply(LABEL_SHOP);
@@ -159,7 +191,7 @@ async fn the_kubernetes_source_enrolls_like_the_folder_through_changes_and_a_410
     let (enrolled, _) = local_enrolled(&source.objects(), "node1");
     assert_eq!(enrolled.keys().collect::<Vec<_>>(), ["shop/web"]);
     let deadline = Instant::now() + Duration::from_secs(15);
-    while server.lists() < lists_before + 4 {
+    while server.lists() < lists_before + 6 {
         assert!(
             Instant::now() < deadline,
             "every kind lists again after 410 Gone ({lists_before} lists before, {} after)",

@@ -1,0 +1,29 @@
+//! Weft's mesh policy resources, group `weft.dev`, version `v1alpha1`: [`MeshPolicy`] (who may
+//! reach which workloads, shaped like Istio's AuthorizationPolicy so users can move over) and
+//! [`MeshAuthentication`] (whether plaintext may reach a workload). Types, validation with a
+//! reason per field, and the CustomResourceDefinitions generated from the types. No I/O.
+
+mod crds;
+mod resources;
+mod validate;
+
+pub use crds::crds_yaml;
+pub use resources::{
+    Condition, MeshAuthentication, MeshAuthenticationSpec, MeshPolicy, MeshPolicySpec, MtlsMode,
+    Operation, PolicyAction, Rule, RuleFrom, RuleTo, Source, WorkloadSelector,
+};
+pub use validate::{validate_authentication, validate_policy};
+
+/// Why a policy object is refused; the object is ignored, the rest of the mesh keeps working.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{kind} {object}: {field}: {reason}")]
+    Invalid {
+        kind: &'static str,
+        /// `namespace/name`.
+        object: String,
+        /// Where in the object, e.g. `spec.rules[0].from[1].source.ipBlocks[0]`.
+        field: String,
+        reason: String,
+    },
+}
