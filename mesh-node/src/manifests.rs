@@ -574,14 +574,24 @@ mod tests {
                 .await
                 .is_ok()
         }
+        // One action raises several events (create, close), delivered by the watch's own
+        // thread: let them all arrive and take them before the next action.
+        async fn settle(folder: &ManifestFolder) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            while tokio::time::timeout(Duration::from_millis(20), folder.changed())
+                .await
+                .is_ok()
+            {}
+        }
         assert!(!woke(&folder).await, "nothing happened");
         std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
         assert!(woke(&folder).await, "written and closed");
         assert!(folder.reload().0);
+        settle(&folder).await;
         // A half-written file raises nothing until it is closed.
         let mut open = std::fs::File::create(dir.path().join("b.yaml")).unwrap();
         assert!(woke(&folder).await, "created");
-        folder.reload();
+        settle(&folder).await;
         std::io::Write::write_all(&mut open, b"kind: Namespace\n").unwrap();
         assert!(!woke(&folder).await, "a write alone does not wake");
         drop(open);
@@ -589,7 +599,7 @@ mod tests {
         folder.reload();
         let tmp = dir.path().join("c.tmp");
         std::fs::write(&tmp, GOOD.replace("apps", "renamed")).unwrap();
-        folder.reload();
+        settle(&folder).await;
         std::fs::rename(&tmp, dir.path().join("c.yaml")).unwrap();
         assert!(woke(&folder).await, "renamed in");
         assert!(folder.reload().0);
