@@ -82,14 +82,10 @@ impl TunnelLink {
 
     /// Greets a connected tunnel; the next `sync` sends it a snapshot.
     pub async fn adopt(&mut self, stream: UnixStream) -> Result<(), LinkError> {
-        handshake::<_, TunnelMessage>(
+        handshake(
             &stream,
             AgentMessage::Hello {
                 version: PROTOCOL_VERSION,
-            },
-            |m| match m {
-                TunnelMessage::Hello { version } => Some(*version),
-                _ => None,
             },
         )
         .await?;

@@ -23,13 +23,15 @@ use tokio::net::UnixStream;
 use crate::StateSpec;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: messages are adjacently tagged (`{"type", "body"}`), so a large `state` is read straight
+/// into its types instead of through serde's buffered form (version 1's internal tag).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest frame accepted (a state of tens of thousands of pods fits).
 pub const MAX_FRAME: usize = 64 << 20;
 
 /// What the agent sends.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(tag = "type", content = "body", rename_all = "snake_case")]
 pub enum AgentMessage {
     Hello {
         version: u32,
@@ -53,7 +55,7 @@ pub enum AgentMessage {
 
 /// What the tunnel answers.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(tag = "type", content = "body", rename_all = "snake_case")]
 pub enum TunnelMessage {
     Hello {
         version: u32,
@@ -211,23 +213,33 @@ async fn recv_exact(
     Ok(true)
 }
 
-/// Sends our hello and checks the peer's.
-pub async fn handshake<Ours: Serialize, Theirs: DeserializeOwned>(
+/// Sends our hello and checks the peer's. The peer's is read without this build's types, so a
+/// peer of any version (version 1 put the version beside the type, later ones in the body) is
+/// told apart from a malformed one and named.
+pub async fn handshake<Ours: Serialize>(
     stream: &UnixStream,
     hello: Ours,
-    version_of: impl Fn(&Theirs) -> Option<u32>,
 ) -> Result<(), ProtocolError> {
     send(stream, 0, &hello, None).await?;
-    let Some(frame) = recv::<Theirs>(stream).await? else {
+    let Some(frame) = recv::<serde_json::Value>(stream).await? else {
         return Err(ProtocolError::Io(io::ErrorKind::UnexpectedEof.into()));
     };
-    match version_of(&frame.message) {
-        Some(PROTOCOL_VERSION) => Ok(()),
-        Some(peer) => Err(ProtocolError::Version {
+    let message = &frame.message;
+    let version = (message.get("type").and_then(|t| t.as_str()) == Some("hello"))
+        .then(|| {
+            message
+                .pointer("/body/version")
+                .or_else(|| message.get("version"))
+                .and_then(serde_json::Value::as_u64)
+        })
+        .flatten();
+    match version.map(u32::try_from) {
+        Some(Ok(PROTOCOL_VERSION)) => Ok(()),
+        Some(Ok(peer)) => Err(ProtocolError::Version {
             peer,
             ours: PROTOCOL_VERSION,
         }),
-        None => Err(ProtocolError::Io(io::Error::new(
+        _ => Err(ProtocolError::Io(io::Error::new(
             io::ErrorKind::InvalidData,
             "the first frame is not a hello",
         ))),
@@ -326,14 +338,10 @@ mod tests {
                 .unwrap();
             b
         });
-        let error = handshake::<_, TunnelMessage>(
+        let error = handshake(
             &a,
             AgentMessage::Hello {
                 version: PROTOCOL_VERSION,
-            },
-            |m| match m {
-                TunnelMessage::Hello { version } => Some(*version),
-                _ => None,
             },
         )
         .await
@@ -341,8 +349,41 @@ mod tests {
         .to_string();
         let _b = peer.await.unwrap();
         assert!(
-            error.contains("version 9") && error.contains("this build 1"),
+            error.contains("version 9") && error.contains("this build 2"),
             "{error}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_version_1_peer_is_named_not_called_malformed() {
+        let (a, b) = UnixStream::pair().unwrap();
+        // Version 1's hello: the version beside the type.
+        let old = br#"{"seq":0,"message":{"type":"hello","version":1}}"#;
+        let mut frame = (old.len() as u32).to_le_bytes().to_vec();
+        frame.extend_from_slice(old);
+        b.writable().await.unwrap();
+        b.try_write(&frame).unwrap();
+        let error = handshake(
+            &a,
+            TunnelMessage::Hello {
+                version: PROTOCOL_VERSION,
+            },
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            error,
+            "agent socket: the peer speaks protocol version 1, this build 2"
+        );
+        let ours: serde_json::Value = serde_json::from_slice(
+            &serde_json::to_vec(&AgentMessage::State {
+                state: StateSpec::default(),
+            })
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(ours["type"], "state", "{ours}");
+        assert!(ours["body"]["state"].is_object(), "{ours}");
     }
 }

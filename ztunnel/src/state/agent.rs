@@ -121,14 +121,10 @@ impl AgentFollower {
         stream: &UnixStream,
         stop: &CancellationToken,
     ) -> Result<(), ProtocolError> {
-        handshake::<_, AgentMessage>(
+        handshake(
             stream,
             TunnelMessage::Hello {
                 version: PROTOCOL_VERSION,
-            },
-            |m| match m {
-                AgentMessage::Hello { version } => Some(*version),
-                _ => None,
             },
         )
         .await?;
