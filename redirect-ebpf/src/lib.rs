@@ -27,7 +27,7 @@ use tracing::{info, warn};
 pub use error::RedirectError;
 pub use inbound::InboundListeners;
 pub use mounts::{bpffs_mount, cgroup2_mount};
-pub use netns::{netns_cookie, netns_cookie_of};
+pub use netns::{netns_cookie, netns_cookie_of, run_in_netns};
 pub use pins::{default_pin_dir, uninstall};
 pub use preflight::{MIN_KERNEL, preflight};
 pub use redirect_common::OUTBOUND_PORT;

@@ -23,20 +23,40 @@ pub fn netns_cookie_of(netns: BorrowedFd<'_>) -> Result<u64, RedirectError> {
     })
 }
 
-/// Reads `SO_NETNS_COOKIE` from a socket made inside the namespace: this thread enters it
-/// with `setns`, makes the socket and goes back at once (~2 µs; a helper thread per lookup
-/// cost ~85 µs, most of enrolling a pod).
-fn cookie_in(netns: BorrowedFd<'_>) -> std::io::Result<u64> {
-    let home = std::fs::File::open("/proc/thread-self/ns/net")?;
+/// Runs `f` on this thread inside the network namespace `netns`, then returns to the
+/// process's own namespace: ~2 µs for the pair of `setns` calls, where a helper thread costs
+/// ~85 µs to start. A socket made by `f` stays in `netns` whichever thread uses it later. `f`
+/// must not block or yield (the thread may belong to an async runtime). If the thread cannot
+/// return, the process aborts: every later socket of that thread would be made in the wrong
+/// namespace.
+pub fn run_in_netns<T>(
+    netns: BorrowedFd<'_>,
+    f: impl FnOnce() -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    let home = home_netns()?;
     nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
-    let socket = socket_in_current_namespace();
+    let result = f();
     if let Err(e) = nix::sched::setns(home.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET) {
-        // Left in a pod's namespace, this thread would make all later sockets of the process
-        // there (the agent's readiness, its API connections): nothing after this is safe.
-        tracing::error!(error = %e, "cannot return to the agent's network namespace; aborting");
+        tracing::error!(error = %e, "cannot return to the process's own network namespace; aborting");
         std::process::abort();
     }
-    let socket = socket?;
+    result
+}
+
+/// The process's own network namespace, opened at the first entry into another one (by a
+/// thread in its own namespace then: every entry returns before the thread does anything else).
+fn home_netns() -> std::io::Result<&'static std::fs::File> {
+    static HOME: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+    if let Some(home) = HOME.get() {
+        return Ok(home);
+    }
+    let home = std::fs::File::open("/proc/thread-self/ns/net")?;
+    Ok(HOME.get_or_init(|| home))
+}
+
+/// Reads `SO_NETNS_COOKIE` from a socket made inside the namespace.
+fn cookie_in(netns: BorrowedFd<'_>) -> std::io::Result<u64> {
+    let socket = run_in_netns(netns, socket_in_current_namespace)?;
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: a valid socket, and a u64 buffer with its length.

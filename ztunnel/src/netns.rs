@@ -2,17 +2,17 @@
 //!
 //! A socket belongs to the namespace it was created in, whatever thread uses it later. So a
 //! pod's sockets are made by entering its namespace with `setns` on the calling thread, making
-//! the socket, and going back at once (about 2 µs for the pair, measured here; a thread per pod
-//! costs ~85 µs to start, a stack, and a hop per socket). Istio's ztunnel does the same.
+//! the socket, and going back at once (`redirect_ebpf::run_in_netns`, shared with capture:
+//! about 2 µs for the pair, measured here; a thread per pod costs ~85 µs to start, a stack, and
+//! a hop per socket). Istio's ztunnel does the same.
 
 use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use nix::sched::{CloneFlags, setns};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -52,29 +52,8 @@ impl PodNetns {
     /// Runs `f` on this thread inside the namespace, then returns to the tunnel's own.
     /// `f` must not block or yield: the thread belongs to the runtime.
     pub fn run<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
-        let home = home_netns()?;
-        setns(self.ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-        let result = f();
-        if let Err(e) = setns(home.as_fd(), CloneFlags::CLONE_NEWNET) {
-            // A runtime thread left in a pod's namespace would make every later socket of the
-            // tunnel there: nothing after this could be trusted, so stop at once.
-            tracing::error!(error = %e, "cannot return to the tunnel's network namespace; aborting");
-            std::process::abort();
-        }
-        result
+        redirect_ebpf::run_in_netns(self.ns.as_fd(), f)
     }
-}
-
-/// The tunnel's own network namespace, opened the first time a pod's is entered (from a
-/// thread that is in the tunnel's namespace then: every entry returns before the next).
-fn home_netns() -> io::Result<&'static File> {
-    static HOME: OnceLock<File> = OnceLock::new();
-    if let Some(home) = HOME.get() {
-        return Ok(home);
-    }
-    let home = File::open("/proc/thread-self/ns/net")
-        .map_err(|e| annotate(e, Path::new("/proc/thread-self/ns/net"), "cannot open"))?;
-    Ok(HOME.get_or_init(|| home))
 }
 
 fn annotate(e: io::Error, path: &Path, what: &str) -> io::Error {
