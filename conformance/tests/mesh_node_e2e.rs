@@ -392,4 +392,44 @@ fn the_example_manifests_mesh_the_labelled_namespace() {
         let (status, body) = conformance::agents::agent_readiness(agent).unwrap();
         assert_eq!((status, body.as_str()), (200, "ready\n"), "{}", agent.name);
     }
+
+    // Bad input beside the good: a policy with a bad field and a file that does not parse.
+    // Both are reported (readiness body, still ready), nothing else changes.
+    let dir = cluster.manifest_dir();
+    std::fs::write(
+        dir.join("policies.yaml"),
+        "apiVersion: weft.dev/v1alpha1\nkind: MeshPolicy\nmetadata: {name: typo, namespace: shop}\nspec: {rules: [{to: [{operation: {ports: [\"99999\"]}}]}]}\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("broken.yaml"), "kind: Pod\nmetadata: [unclosed\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for agent in &cluster.agents {
+        loop {
+            let (status, body) = conformance::agents::agent_readiness(agent).unwrap();
+            let reported = body.contains(
+                "MeshPolicy shop/typo: spec.rules[0].to[0].operation.ports[0]: \"99999\" is not a port",
+            ) && body.contains("broken.yaml: document 1 (line");
+            if reported {
+                assert_eq!(status, 200, "{body}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: not reported: {body}",
+                agent.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    assert_eq!(
+        get("shopper", "http://10.96.0.10/echo/still"),
+        "web saw still\n"
+    );
+    assert_eq!(
+        node2
+            .meshed_from("spiffe://cluster.local/ns/shop/sa/shopper")
+            .unwrap(),
+        2.0,
+        "still meshed"
+    );
 }

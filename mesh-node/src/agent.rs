@@ -171,6 +171,9 @@ pub async fn run_agent(
     let mut last_state: Option<StateSpec> = None;
     let mut last_problems: Vec<String> = Vec::new();
     let mut last_policy_counts = (0, 0);
+    // Refused policy objects: reported once each, kept in readiness, not retried (only a
+    // change to the object can fix it, and a change brings a pass).
+    let mut last_refused: Vec<String> = Vec::new();
     let mut ticker = tokio::time::interval(poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(stop);
@@ -228,7 +231,14 @@ pub async fn run_agent(
                 "policy objects followed (checked, not enforced yet)"
             );
         }
-        problems.extend(policies.refused);
+        for r in policies
+            .refused
+            .iter()
+            .filter(|r| !last_refused.contains(r))
+        {
+            warn!("{r}");
+        }
+        last_refused = policies.refused;
         // Capture lets go of pods first, the tunnel is told next, and capture takes new pods
         // last, once the tunnel serves them: no connection meets a capture without a tunnel.
         if let Some(capture) = capture.as_mut() {
@@ -275,7 +285,7 @@ pub async fn run_agent(
         }
         if let Ok(mut s) = status.lock() {
             s.synced = true;
-            s.problems = problems.clone();
+            s.problems = problems.iter().chain(&last_refused).cloned().collect();
         }
         last_problems = problems;
         last_state = Some(state);
