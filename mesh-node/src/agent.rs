@@ -121,11 +121,7 @@ impl ClusterSource {
         match self {
             ClusterSource::Folder(folder) => {
                 let (changed, errors) = folder.reload();
-                let errors = errors
-                    .into_iter()
-                    .map(|e| format!("{e}; ignored, its last good objects stay"))
-                    .collect();
-                (changed, errors)
+                (changed, errors.iter().map(folder_error).collect())
             }
             ClusterSource::Kubernetes(k) => (k.take_changed(), Vec::new()),
         }
@@ -133,11 +129,7 @@ impl ClusterSource {
 
     fn errors(&self) -> Vec<String> {
         match self {
-            ClusterSource::Folder(folder) => folder
-                .errors()
-                .into_iter()
-                .map(|e| format!("{e}; ignored, its last good objects stay"))
-                .collect(),
+            ClusterSource::Folder(folder) => folder.errors().iter().map(folder_error).collect(),
             ClusterSource::Kubernetes(k) => k.errors(),
         }
     }
@@ -156,6 +148,11 @@ impl ClusterSource {
             ClusterSource::Kubernetes(k) => k.objects(),
         }
     }
+}
+
+/// A manifest file's failure as the agent reports it.
+fn folder_error(e: &crate::manifests::ManifestError) -> String {
+    format!("{e}; ignored, its last good objects stay")
 }
 
 /// Follows the cluster until `stop` resolves.

@@ -177,10 +177,10 @@ impl ManifestFolder {
             {
                 continue;
             }
-            match parse_file(&path, text.clone(), old) {
-                Ok(parsed) => {
+            match parse_file(&path, &text, old) {
+                Ok(documents) => {
                     self.failures.remove(&path);
-                    self.files.insert(path, parsed);
+                    self.files.insert(path, ParsedFile { text, documents });
                     changed = true;
                 }
                 Err(error) => self.fail(path, Some(text), error, &mut new_errors),
@@ -238,26 +238,25 @@ fn list_yaml(folder: &Path) -> Result<Vec<PathBuf>, String> {
 
 /// Parses every document of one file; the first bad document fails the file.
 pub fn parse_documents(path: &Path, text: &str) -> Result<Vec<Object>, ManifestError> {
-    let parsed = parse_file(path, text.to_owned(), None)?;
-    Ok(parsed
-        .documents
+    let documents = parse_file(path, text, None)?;
+    Ok(documents
         .into_iter()
         .flat_map(|document| document.objects)
         .collect())
 }
 
-/// Parses `text`, reusing the objects of documents whose text is the same in `old`.
+/// Parses `text`'s documents, reusing the objects of documents whose text is the same in `old`.
 fn parse_file(
     path: &Path,
-    text: String,
+    text: &str,
     old: Option<&ParsedFile>,
-) -> Result<ParsedFile, ManifestError> {
+) -> Result<Vec<ParsedDocument>, ManifestError> {
     let known: HashMap<&str, &ParsedDocument> = old
         .map(|old| old.documents.iter().map(|d| (d.text.as_str(), d)).collect())
         .unwrap_or_default();
     let mut documents = Vec::new();
     let mut number = 0;
-    for chunk in split_documents(&text) {
+    for chunk in split_documents(text) {
         let before = number;
         let objects = match known.get(chunk.text) {
             Some(known) => {
@@ -272,7 +271,7 @@ fn parse_file(
             documents: number - before,
         });
     }
-    Ok(ParsedFile { text, documents })
+    Ok(documents)
 }
 
 /// A piece of a file that starts at a document marker (or the file's start).
