@@ -5,12 +5,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 use tunnel_proto::StateSpec;
 
 use crate::capture::{CaptureReconciler, EnrolledPod};
 use crate::cluster::ClusterObjects;
-use crate::enrollment::{exclusions_of, is_enrolled, netns_of, node_of};
+use crate::enrollment::{exclusions_of, is_enrolled, netns_annotation, node_of};
 use crate::kube_source::KubeSource;
 use crate::manifests::ManifestFolder;
 use crate::pod_netns::PodNamespaces;
@@ -30,11 +30,34 @@ pub enum AgentError {
     Encode(#[from] serde_yaml::Error),
 }
 
+/// Where the agent looks for a pod's network namespace. Nothing a pod's author writes may
+/// choose it: the namespace is where capture enrolls and the tunnel opens listeners.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetnsLookup {
+    /// The local manifest folder (written by the node's admin): the `weft.dev/netns`
+    /// annotation, else the pod's UID in the kubelet's cgroups under this `/proc`.
+    AnnotationThenUid { proc_root: PathBuf },
+    /// Kubernetes: only by the pod's UID (set by the API server) in the kubelet's cgroups
+    /// under this `/proc`; annotations are the pod author's and are never read for it.
+    UidOnly { proc_root: PathBuf },
+}
+
+impl NetnsLookup {
+    fn proc_root(&self) -> &Path {
+        match self {
+            NetnsLookup::AnnotationThenUid { proc_root } | NetnsLookup::UidOnly { proc_root } => {
+                proc_root
+            }
+        }
+    }
+}
+
 /// The enrolled pods of `node`, with what capture needs; pods that cannot be captured are
 /// reported and left out.
 pub fn local_enrolled(
     objects: &ClusterObjects,
     node: &str,
+    lookup: &NetnsLookup,
 ) -> (BTreeMap<String, EnrolledPod>, Vec<String>) {
     let mut wanted = BTreeMap::new();
     let mut problems = Vec::new();
@@ -45,15 +68,24 @@ pub fn local_enrolled(
             continue;
         }
         let key = format!("{namespace}/{name}");
-        // The local source names the namespace; on a real node it is found by the pod's UID.
         let by_uid = || {
             let uid = pod.metadata.uid.as_deref()?;
-            let index = proc_index.get_or_insert_with(|| PodNamespaces::scan(Path::new("/proc")));
+            let index = proc_index.get_or_insert_with(|| PodNamespaces::scan(lookup.proc_root()));
             index.get(uid).cloned()
         };
-        let Some(netns) = netns_of(pod).or_else(by_uid) else {
+        let annotated = match lookup {
+            NetnsLookup::AnnotationThenUid { .. } => netns_annotation(pod),
+            NetnsLookup::UidOnly { .. } => None,
+        };
+        let Some(netns) = annotated.or_else(by_uid) else {
+            let looked = match lookup {
+                NetnsLookup::AnnotationThenUid { .. } => {
+                    "no weft.dev/netns annotation, no running process of its UID"
+                }
+                NetnsLookup::UidOnly { .. } => "no running process of its UID",
+            };
             problems.push(format!(
-                "pod {key}: its network namespace is unknown (no weft.dev/netns annotation, no running process of its UID)"
+                "pod {key}: its network namespace is unknown ({looked})"
             ));
             continue;
         };
@@ -65,6 +97,17 @@ pub fn local_enrolled(
         }
     }
     (wanted, problems)
+}
+
+/// The state for a state-file tunnel, which finds its pods' namespaces by path: this node's
+/// enrolled pods get the paths the agent resolved.
+fn with_local_netns(state: &StateSpec, wanted: &BTreeMap<String, EnrolledPod>) -> StateSpec {
+    let mut state = state.clone();
+    for workload in &mut state.workloads {
+        let key = format!("{}/{}", workload.namespace, workload.name);
+        workload.netns = wanted.get(&key).map(|pod| pod.netns.clone());
+    }
+    state
 }
 
 /// Writes the tunnel's state file atomically (a rename), so the tunnel never reads half.
@@ -142,6 +185,15 @@ impl ClusterSource {
         }
     }
 
+    /// Where this source's pods' network namespaces are found.
+    fn netns_lookup(&self) -> NetnsLookup {
+        let proc_root = PathBuf::from("/proc");
+        match self {
+            ClusterSource::Folder(_) => NetnsLookup::AnnotationThenUid { proc_root },
+            ClusterSource::Kubernetes(_) => NetnsLookup::UidOnly { proc_root },
+        }
+    }
+
     fn objects(&self) -> ClusterObjects {
         match self {
             ClusterSource::Folder(folder) => folder.objects(),
@@ -166,6 +218,7 @@ pub async fn run_agent(
     stop: impl std::future::Future<Output = ()>,
 ) {
     let mut last_state: Option<StateSpec> = None;
+    let mut last_written: Option<StateSpec> = None;
     let mut last_problems: Vec<String> = Vec::new();
     let mut last_policy_counts = (0, 0);
     // Refused policy objects: reported once each, kept in readiness, not retried (only a
@@ -177,7 +230,7 @@ pub async fn run_agent(
     loop {
         let mut tunnel_came = false;
         let connection = async {
-            match &output {
+            match &mut output {
                 TunnelOutput::Socket(link) => link.next_connection().await,
                 TunnelOutput::StateFile(_) => std::future::pending().await,
             }
@@ -185,17 +238,12 @@ pub async fn run_agent(
         tokio::select! {
             _ = source.changed() => {}
             _ = ticker.tick() => {}
-            accepted = connection => match accepted {
-                Ok(stream) => {
-                    if let TunnelOutput::Socket(link) = &mut output {
-                        match link.adopt(stream).await {
-                            Ok(()) => tunnel_came = true,
-                            Err(e) => warn!("{e}"),
-                        }
-                    }
+            Some(stream) = connection => {
+                if let TunnelOutput::Socket(link) = &mut output {
+                    link.adopt(stream);
+                    tunnel_came = true;
                 }
-                Err(e) => warn!("tunnel socket: {e}"),
-            },
+            }
             _ = &mut stop => return,
         }
         let pass = std::time::Instant::now();
@@ -218,7 +266,7 @@ pub async fn run_agent(
         let objects = source.objects();
         let read = pass.elapsed();
         let state = tunnel_state(&objects);
-        let (wanted, mut problems) = local_enrolled(&objects, node);
+        let (wanted, mut problems) = local_enrolled(&objects, node, &source.netns_lookup());
         let policies = check_policies(&objects);
         if (policies.policies, policies.authentications) != last_policy_counts {
             last_policy_counts = (policies.policies, policies.authentications);
@@ -244,14 +292,19 @@ pub async fn run_agent(
         let released = pass.elapsed();
         match &mut output {
             TunnelOutput::StateFile(path) => {
-                if last_state.as_ref() != Some(&state) {
+                let state = with_local_netns(&state, &wanted);
+                if last_written.as_ref() != Some(&state) {
                     match write_state(path, &state) {
-                        Ok(()) => info!(
-                            workloads = state.workloads.len(),
-                            services = state.services.len(),
-                            "tunnel state written"
-                        ),
-                        Err(e) => error!("{e}"),
+                        Ok(()) => {
+                            info!(
+                                workloads = state.workloads.len(),
+                                services = state.services.len(),
+                                "tunnel state written"
+                            );
+                            last_written = Some(state);
+                        }
+                        // A problem: logged below and tried again next pass.
+                        Err(e) => problems.push(e.to_string()),
                     }
                 }
             }
@@ -286,5 +339,67 @@ pub async fn run_agent(
         }
         last_problems = problems;
         last_state = Some(state);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifests::parse_documents;
+
+    /// A labelled namespace and a pod whose author annotated the host's network namespace.
+    const HOSTILE: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: apps, labels: {weft.dev/mesh: enabled}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: evil, namespace: apps, uid: 0c0c0c0c-0000-4000-8000-00000000000c, annotations: {weft.dev/netns: /proc/1/ns/net}}\nspec: {nodeName: node1, containers: []}\nstatus: {podIP: 10.1.1.9}\n";
+
+    fn objects() -> ClusterObjects {
+        let mut objects = ClusterObjects::default();
+        for object in parse_documents(Path::new("t.yaml"), HOSTILE).unwrap() {
+            objects.insert(object);
+        }
+        objects
+    }
+
+    #[test]
+    fn on_kubernetes_a_pod_annotation_never_names_the_namespace() {
+        let empty_proc = tempfile::tempdir().unwrap();
+        let lookup = NetnsLookup::UidOnly {
+            proc_root: empty_proc.path().to_owned(),
+        };
+        let (wanted, problems) = local_enrolled(&objects(), "node1", &lookup);
+        assert!(wanted.is_empty(), "{wanted:?}");
+        assert_eq!(
+            problems,
+            ["pod apps/evil: its network namespace is unknown (no running process of its UID)"]
+        );
+        // Its process appears in its pod cgroup: that namespace, not the annotated one.
+        let pid = empty_proc.path().join("4242");
+        std::fs::create_dir(&pid).unwrap();
+        std::fs::write(
+            pid.join("cgroup"),
+            "0::/kubepods/besteffort/pod0c0c0c0c-0000-4000-8000-00000000000c/abc\n",
+        )
+        .unwrap();
+        let (wanted, problems) = local_enrolled(&objects(), "node1", &lookup);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(wanted["apps/evil"].netns, pid.join("ns/net"));
+    }
+
+    #[test]
+    fn the_local_folder_names_namespaces_and_a_state_file_gets_only_this_nodes_paths() {
+        let lookup = NetnsLookup::AnnotationThenUid {
+            proc_root: PathBuf::from("/nonexistent"),
+        };
+        let objects = objects();
+        let (wanted, problems) = local_enrolled(&objects, "node1", &lookup);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(wanted["apps/evil"].netns, Path::new("/proc/1/ns/net"));
+        let state = crate::tunnel_state::tunnel_state(&objects);
+        assert_eq!(state.workloads[0].netns, None);
+        let written = with_local_netns(&state, &wanted);
+        assert_eq!(
+            written.workloads[0].netns.as_deref(),
+            Some(Path::new("/proc/1/ns/net"))
+        );
+        let other_node = with_local_netns(&state, &BTreeMap::new());
+        assert_eq!(other_node.workloads[0].netns, None);
     }
 }

@@ -12,7 +12,8 @@ use redirect_ebpf::Exclusions;
 
 /// The label on namespaces (`enabled`) and pods (`disabled`) that decides enrollment.
 pub const MESH_LABEL: &str = "weft.dev/mesh";
-/// Local source: where the pod's network namespace is (`/run/netns/<name>`).
+/// Local manifest folder only: where the pod's network namespace is (`/run/netns/<name>`).
+/// Never read from the Kubernetes API, where a pod's author writes the annotations.
 pub const NETNS_ANNOTATION: &str = "weft.dev/netns";
 /// Destination ports the pod's connections keep out of capture: `5432,6379`.
 pub const EXCLUDE_PORTS_ANNOTATION: &str = "weft.dev/exclude-outbound-ports";
@@ -57,8 +58,9 @@ pub fn ips_of(pod: &Pod) -> Vec<IpAddr> {
     listed.iter().filter_map(|ip| ip.parse().ok()).collect()
 }
 
-/// Local source: the pod's network namespace from its annotation.
-pub fn netns_of(pod: &Pod) -> Option<PathBuf> {
+/// The pod's network namespace as its `weft.dev/netns` annotation names it (to be trusted
+/// only when the node's admin wrote the pod: the local manifest folder).
+pub fn netns_annotation(pod: &Pod) -> Option<PathBuf> {
     label(&pod.metadata.annotations, NETNS_ANNOTATION).map(PathBuf::from)
 }
 
@@ -136,7 +138,7 @@ mod tests {
                 "fd00::5".parse().unwrap()
             ]
         );
-        assert_eq!(netns_of(&p), Some(PathBuf::from("/run/netns/a")));
+        assert_eq!(netns_annotation(&p), Some(PathBuf::from("/run/netns/a")));
         let e = exclusions_of(&p).unwrap();
         assert_eq!(e.ports, vec![5432, 6379]);
         assert_eq!(e.cidrs.len(), 2);

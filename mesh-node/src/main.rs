@@ -10,7 +10,7 @@ use mesh_node::capture::CaptureReconciler;
 use mesh_node::kube_source::KubeSource;
 use mesh_node::manifests::ManifestFolder;
 use mesh_node::tunnel_link::TunnelLink;
-use redirect_ebpf::{Options, Redirect, cgroup2_mount};
+use redirect_ebpf::{DEFAULT_TUNNEL_MARK, Options, Redirect, cgroup2_mount, parse_mark};
 use tracing::info;
 
 #[derive(Parser)]
@@ -55,6 +55,10 @@ struct RunArgs {
         required_unless_present = "tunnel_state_file"
     )]
     tunnel_socket: Option<PathBuf>,
+    /// The user the tunnel runs as: a process of any other user connecting to the tunnel
+    /// socket is refused. Default: this agent's own user.
+    #[arg(long, env = "WEFT_TUNNEL_UID")]
+    tunnel_uid: Option<u32>,
     /// Or write the tables to this YAML file, which the tunnel polls (--state-file).
     #[arg(long, env = "WEFT_TUNNEL_STATE_FILE")]
     tunnel_state_file: Option<PathBuf>,
@@ -67,6 +71,11 @@ struct RunArgs {
     /// The tunnel's cgroup (never captured); repeatable.
     #[arg(long = "exclude-cgroup")]
     exclude_cgroups: Vec<PathBuf>,
+    /// The tunnel's socket mark (its --socket-mark): sockets carrying it are never captured;
+    /// 0 for none (the cgroup exclusion alone). The tunnel is told it and refuses to follow
+    /// an agent whose mark differs from its own.
+    #[arg(long, env = "WEFT_TUNNEL_MARK", default_value_t = DEFAULT_TUNNEL_MARK, value_parser = parse_mark)]
+    tunnel_mark: u32,
     /// Move bytes between applications and the tunnel with sockops + sk_msg.
     #[arg(long)]
     fast_path: bool,
@@ -114,6 +123,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         let options = Options {
             fast_path: args.fast_path,
             pin_dir: args.pin_dir.clone(),
+            tunnel_mark: args.tunnel_mark,
         };
         let mut redirect = Redirect::install(&cgroup, &options)?;
         for path in &args.exclude_cgroups {
@@ -132,7 +142,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("cannot start the runtime")?;
     runtime.block_on(async {
         let output = match (&args.tunnel_socket, &args.tunnel_state_file) {
-            (Some(socket), _) => TunnelOutput::Socket(TunnelLink::bind(socket)?),
+            (Some(socket), _) => {
+                let uid = args
+                    .tunnel_uid
+                    .unwrap_or_else(tunnel_proto::peer::current_uid);
+                let mark = (!args.no_capture).then_some(args.tunnel_mark);
+                TunnelOutput::Socket(TunnelLink::bind(socket, uid, mark)?)
+            }
             (None, Some(file)) => TunnelOutput::StateFile(file.clone()),
             (None, None) => anyhow::bail!("give --tunnel-socket or --tunnel-state-file"),
         };

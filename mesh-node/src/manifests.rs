@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Deserialize;
+use tunnel_proto::file_trust::{Exposure, FileTrustError, check_file, read_trusted};
 
 use crate::changes::Changes;
 use crate::cluster::{ClusterObjects, Object};
@@ -22,6 +23,9 @@ const WEFT_API_VERSION: &str = "weft.dev/v1alpha1";
 pub enum ManifestError {
     #[error("{file}: cannot read: {reason}")]
     Read { file: PathBuf, reason: String },
+    /// Another user could change it, or it is too large.
+    #[error("{reason}")]
+    Refused { file: PathBuf, reason: String },
     #[error("{file}: document {document}{location}: {reason}")]
     Document {
         file: PathBuf,
@@ -38,6 +42,9 @@ pub enum ManifestError {
     )]
     Watch { folder: PathBuf, reason: String },
 }
+
+/// Largest manifest file read (1,000 pods take about 250 KB).
+pub const MAX_MANIFEST_FILE: u64 = 16 << 20;
 
 /// The folder's objects, file by file, with the last good content of each file.
 #[derive(Debug, Default)]
@@ -154,12 +161,20 @@ impl ManifestFolder {
             .retain(|path, _| *path == folder || listed.contains(path));
         let mut changed = self.files.len() != before;
         for path in listed {
-            let text = match std::fs::read_to_string(&path) {
+            let text = match read_trusted(&path, MAX_MANIFEST_FILE) {
                 Ok(text) => text,
-                Err(e) => {
+                Err(FileTrustError::Metadata { source, .. }) => {
                     let error = ManifestError::Read {
                         file: path.clone(),
-                        reason: e.to_string(),
+                        reason: source.to_string(),
+                    };
+                    self.fail(path, None, error, &mut new_errors);
+                    continue;
+                }
+                Err(refused) => {
+                    let error = ManifestError::Refused {
+                        file: path.clone(),
+                        reason: refused.to_string(),
                     };
                     self.fail(path, None, error, &mut new_errors);
                     continue;
@@ -224,6 +239,9 @@ impl ManifestFolder {
 
 /// The `.yaml` and `.yml` files of `folder`, sorted, not recursing.
 fn list_yaml(folder: &Path) -> Result<Vec<PathBuf>, String> {
+    // What the folder says is trusted (it names pods' network namespaces): no other user may
+    // add to it.
+    check_file(folder, Exposure::Trusted).map_err(|e| e.to_string())?;
     let mut files: Vec<PathBuf> = std::fs::read_dir(folder)
         .map_err(|e| e.to_string())?
         .filter_map(Result::ok)
@@ -559,6 +577,47 @@ mod tests {
         std::fs::remove_file(&file).unwrap();
         folder.reload();
         assert!(folder.errors().is_empty(), "a removed file's failure goes");
+    }
+
+    #[test]
+    fn files_and_folders_other_users_could_change_are_refused_keeping_the_last_good_objects() {
+        use std::os::unix::fs::PermissionsExt;
+        let chmod = |path: &Path, mode| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.yaml");
+        std::fs::write(&file, GOOD).unwrap();
+        chmod(&file, 0o644);
+        let mut folder = ManifestFolder::new(dir.path());
+        assert_eq!(folder.reload(), (true, vec![]));
+        let objects = folder.objects();
+        chmod(&file, 0o666);
+        // Touched by "another user": not read; the objects it held stay.
+        std::fs::write(&file, GOOD.replace("name: web", "name: evil")).unwrap();
+        let (changed, errors) = folder.reload();
+        assert!(!changed);
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0]
+                .to_string()
+                .contains("writable by other users (mode 0666)"),
+            "{}",
+            errors[0]
+        );
+        assert_eq!(folder.objects(), objects);
+        chmod(&file, 0o644);
+        assert!(folder.reload().0, "read again once it is private");
+        chmod(dir.path(), 0o777);
+        let (_, errors) = folder.reload();
+        assert!(
+            errors[0]
+                .to_string()
+                .contains("writable by other users (mode 0777)"),
+            "{}",
+            errors[0]
+        );
+        chmod(dir.path(), 0o700);
     }
 
     #[tokio::test]

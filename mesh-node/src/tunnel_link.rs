@@ -10,15 +10,22 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::os::unix::fs::PermissionsExt;
+
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 use tunnel_proto::StateSpec;
+use tunnel_proto::peer::{PeerError, check_peer, current_uid, private_socket_folder};
 use tunnel_proto::protocol::{
     AgentMessage, PROTOCOL_VERSION, ProtocolError, TunnelMessage, handshake, recv, send,
 };
 
 /// How long the tunnel may take to answer one frame before the connection is dropped.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a connecting tunnel may take to say hello before it is dropped.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Frames sent before the first of them must be answered. Sending a hundred pods' `add_pod`
 /// one round trip at a time cost ~15 ms of a namespace label's effect; answers are small, so
@@ -36,6 +43,8 @@ pub enum LinkError {
     },
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
+    #[error(transparent)]
+    Peer(#[from] PeerError),
     #[error("the tunnel did not answer frame {seq} within {ANSWER_TIMEOUT:?}")]
     Timeout { seq: u64 },
     #[error("the tunnel answered frame {got} where {want} was expected")]
@@ -50,49 +59,71 @@ struct Sent {
 }
 
 pub struct TunnelLink {
-    listener: UnixListener,
+    /// Tunnels that connected, passed the credential check and said hello.
+    greeted: mpsc::Receiver<UnixStream>,
+    /// Accepts and greets connections apart from the agent's loop, so that a peer that
+    /// connects and stays silent stalls nothing.
+    intake: AbortOnDrop,
     conn: Option<(UnixStream, Sent)>,
     seq: u64,
 }
 
+/// Aborts the intake task with the link.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 impl TunnelLink {
-    /// Listens at `path`, replacing a stale socket file of an earlier run.
-    pub fn bind(path: &Path) -> Result<Self, LinkError> {
+    /// Listens at `path` (in a private folder, replacing a stale socket file of an earlier
+    /// run) for a tunnel running as `tunnel_uid`; tells it the socket mark capture leaves
+    /// alone, if capture is driven.
+    pub fn bind(path: &Path, tunnel_uid: u32, socket_mark: Option<u32>) -> Result<Self, LinkError> {
         let fail = |source| LinkError::Bind {
             path: path.to_owned(),
             source,
         };
+        private_socket_folder(path, tunnel_uid)?;
         match std::fs::remove_file(path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(fail(e)),
         }
         let listener = UnixListener::bind(path).map_err(fail)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(fail)?;
+        if tunnel_uid != current_uid() {
+            std::os::unix::fs::chown(path, Some(tunnel_uid), None).map_err(fail)?;
+        }
+        let (tx, greeted) = mpsc::channel(1);
+        let hello = AgentMessage::Hello {
+            version: PROTOCOL_VERSION,
+            socket_mark,
+        };
+        let intake = AbortOnDrop(tokio::spawn(intake(listener, tunnel_uid, hello, tx)));
         Ok(TunnelLink {
-            listener,
+            greeted,
+            intake,
             conn: None,
             seq: 0,
         })
     }
 
-    /// Waits for a tunnel to connect (cancel-safe: nothing is lost if dropped).
-    pub async fn next_connection(&self) -> std::io::Result<UnixStream> {
-        self.listener.accept().await.map(|(stream, _)| stream)
+    /// Waits for a tunnel that connected and said hello (cancel-safe: nothing is lost if
+    /// dropped).
+    pub async fn next_connection(&mut self) -> Option<UnixStream> {
+        if self.intake.0.is_finished() {
+            return std::future::pending().await;
+        }
+        self.greeted.recv().await
     }
 
-    /// Greets a connected tunnel; the next `sync` sends it a snapshot.
-    pub async fn adopt(&mut self, stream: UnixStream) -> Result<(), LinkError> {
-        handshake(
-            &stream,
-            AgentMessage::Hello {
-                version: PROTOCOL_VERSION,
-            },
-        )
-        .await?;
-        info!("tunnel connected");
-        // A newer tunnel connection replaces the old one (the old tunnel is gone or going).
+    /// Takes a greeted tunnel connection; the next `sync` sends it a snapshot. A newer
+    /// connection replaces the old one (the old tunnel is gone or going).
+    pub fn adopt(&mut self, stream: UnixStream) {
         self.conn = Some((stream, Sent::default()));
-        Ok(())
     }
 
     /// Whether a tunnel is connected.
@@ -191,6 +222,45 @@ impl TunnelLink {
     }
 }
 
+/// Accepts tunnels: refuses other users, greets each within [`HELLO_TIMEOUT`] on its own
+/// task, and hands the greeted ones to the agent's loop.
+async fn intake(
+    listener: UnixListener,
+    tunnel_uid: u32,
+    hello: AgentMessage,
+    greeted: mpsc::Sender<UnixStream>,
+) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                warn!("tunnel socket: {e}");
+                // EMFILE and the like: give the node a moment instead of spinning.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if let Err(e) = check_peer(&stream, tunnel_uid) {
+            warn!("{e}");
+            continue;
+        }
+        let greeted = greeted.clone();
+        let hello = hello.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(HELLO_TIMEOUT, handshake(&stream, hello)).await {
+                Ok(Ok(_)) => {
+                    info!("tunnel connected");
+                    let _ = greeted.send(stream).await;
+                }
+                Ok(Err(e)) => warn!("tunnel socket: a connection failed its hello: {e}"),
+                Err(_) => warn!(
+                    "tunnel socket: a connection said no hello within {HELLO_TIMEOUT:?}; closed"
+                ),
+            }
+        });
+    }
+}
+
 /// Frames on their way to the tunnel, answered in the order they were sent.
 struct Pipeline<'a> {
     stream: &'a UnixStream,
@@ -246,5 +316,81 @@ impl Pipeline<'_> {
             }
             TunnelMessage::Hello { .. } => Err(LinkError::OutOfOrder { want, got: 0 }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tunnel_proto::protocol::{recv, send};
+
+    /// Connects as a tunnel and reads the agent's first frame (its hello), if any.
+    async fn connect(path: &Path) -> (UnixStream, Option<AgentMessage>) {
+        let stream = UnixStream::connect(path).await.unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(10), recv::<AgentMessage>(&stream))
+            .await
+            .expect("the agent answers or closes");
+        let message = first.ok().flatten().map(|f| f.message);
+        (stream, message)
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_stalls_nothing_and_is_dropped_at_the_hello_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/agent.sock");
+        let mut link = TunnelLink::bind(&path, current_uid(), Some(0x539)).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+
+        let started = std::time::Instant::now();
+        let (silent, hello) = connect(&path).await;
+        assert_eq!(
+            hello,
+            Some(AgentMessage::Hello {
+                version: PROTOCOL_VERSION,
+                socket_mark: Some(0x539)
+            })
+        );
+        // A real tunnel connecting after it is taken at once.
+        let (tunnel, _) = connect(&path).await;
+        send(
+            &tunnel,
+            0,
+            &TunnelMessage::Hello {
+                version: PROTOCOL_VERSION,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+        let adopted = tokio::time::timeout(Duration::from_secs(2), link.next_connection())
+            .await
+            .expect("the greeted tunnel is handed over while the silent peer waits");
+        assert!(adopted.is_some());
+        // The silent one is closed at the deadline.
+        let end = tokio::time::timeout(Duration::from_secs(10), recv::<AgentMessage>(&silent))
+            .await
+            .unwrap();
+        assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
+        let waited = started.elapsed();
+        assert!(
+            waited >= HELLO_TIMEOUT && waited < HELLO_TIMEOUT + Duration::from_secs(3),
+            "closed after {waited:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_peer_of_another_user_gets_no_hello() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let expected = current_uid() + 4242;
+        let mut link = TunnelLink::bind(&path, expected, None).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().uid(), expected);
+        let (stream, hello) = connect(&path).await;
+        assert_eq!(hello, None, "closed without a word");
+        drop(stream);
+        let none = tokio::time::timeout(Duration::from_millis(300), link.next_connection()).await;
+        assert!(none.is_err(), "nothing handed to the agent");
     }
 }

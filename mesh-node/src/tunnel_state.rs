@@ -15,7 +15,7 @@ use tracing::warn;
 use tunnel_proto::{Protocol, Service, ServicePort, StateSpec, Workload};
 
 use crate::cluster::{ClusterObjects, ObjectKey};
-use crate::enrollment::{ips_of, is_enrolled, is_host_network, netns_of, node_of};
+use crate::enrollment::{ips_of, is_enrolled, is_host_network, node_of};
 
 /// Pods that no longer run keep their last status but not their address.
 fn is_finished(pod: &Pod) -> bool {
@@ -56,7 +56,9 @@ pub fn tunnel_state(objects: &ClusterObjects) -> StateSpec {
                 .unwrap_or_else(|| "default".to_owned()),
             ips,
             node: node.to_owned(),
-            netns: netns_of(pod),
+            // Only this node's agent knows where its pods' namespaces are (a state file
+            // output fills them in for its own pods; the protocol sends descriptors).
+            netns: None,
             protocol: if is_enrolled(pod, &objects.namespaces) {
                 Protocol::Hbone
             } else {
@@ -339,8 +341,8 @@ spec: {clusterIP: None, selector: {app: web}}
         assert_eq!(web1.node, "node1");
         assert_eq!(web1.ips.len(), 2);
         assert_eq!(
-            web1.netns.as_deref(),
-            Some(std::path::Path::new("/run/netns/web-1"))
+            web1.netns, None,
+            "the tables never carry a path from an annotation (the agent resolves its own pods)"
         );
         assert_eq!(by_name["web-2"].protocol, Protocol::Tcp, "opted out");
         assert_eq!(

@@ -7,7 +7,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use mesh_node::agent::local_enrolled;
+use mesh_node::agent::{NetnsLookup, local_enrolled};
 use mesh_node::cluster::ClusterObjects;
 use mesh_node::kube_source::KubeSource;
 use mesh_node::manifests::parse_documents;
@@ -26,13 +26,13 @@ metadata: {name: legacy}
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: web, namespace: shop, labels: {app: web}, annotations: {weft.dev/netns: /run/netns/web}}
+metadata: {name: web, namespace: shop, uid: 0a0a0a0a-0000-4000-8000-00000000000a, labels: {app: web}, annotations: {weft.dev/netns: /proc/1/ns/net}}
 spec: {nodeName: node1, serviceAccountName: web, containers: [{name: web, image: web, ports: [{name: http, containerPort: 8080}]}]}
 status: {phase: Running, podIPs: [{ip: 10.1.1.2}]}
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: shopper, namespace: shop, annotations: {weft.dev/netns: /run/netns/shopper}}
+metadata: {name: shopper, namespace: shop, uid: 0b0b0b0b-0000-4000-8000-00000000000b, annotations: {weft.dev/netns: /run/netns/web}}
 spec: {nodeName: node1, containers: []}
 status: {phase: Running, podIP: 10.1.1.3}
 ---
@@ -80,11 +80,37 @@ const MANUAL_NOT_READY: &str = "apiVersion: discovery.k8s.io/v1\nkind: EndpointS
 
 const LABEL_SHOP: &str =
     "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {weft.dev/mesh: enabled}}\n";
-const OPT_OUT_SHOPPER: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: shopper, namespace: shop, labels: {weft.dev/mesh: disabled}, annotations: {weft.dev/netns: /run/netns/shopper}}\nspec: {nodeName: node1, containers: []}\nstatus: {phase: Running, podIP: 10.1.1.3}\n";
+const OPT_OUT_SHOPPER: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: shopper, namespace: shop, uid: 0b0b0b0b-0000-4000-8000-00000000000b, labels: {weft.dev/mesh: disabled}, annotations: {weft.dev/netns: /run/netns/web}}\nspec: {nodeName: node1, containers: []}\nstatus: {phase: Running, podIP: 10.1.1.3}\n";
+
+/// A `/proc` where the kubelet runs `web` (pid 100) and `shopper` (pid 200) in their pod
+/// cgroups, as the agent finds them on a real node.
+fn fake_proc() -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    for (pid, uid) in [
+        (100, "0a0a0a0a_0000_4000_8000_00000000000a"),
+        (200, "0b0b0b0b_0000_4000_8000_00000000000b"),
+    ] {
+        let dir = root.path().join(pid.to_string());
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(
+            dir.join("cgroup"),
+            format!("0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid}.slice/cri-containerd-1.scope\n"),
+        )
+        .unwrap();
+    }
+    root
+}
+
+/// How the agent finds namespaces with the Kubernetes source.
+fn uid_only(proc: &tempfile::TempDir) -> NetnsLookup {
+    NetnsLookup::UidOnly {
+        proc_root: proc.path().to_owned(),
+    }
+}
 
 /// What the agent derives: node1's enrolled pods and the tunnel tables.
-fn results(objects: &ClusterObjects) -> String {
-    let (enrolled, problems) = local_enrolled(objects, "node1");
+fn results(objects: &ClusterObjects, lookup: &NetnsLookup) -> String {
+    let (enrolled, problems) = local_enrolled(objects, "node1", lookup);
     format!(
         "{enrolled:?}\n{problems:?}\n{:?}\n{:?}",
         tunnel_state(objects),
@@ -103,11 +129,11 @@ fn from_folder(texts: &[&str]) -> ClusterObjects {
     objects
 }
 
-async fn converges(source: &KubeSource, texts: &[&str], what: &str) {
-    let want = results(&from_folder(texts));
+async fn converges(source: &KubeSource, texts: &[&str], what: &str, lookup: &NetnsLookup) {
+    let want = results(&from_folder(texts), lookup);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let got = results(&source.objects());
+        let got = results(&source.objects(), lookup);
         if got == want {
             return;
         }
@@ -126,12 +152,14 @@ async fn the_kubernetes_source_enrolls_like_the_folder_through_changes_and_a_410
     let config = kube::Config::new(server.url().parse().unwrap());
     let client = kube::Client::try_from(config).unwrap();
     let source = KubeSource::start(client);
+    let proc = fake_proc();
+    let lookup = uid_only(&proc);
     tokio::time::timeout(Duration::from_secs(15), source.wait_until_ready())
         .await
         .expect("the first lists arrive");
     assert!(source.ready());
-    converges(&source, &[CLUSTER], "initial list").await;
-    let (enrolled, _) = local_enrolled(&source.objects(), "node1");
+    converges(&source, &[CLUSTER], "initial list", &lookup).await;
+    let (enrolled, _) = local_enrolled(&source.objects(), "node1", &lookup);
     assert!(enrolled.is_empty(), "nothing labelled yet");
     let manual = |objects: &ClusterObjects| {
         tunnel_state(objects)
@@ -146,7 +174,13 @@ async fn the_kubernetes_source_enrolls_like_the_folder_through_changes_and_a_410
         "a service's endpoints come from its EndpointSlice"
     );
     server.apply(MANUAL_NOT_READY);
-    converges(&source, &[CLUSTER, MANUAL_NOT_READY], "endpoint not ready").await;
+    converges(
+        &source,
+        &[CLUSTER, MANUAL_NOT_READY],
+        "endpoint not ready",
+        &lookup,
+    )
+    .await;
     assert_eq!(manual(&source.objects()), Some((vec![], 9001)));
     let policies = check_policies(&source.objects());
     assert_eq!(
@@ -166,12 +200,20 @@ async fn the_kubernetes_source_enrolls_like_the_folder_through_changes_and_a_410
         &source,
         &[CLUSTER, MANUAL_NOT_READY, LABEL_SHOP],
         "namespace labelled",
+        &lookup,
     )
     .await;
-    let (enrolled, _) = local_enrolled(&source.objects(), "node1");
+    let (enrolled, _) = local_enrolled(&source.objects(), "node1", &lookup);
     assert_eq!(
         enrolled.keys().collect::<Vec<_>>(),
         ["shop/shopper", "shop/web"]
+    );
+    // Each pod's author annotated another namespace (the host's, a neighbour's): the agent
+    // finds each by its UID and never looks at the annotation.
+    assert_eq!(enrolled["shop/web"].netns, proc.path().join("100/ns/net"));
+    assert_eq!(
+        enrolled["shop/shopper"].netns,
+        proc.path().join("200/ns/net")
     );
 
     assert!(source.take_changed(), "changes are flagged");
@@ -186,9 +228,10 @@ async fn the_kubernetes_source_enrolls_like_the_folder_through_changes_and_a_410
         &source,
         &[CLUSTER, MANUAL_NOT_READY, LABEL_SHOP, OPT_OUT_SHOPPER],
         "after 410 Gone",
+        &lookup,
     )
     .await;
-    let (enrolled, _) = local_enrolled(&source.objects(), "node1");
+    let (enrolled, _) = local_enrolled(&source.objects(), "node1", &lookup);
     assert_eq!(enrolled.keys().collect::<Vec<_>>(), ["shop/web"]);
     let deadline = Instant::now() + Duration::from_secs(15);
     while server.lists() < lists_before + 6 {

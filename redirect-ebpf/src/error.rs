@@ -69,7 +69,7 @@ pub enum RedirectError {
         source: std::io::Error,
     },
     #[error(
-        "the map pinned at {path} has another layout than this build's {name} ({found} vs {wanted}: key, value, entries): it was pinned by an incompatible Weft; remove it with `weft-redirect uninstall` (capture stops until the next install)"
+        "the map pinned at {path} has another layout than this build's {name} ({found} vs {wanted}: type, key, value, entries): it was pinned by an incompatible Weft; remove it with `weft-redirect uninstall` (capture stops until the next install)"
     )]
     IncompatiblePin {
         path: PathBuf,

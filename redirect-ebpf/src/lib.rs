@@ -20,7 +20,8 @@ use aya::programs::Program;
 use aya::{Ebpf, EbpfLoader};
 use aya_obj::generated::bpf_attach_type;
 use redirect_common::{
-    Cidr, ClientKey, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, OriginalDst, PodSettings, SockKey,
+    Cidr, ClientKey, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, OriginalDst, PodSettings, STAT_LOST,
+    STAT_REFUSED_UNRECORDED, STAT_UNFILED, SockKey,
 };
 use tracing::{info, warn};
 
@@ -30,7 +31,7 @@ pub use mounts::{bpffs_mount, cgroup2_mount};
 pub use netns::{netns_cookie, netns_cookie_of, run_in_netns};
 pub use pins::{default_pin_dir, uninstall};
 pub use preflight::{MIN_KERNEL, preflight};
-pub use redirect_common::OUTBOUND_PORT;
+pub use redirect_common::{DEFAULT_TUNNEL_MARK, OUTBOUND_PORT};
 
 use inbound::{INBOUND_MAP, address_key};
 use pins::{PinLayout, remove_pin};
@@ -40,18 +41,19 @@ static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/
 
 /// Every map of the object, pinned so a restarted loader keeps enrollments and in-flight
 /// original destinations.
-const MAPS: [&str; 7] = [
+const MAPS: [&str; 8] = [
     "ENROLLED",
     "EXCLUDED_CGROUPS",
     "ORIGINAL_DST",
     "BY_CLIENT",
     "SOCKETS",
     "FAST_PATH_STATS",
+    "CAPTURE_STATS",
     INBOUND_MAP,
 ];
 
 /// The programs attached to the cgroup, each through one pinned link named after it.
-const CGROUP_PROGRAMS: [(&str, bpf_attach_type); 4] = [
+const CGROUP_PROGRAMS: [(&str, bpf_attach_type); 5] = [
     ("connect4", bpf_attach_type::BPF_CGROUP_INET4_CONNECT),
     ("connect6", bpf_attach_type::BPF_CGROUP_INET6_CONNECT),
     ("file_original_dst", bpf_attach_type::BPF_CGROUP_SOCK_OPS),
@@ -59,18 +61,55 @@ const CGROUP_PROGRAMS: [(&str, bpf_attach_type); 4] = [
         "answer_original_dst",
         bpf_attach_type::BPF_CGROUP_GETSOCKOPT,
     ),
+    (
+        "forget_original_dst",
+        bpf_attach_type::BPF_CGROUP_INET_SOCK_RELEASE,
+    ),
 ];
 const FAST_PATH_PROGRAM: &str = "fast_path";
 const INBOUND_PROGRAM: &str = "inbound";
 
 /// How capture is installed.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Options {
     /// Move bytes between an application and the tunnel with sockops + sk_msg, skipping the
     /// loopback TCP stack (see `weft-bench capture`).
     pub fast_path: bool,
     /// Where links and maps are pinned; default `<bpffs>/weft` ([`default_pin_dir`]).
     pub pin_dir: Option<PathBuf>,
+    /// The `SO_MARK` of the tunnel's sockets, which are never captured (the tunnel's
+    /// `--socket-mark`); 0: none, the cgroup exclusion alone.
+    pub tunnel_mark: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            fast_path: false,
+            pin_dir: None,
+            tunnel_mark: DEFAULT_TUNNEL_MARK,
+        }
+    }
+}
+
+/// Reads a socket mark as given on a command line: decimal or `0x` hexadecimal.
+pub fn parse_mark(text: &str) -> Result<u32, String> {
+    let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    parsed.map_err(|_| format!("{text:?} is not a socket mark (decimal or 0x hexadecimal)"))
+}
+
+/// What the capture programs counted since they were installed, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CaptureCounts {
+    /// Connects refused because their original destination could not be recorded.
+    pub refused_unrecorded: u64,
+    /// Connections whose original destination could not be filed under the client address.
+    pub unfiled: u64,
+    /// Connections the tunnel accepted on its outbound port and found no record for.
+    pub lost: u64,
 }
 
 /// Destinations a pod leaves out of capture: ports and address ranges (IPv4 or IPv6).
@@ -125,6 +164,7 @@ pub struct Redirect {
     by_client: HashMap<MapData, ClientKey, OriginalDst>,
     sockets: SockHash<MapData, SockKey>,
     fast_path_stats: PerCpuArray<MapData, u64>,
+    capture_stats: PerCpuArray<MapData, u64>,
 }
 
 impl Redirect {
@@ -157,6 +197,7 @@ impl Redirect {
             MAPS.iter().map(|name| (*name, pins.map(name))).collect();
         let mut loader = EbpfLoader::new();
         loader.override_global("FAST_PATH", &fast_path, true);
+        loader.override_global("TUNNEL_MARK", &options.tunnel_mark, true);
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -170,6 +211,8 @@ impl Redirect {
         let sockets: SockHash<MapData, SockKey> =
             SockHash::try_from(take_map(&mut ebpf, "SOCKETS")?).map_err(RedirectError::Map)?;
         let fast_path_stats = PerCpuArray::try_from(take_map(&mut ebpf, "FAST_PATH_STATS")?)
+            .map_err(RedirectError::Map)?;
+        let capture_stats = PerCpuArray::try_from(take_map(&mut ebpf, "CAPTURE_STATS")?)
             .map_err(RedirectError::Map)?;
         for (name, _) in CGROUP_PROGRAMS {
             load_program(&mut ebpf, name)?;
@@ -226,6 +269,7 @@ impl Redirect {
             by_client,
             sockets,
             fast_path_stats,
+            capture_stats,
         })
     }
 
@@ -315,14 +359,19 @@ impl Redirect {
     /// Messages the fast path has handed straight to the peer socket, and messages it left on
     /// the normal path (no peer in the socket hash), summed over CPUs.
     pub fn fast_path_counts(&self) -> Result<(u64, u64), RedirectError> {
-        let sum = |index: u32| -> Result<u64, RedirectError> {
-            let values = self
-                .fast_path_stats
-                .get(&index, 0)
-                .map_err(RedirectError::Map)?;
-            Ok(values.iter().sum())
-        };
-        Ok((sum(0)?, sum(1)?))
+        let stats = &self.fast_path_stats;
+        Ok((sum_per_cpu(stats, 0)?, sum_per_cpu(stats, 1)?))
+    }
+
+    /// What the capture programs counted (refusals, unfiled and lost records), summed over
+    /// CPUs, since capture was first installed under this pin directory.
+    pub fn capture_counts(&self) -> Result<CaptureCounts, RedirectError> {
+        let stats = &self.capture_stats;
+        Ok(CaptureCounts {
+            refused_unrecorded: sum_per_cpu(stats, STAT_REFUSED_UNRECORDED)?,
+            unfiled: sum_per_cpu(stats, STAT_UNFILED)?,
+            lost: sum_per_cpu(stats, STAT_LOST)?,
+        })
     }
 
     /// The original destination of a captured connection, by the client's namespace and
@@ -347,6 +396,12 @@ impl Redirect {
     }
 }
 
+/// Counter `slot` of a per-CPU array, summed over CPUs.
+fn sum_per_cpu(array: &PerCpuArray<MapData, u64>, slot: u32) -> Result<u64, RedirectError> {
+    let values = array.get(&slot, 0).map_err(RedirectError::Map)?;
+    Ok(values.iter().sum())
+}
+
 /// Takes map `name` out of the loaded object.
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, RedirectError> {
     ebpf.take_map(name).ok_or(RedirectError::Missing(name))
@@ -356,6 +411,7 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Redir
 fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), RedirectError> {
     let loaded = match ebpf.program_mut(name).ok_or(RedirectError::Missing(name))? {
         Program::CgroupSockAddr(p) => p.load(),
+        Program::CgroupSock(p) => p.load(),
         Program::SockOps(p) => p.load(),
         Program::CgroupSockopt(p) => p.load(),
         Program::SkMsg(p) => p.load(),
@@ -414,8 +470,19 @@ fn check_pinned_maps(pins: &PinLayout) -> Result<(), RedirectError> {
         }
         let info = MapInfo::from_pin(&path).map_err(RedirectError::Map)?;
         let wanted = object.maps.get(name).ok_or(RedirectError::Missing(name))?;
-        let found = (info.key_size(), info.value_size(), info.max_entries());
-        let wanted = (wanted.key_size(), wanted.value_size(), wanted.max_entries());
+        let found_type = info.map_type().map(|t| t as u32).unwrap_or(u32::MAX);
+        let found = (
+            found_type,
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+        );
+        let wanted = (
+            wanted.map_type(),
+            wanted.key_size(),
+            wanted.value_size(),
+            wanted.max_entries(),
+        );
         if found != wanted {
             return Err(RedirectError::IncompatiblePin {
                 path,
@@ -439,6 +506,18 @@ fn to_socket_addr(dst: &OriginalDst) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn marks_read_in_decimal_or_hex() {
+        assert_eq!(parse_mark("0x539"), Ok(0x539));
+        assert_eq!(parse_mark("1337"), Ok(1337));
+        assert_eq!(parse_mark("0"), Ok(0));
+        assert!(
+            parse_mark("mark")
+                .unwrap_err()
+                .contains("not a socket mark")
+        );
+    }
 
     #[test]
     fn exclusions_fill_the_kernel_settings_and_refuse_too_many() {

@@ -365,3 +365,142 @@ fn processes_in_an_excluded_cgroup_are_never_captured() {
     );
     std::fs::remove_dir(&tunnel_cgroup).unwrap();
 }
+
+/// The pinned map of original destinations by socket cookie, as the programs see it.
+fn original_dst_map(
+    capture: &Capture,
+) -> aya::maps::HashMap<aya::maps::MapData, u64, redirect_common::OriginalDst> {
+    let data = aya::maps::MapData::from_pin(capture.dir().join("maps/ORIGINAL_DST")).unwrap();
+    aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap()
+}
+
+/// Capture fails closed: when the original destination cannot be recorded (every entry
+/// taken), the connect is refused with EPERM and counted, never let out unchanged; once an
+/// entry is free, connects are captured again.
+#[test]
+fn a_connect_whose_destination_cannot_be_recorded_is_refused_and_counted() {
+    let pod = Netns::new("full");
+    let mut redirect = Capture::install(Options::default());
+    redirect.enroll(pod.file(), &Exclusions::default()).unwrap();
+    let listener = pod.run(|| TcpListener::bind(("127.0.0.1", OUTBOUND_PORT)).unwrap());
+    let mut map = original_dst_map(&redirect);
+    let filler = redirect_common::OriginalDst {
+        addr: [0; 16],
+        port: 1,
+        _pad: [0; 6],
+    };
+    // Cookies no socket has: the kernel counts up from 1.
+    let first = 1u64 << 62;
+    let mut filled = 0u64;
+    while map.insert(first + filled, filler, 0).is_ok() {
+        filled += 1;
+    }
+    assert_eq!(filled, 65536, "the map holds 65,536 records");
+    assert_eq!(redirect.capture_counts().unwrap().refused_unrecorded, 0);
+
+    assert_eq!(
+        pod.run(|| connect(false)),
+        Err(ErrorKind::PermissionDenied),
+        "refused, not sent out unchanged"
+    );
+    listener.set_nonblocking(true).unwrap();
+    assert!(listener.accept().is_err(), "nothing reached the tunnel");
+    assert_eq!(redirect.capture_counts().unwrap().refused_unrecorded, 1);
+
+    map.remove(&first).unwrap();
+    let client = pod.run(|| connect(false)).expect("captured again");
+    listener.set_nonblocking(false).unwrap();
+    let (_, peer) = listener.accept().unwrap();
+    assert_eq!(peer, client);
+    assert_eq!(redirect.capture_counts().unwrap().refused_unrecorded, 1);
+}
+
+/// A captured connect that fails before its first SYN (here: no local port left) keeps its
+/// record only while its socket lives: the socket's release takes it, so failed connects
+/// cannot fill the map.
+#[test]
+fn the_record_of_a_connect_that_failed_early_goes_with_its_socket() {
+    let pod = Netns::new("noport");
+    let mut redirect = Capture::install(Options::default());
+    redirect.enroll(pod.file(), &Exclusions::default()).unwrap();
+    let status = std::process::Command::new("ip")
+        .args(["netns", "exec", &pod.0, "sysctl", "-qw"])
+        .arg("net.ipv4.ip_local_port_range=40000 40001")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let listener = pod.run(|| TcpListener::bind(("127.0.0.1", OUTBOUND_PORT)).unwrap());
+    let map = original_dst_map(&redirect);
+    // Two connections take both local ports; the third connect finds none.
+    let held: Vec<SocketAddr> = (0..2)
+        .map(|_| pod.run(|| connect(false)).expect("captured"))
+        .collect();
+    let accepted: Vec<_> = held.iter().map(|_| listener.accept().unwrap()).collect();
+    assert_eq!(map.keys().count(), 0, "moved on at the first SYN");
+    let (socket, error) = pod.run(|| {
+        let dst: SocketAddr = "10.99.0.1:80".parse().unwrap();
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        let error = socket.connect(&dst.into()).unwrap_err().kind();
+        (socket, error)
+    });
+    assert_eq!(error, ErrorKind::AddrNotAvailable);
+    assert_eq!(map.keys().count(), 1, "recorded while the socket lives");
+    drop(socket);
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while map.keys().count() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the record outlived its socket"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(accepted);
+}
+
+/// The programs leave alone the mark they were installed with, and only it; with mark 0 only
+/// the cgroup exclusion protects the tunnel.
+#[test]
+fn the_tunnel_mark_is_the_one_capture_was_installed_with() {
+    let pod = Netns::new("mark");
+    let mut redirect = Capture::install(Options {
+        tunnel_mark: 0x77,
+        ..Options::default()
+    });
+    redirect.enroll(pod.file(), &Exclusions::default()).unwrap();
+    let _listener = pod.run(|| TcpListener::bind(("127.0.0.1", OUTBOUND_PORT)).unwrap());
+    let dial = |mark: Option<u32>| {
+        pod.run(move || {
+            let dst: SocketAddr = "10.99.0.1:80".parse().unwrap();
+            let socket =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            if let Some(mark) = mark {
+                socket.set_mark(mark).unwrap();
+            }
+            socket
+                .connect_timeout(&dst.into(), Duration::from_secs(2))
+                .map_err(|e| e.kind())
+        })
+    };
+    assert_eq!(
+        dial(Some(0x77)),
+        Err(ErrorKind::NetworkUnreachable),
+        "left alone"
+    );
+    assert_eq!(dial(Some(0x539)), Ok(()), "another mark is captured");
+    assert_eq!(dial(None), Ok(()));
+    drop(redirect);
+
+    let pod = Netns::new("nomark");
+    let mut redirect = Capture::install(Options {
+        tunnel_mark: 0,
+        ..Options::default()
+    });
+    redirect.enroll(pod.file(), &Exclusions::default()).unwrap();
+    let _listener = pod.run(|| TcpListener::bind(("127.0.0.1", OUTBOUND_PORT)).unwrap());
+    let unmarked = pod.run(|| {
+        let dst: SocketAddr = "10.99.0.1:80".parse().unwrap();
+        TcpStream::connect_timeout(&dst, Duration::from_secs(2)).map(drop)
+    });
+    assert!(unmarked.is_ok(), "mark 0 does not exempt unmarked sockets");
+}

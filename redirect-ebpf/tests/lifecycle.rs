@@ -58,8 +58,8 @@ fn a_restarted_loader_takes_over_in_place_without_a_gap_or_a_second_attachment()
     let before = links(first.dir());
     assert_eq!(
         before.len(),
-        5,
-        "four cgroup links and the pod's inbound link: {before:?}"
+        6,
+        "five cgroup links and the pod's inbound link: {before:?}"
     );
 
     // An application connecting all along: every connect must be captured.
@@ -115,7 +115,7 @@ fn a_restarted_loader_takes_over_in_place_without_a_gap_or_a_second_attachment()
         .iter()
         .filter(|entry| ours.contains(&entry["id"].as_u64().unwrap()))
         .count();
-    assert_eq!(attached, 4, "one attachment per cgroup program: {cgroup}");
+    assert_eq!(attached, 5, "one attachment per cgroup program: {cgroup}");
 }
 
 #[test]
@@ -133,7 +133,7 @@ fn uninstall_removes_every_program_link_map_and_pin() {
     let pinned_links = links(&dir);
     assert_eq!(
         pinned_links.len(),
-        6,
+        7,
         "cgroup links, fast path, inbound: {pinned_links:?}"
     );
     let maps: Vec<u64> = pins_under(&dir.join("maps"))
@@ -144,7 +144,7 @@ fn uninstall_removes_every_program_link_map_and_pin() {
                 .unwrap()
         })
         .collect();
-    assert_eq!(maps.len(), 7);
+    assert_eq!(maps.len(), 8);
 
     // A socket on the fast path holds its sk_msg program until it closes.
     drop(listener);

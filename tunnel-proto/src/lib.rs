@@ -3,6 +3,8 @@
 //! machines), and the versioned protocol over a Unix socket that carries them with the local
 //! pods' network namespaces ([`protocol`]).
 
+pub mod file_trust;
+pub mod peer;
 pub mod protocol;
 
 use std::net::IpAddr;

@@ -28,6 +28,8 @@ use crate::StateSpec;
 pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest frame accepted (a state of tens of thousands of pods fits).
 pub const MAX_FRAME: usize = 64 << 20;
+/// A frame's body is read (and its memory taken) this much at a time.
+const RECV_CHUNK: usize = 64 << 10;
 
 /// What the agent sends.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -35,6 +37,10 @@ pub const MAX_FRAME: usize = 64 << 20;
 pub enum AgentMessage {
     Hello {
         version: u32,
+        /// The socket mark capture leaves alone (the tunnel must mark its sockets so); absent
+        /// when the agent drives no capture.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        socket_mark: Option<u32>,
     },
     /// A full snapshot follows: pods not added before `SnapshotEnd` are to be stopped.
     SnapshotStart,
@@ -76,7 +82,7 @@ pub enum TunnelMessage {
 pub enum ProtocolError {
     #[error("agent socket: {0}")]
     Io(#[from] io::Error),
-    #[error("agent socket: a frame of {0} bytes is over the limit")]
+    #[error("agent socket: a frame of {0} bytes is over the limit of {MAX_FRAME} bytes")]
     TooLarge(usize),
     #[error("agent socket: malformed frame: {0}")]
     Malformed(#[from] serde_json::Error),
@@ -84,6 +90,10 @@ pub enum ProtocolError {
     TooManyDescriptors(usize),
     #[error("agent socket: the peer speaks protocol version {peer}, this build {ours}")]
     Version { peer: u32, ours: u32 },
+    #[error(
+        "agent socket: the node agent's capture leaves sockets marked {agent:#x} alone, but this tunnel marks its sockets {tunnel:#x}: its own connections would be captured; give both the same mark (mesh-node --tunnel-mark, ztunnel --socket-mark)"
+    )]
+    SocketMark { agent: u32, tunnel: u32 },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -154,9 +164,13 @@ pub async fn recv<T: DeserializeOwned>(
     if len > MAX_FRAME {
         return Err(ProtocolError::TooLarge(len));
     }
-    let mut body = vec![0u8; len];
-    if !recv_exact(stream, &mut body, &mut fds, false).await? {
-        return Err(ProtocolError::Io(io::ErrorKind::UnexpectedEof.into()));
+    // Memory is taken as bytes arrive, not as the header claims: a peer that announces
+    // 64 MiB and sends nothing holds one chunk.
+    let mut body = Vec::new();
+    while body.len() < len {
+        let start = body.len();
+        body.resize(start + (len - start).min(RECV_CHUNK), 0);
+        recv_exact(stream, &mut body[start..], &mut fds, false).await?;
     }
     if fds.len() > 1 {
         return Err(ProtocolError::TooManyDescriptors(fds.len()));
@@ -213,13 +227,13 @@ async fn recv_exact(
     Ok(true)
 }
 
-/// Sends our hello and checks the peer's. The peer's is read without this build's types, so a
-/// peer of any version (version 1 put the version beside the type, later ones in the body) is
-/// told apart from a malformed one and named.
+/// Sends our hello and checks the peer's version; returns the peer's hello. It is read
+/// without this build's types, so a peer of any version (version 1 put the version beside the
+/// type, later ones in the body) is told apart from a malformed one and named.
 pub async fn handshake<Ours: Serialize>(
     stream: &UnixStream,
     hello: Ours,
-) -> Result<(), ProtocolError> {
+) -> Result<serde_json::Value, ProtocolError> {
     send(stream, 0, &hello, None).await?;
     let Some(frame) = recv::<serde_json::Value>(stream).await? else {
         return Err(ProtocolError::Io(io::ErrorKind::UnexpectedEof.into()));
@@ -234,7 +248,7 @@ pub async fn handshake<Ours: Serialize>(
         })
         .flatten();
     match version.map(u32::try_from) {
-        Some(Ok(PROTOCOL_VERSION)) => Ok(()),
+        Some(Ok(PROTOCOL_VERSION)) => Ok(frame.message),
         Some(Ok(peer)) => Err(ProtocolError::Version {
             peer,
             ours: PROTOCOL_VERSION,
@@ -342,6 +356,7 @@ mod tests {
             &a,
             AgentMessage::Hello {
                 version: PROTOCOL_VERSION,
+                socket_mark: None,
             },
         )
         .await

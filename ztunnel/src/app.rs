@@ -112,6 +112,10 @@ pub async fn run(config: RunConfig, set_log_filter: SetLogFilter) -> anyhow::Res
     if let (Some(state), Some(path)) = (agent_state_tx, &config.agent_socket) {
         let follower = AgentFollower {
             path: path.clone(),
+            socket_mark: config.socket_mark,
+            agent_uid: config
+                .agent_uid
+                .unwrap_or_else(tunnel_proto::peer::current_uid),
             state,
             pods: tunnel.pod_namespaces.clone(),
             applied,

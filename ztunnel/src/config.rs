@@ -52,6 +52,10 @@ pub struct RunConfig {
     /// The node agent's Unix socket: the tables and local pods come from `mesh-node`.
     #[arg(long, env = "WEFT_AGENT_SOCKET")]
     pub agent_socket: Option<PathBuf>,
+    /// The user the node agent runs as: an agent socket served by any other user is refused.
+    /// Default: this tunnel's own user.
+    #[arg(long, env = "WEFT_AGENT_UID")]
+    pub agent_uid: Option<u32>,
     /// How often the state file is checked for changes.
     #[arg(long, env = "WEFT_STATE_POLL", default_value = "500ms", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
@@ -103,8 +107,10 @@ pub struct RunConfig {
     /// a network). `false` sends them through TLS and 15008 like any other.
     #[arg(long, env = "WEFT_SAME_NODE_SHORTCUT", default_value_t = true, action = clap::ArgAction::Set)]
     pub same_node_shortcut: bool,
-    /// SO_MARK put on every socket the tunnel makes, so capture can leave them alone.
-    #[arg(long, env = "WEFT_SOCKET_MARK", default_value_t = 0x539)]
+    /// SO_MARK put on every socket the tunnel makes, so capture leaves them alone (decimal
+    /// or 0x hex). Must be the node agent's --tunnel-mark: the tunnel refuses to follow an
+    /// agent whose capture expects another.
+    #[arg(long, env = "WEFT_SOCKET_MARK", default_value_t = redirect_ebpf::DEFAULT_TUNNEL_MARK, value_parser = redirect_ebpf::parse_mark)]
     pub socket_mark: u32,
     /// Pin directory of the node's eBPF capture (e.g. /sys/fs/bpf/weft): when set, each local
     /// pod's plaintext inbound listener is registered there so capture steers connections from

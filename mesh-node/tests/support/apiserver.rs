@@ -142,7 +142,11 @@ impl ApiServer {
             state.rv += 1;
             let rv = state.rv;
             object["metadata"]["resourceVersion"] = json!(rv.to_string());
-            object["metadata"]["uid"] = json!(format!("uid-{kind}-{namespace}-{name}"));
+            // A real server assigns the UID at creation; tests that need to know it (to place
+            // a pod's process in its kubelet cgroup) give it in the object, and it is kept.
+            if !object["metadata"]["uid"].is_string() {
+                object["metadata"]["uid"] = json!(format!("uid-{kind}-{namespace}-{name}"));
+            }
             let key = (plural(&kind), namespace, name);
             let kind_event = if state.objects.contains_key(&key) {
                 "MODIFIED"

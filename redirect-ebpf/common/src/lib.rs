@@ -10,6 +10,23 @@ pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 pub const HBONE_PORT: u16 = 15008;
 /// Port of the tunnel's explicit SOCKS5 entry inside each enrolled pod.
 pub const SOCKS5_PORT: u16 = 15080;
+/// The `SO_MARK` the tunnel puts on its own sockets by default, so capture leaves them alone
+/// (Istio's ztunnel uses the same value). The loader tells the programs the mark in force.
+pub const DEFAULT_TUNNEL_MARK: u32 = 0x539;
+
+/// Slots of the capture programs' per-CPU counters (`CAPTURE_STATS`).
+/// Connects refused because their original destination could not be recorded (capture
+/// fails closed: the application gets `EPERM`, nothing leaves in clear).
+pub const STAT_REFUSED_UNRECORDED: u32 = 0;
+/// Captured connections whose original destination could not be filed under the client's
+/// address when they were set up: the tunnel cannot route them and closes them.
+pub const STAT_UNFILED: u32 = 1;
+/// The tunnel asked for the original destination of a connection accepted on its outbound
+/// port in an enrolled pod and none was found (its record was evicted or never filed).
+pub const STAT_LOST: u32 = 2;
+/// Number of counter slots.
+pub const CAPTURE_STATS_LEN: u32 = 3;
+
 /// Whether `port` (host byte order) is one of the tunnel's own in-pod ports: connections to
 /// them are never captured, either way.
 pub const fn is_mesh_port(port: u16) -> bool {

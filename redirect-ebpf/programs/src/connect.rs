@@ -1,33 +1,55 @@
 //! `cgroup/connect4` and `connect6`: a TCP connect from an enrolled pod's namespace goes to
 //! the tunnel's outbound listener on 127.0.0.1 (or ::1) in that same namespace; the original
-//! destination is recorded under the socket's cookie.
+//! destination is recorded under the socket's cookie. A connect whose destination cannot be
+//! recorded is refused (the tunnel could not route it, and letting it out would send it in
+//! clear): capture fails closed.
 
 use aya_ebpf::EbpfContext;
 use aya_ebpf::helpers::{
     bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
 };
-use aya_ebpf::macros::{cgroup_sock_addr, map};
-use aya_ebpf::maps::{HashMap, LruHashMap};
-use aya_ebpf::programs::SockAddrContext;
+use aya_ebpf::macros::{cgroup_sock, cgroup_sock_addr, map};
+use aya_ebpf::maps::{HashMap, PerCpuArray};
+use aya_ebpf::programs::{SockAddrContext, SockContext};
 use redirect_common::{
-    MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, OriginalDst, PodSettings, ipv4_mapped, is_mesh_port,
+    CAPTURE_STATS_LEN, DEFAULT_TUNNEL_MARK, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, OriginalDst,
+    PodSettings, STAT_REFUSED_UNRECORDED, ipv4_mapped, is_mesh_port,
 };
 
 /// Enrolled pods: netns cookie -> settings.
 #[map]
 pub(crate) static ENROLLED: HashMap<u64, PodSettings> = HashMap::with_max_entries(4096, 0);
 
-/// Captured connections: socket cookie -> original destination (read by `sockops`).
+/// Captured connections: socket cookie -> original destination, from the connect until
+/// `sockops` moves it under the client's address as the first SYN leaves (in the same
+/// `connect` call) or, for a connect that failed before that, until the socket is released.
+/// A plain hash, not an LRU: a record is never evicted while its connection is being set up;
+/// when all entries are taken, connects are refused.
 #[map]
-pub(crate) static ORIGINAL_DST: LruHashMap<u64, OriginalDst> =
-    LruHashMap::with_max_entries(65536, 0);
+pub(crate) static ORIGINAL_DST: HashMap<u64, OriginalDst> = HashMap::with_max_entries(65536, 0);
 
-/// Allow the connect (the only verdict: capture never blocks).
+/// Per-CPU counters (slots in `redirect_common`: `STAT_*`).
+#[map]
+static CAPTURE_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(CAPTURE_STATS_LEN, 0);
+
+/// Adds one to counter `slot`.
+pub(crate) fn count(slot: u32) {
+    if let Some(counter) = CAPTURE_STATS.get_ptr_mut(slot) {
+        // SAFETY: a per-CPU slot, touched only by this CPU while the program runs.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// The tunnel's socket mark, set by the loader; 0: none (the cgroup exclusion alone).
+#[unsafe(no_mangle)]
+static TUNNEL_MARK: u32 = DEFAULT_TUNNEL_MARK;
+
+/// Let the connect go on (rewritten or not).
 const ALLOW: i32 = 1;
+/// Refuse the connect: the application gets `EPERM`.
+const REFUSE: i32 = 0;
 const SOCK_STREAM: u32 = 1;
 const LOOPBACK_NET: u32 = 127;
-/// The tunnel marks its own sockets; they are never captured.
-const TUNNEL_MARK: u32 = 0x539;
 /// Deepest cgroup level searched for an excluded ancestor (Kubernetes containers sit at 4 to 7).
 const MAX_CGROUP_DEPTH: i32 = 16;
 
@@ -82,7 +104,9 @@ fn capturable(ctx: &SockAddrContext) -> Option<PodSettings> {
     let settings = unsafe { ENROLLED.get(&netns) }.copied()?;
     // SAFETY: `sk` is always set for connect programs.
     let sk = unsafe { sa.__bindgen_anon_1.sk };
-    if !sk.is_null() && unsafe { (*sk).mark } == TUNNEL_MARK {
+    // SAFETY: a global written only by the loader before attach.
+    let tunnel_mark = unsafe { core::ptr::read_volatile(&TUNNEL_MARK) };
+    if tunnel_mark != 0 && !sk.is_null() && unsafe { (*sk).mark } == tunnel_mark {
         return None;
     }
     if in_excluded_cgroup() {
@@ -118,7 +142,7 @@ fn cidr_excluded(settings: &PodSettings, addr: &[u8; 16]) -> bool {
 }
 
 /// Files the original destination under the socket cookie; false if it could not be filed
-/// (then the connection is left alone: the tunnel could not route it).
+/// (the map is full): the connect is then refused and counted.
 fn record(ctx: &SockAddrContext, addr: [u8; 16], port: u16) -> bool {
     let original = OriginalDst {
         addr,
@@ -127,7 +151,21 @@ fn record(ctx: &SockAddrContext, addr: [u8; 16], port: u16) -> bool {
     };
     // SAFETY: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    ORIGINAL_DST.insert(&cookie, &original, 0).is_ok()
+    let recorded = ORIGINAL_DST.insert(&cookie, &original, 0).is_ok();
+    if !recorded {
+        count(STAT_REFUSED_UNRECORDED);
+    }
+    recorded
+}
+
+/// `cgroup/sock_release`: a socket whose connect was captured but failed before its first SYN
+/// (no route, no local port) still has its record; it goes with the socket.
+#[cgroup_sock(sock_release)]
+pub fn forget_original_dst(ctx: SockContext) -> i32 {
+    // SAFETY: helper valid for cgroup sock programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = ORIGINAL_DST.remove(&cookie);
+    ALLOW
 }
 
 fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
@@ -145,7 +183,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
         return Ok(ALLOW);
     }
     if !record(ctx, addr, port) {
-        return Ok(ALLOW);
+        return Err(REFUSE);
     }
     sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
     sa.user_port = u32::from(settings.outbound_port.to_be());
@@ -173,7 +211,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
         return Ok(ALLOW);
     }
     if !record(ctx, addr, port) {
-        return Ok(ALLOW);
+        return Err(REFUSE);
     }
     // One 4-byte store per word: the verifier refuses wider stores into user_ip6.
     // SAFETY: fields of the context this program may write.

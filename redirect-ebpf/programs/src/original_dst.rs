@@ -14,11 +14,16 @@ use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie};
 use aya_ebpf::macros::{cgroup_sockopt, map, sock_ops};
 use aya_ebpf::maps::LruHashMap;
 use aya_ebpf::programs::{SockOpsContext, SockoptContext};
-use redirect_common::{ClientKey, OriginalDst, SO_ORIGINAL_DST, SOL_IP, ipv4_mapped, ipv6_bytes};
+use redirect_common::{
+    ClientKey, OUTBOUND_PORT, OriginalDst, SO_ORIGINAL_DST, SOL_IP, STAT_LOST, STAT_UNFILED,
+    ipv4_mapped, ipv6_bytes,
+};
 
-use crate::connect::ORIGINAL_DST;
+use crate::connect::{ENROLLED, ORIGINAL_DST, count};
 
-/// (client netns, address, port) -> original destination.
+/// (client netns, address, port) -> original destination. An LRU: entries are not removed
+/// when read (the tunnel may ask again), so the oldest make room; see ARCHITECTURE.md for
+/// when a record still awaited can be evicted.
 #[map]
 static BY_CLIENT: LruHashMap<ClientKey, OriginalDst> = LruHashMap::with_max_entries(65536, 0);
 
@@ -72,7 +77,9 @@ pub fn file_original_dst(ctx: SockOpsContext) -> u32 {
         port: ctx.local_port() as u16,
         _pad: [0; 6],
     };
-    let _ = BY_CLIENT.insert(&key, &original, 0);
+    if BY_CLIENT.insert(&key, &original, 0).is_err() {
+        count(STAT_UNFILED);
+    }
     let _ = ORIGINAL_DST.remove(&cookie);
     PASS as u32
 }
@@ -100,7 +107,7 @@ fn try_answer(ctx: &SockoptContext) -> Result<i32, i32> {
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // The accepted socket's peer is the captured client.
     // SAFETY: fields of a full socket, readable by sockopt programs.
-    let (addr, peer_port) = unsafe {
+    let (addr, peer_port, local_port) = unsafe {
         let addr = if v6 {
             // Word by word at constant offsets, as the verifier demands.
             ipv6_bytes([
@@ -112,7 +119,7 @@ fn try_answer(ctx: &SockoptContext) -> Result<i32, i32> {
         } else {
             ipv4_mapped((*sk).dst_ip4)
         };
-        (addr, u16::from_be((*sk).dst_port))
+        (addr, u16::from_be((*sk).dst_port), (*sk).src_port)
     };
     let key = ClientKey {
         netns_cookie: netns,
@@ -122,6 +129,12 @@ fn try_answer(ctx: &SockoptContext) -> Result<i32, i32> {
     };
     // SAFETY: lookup with a key on the stack.
     let Some(original) = (unsafe { BY_CLIENT.get(&key) }).copied() else {
+        // A connection on the tunnel's outbound port of an enrolled pod has no record: it was
+        // evicted, or never filed. The tunnel gets the kernel's answer (an error) and closes it.
+        // SAFETY: lookup with a key on the stack.
+        if local_port == u32::from(OUTBOUND_PORT) && unsafe { ENROLLED.get(&netns) }.is_some() {
+            count(STAT_LOST);
+        }
         return Ok(PASS);
     };
     let optval = unsafe { opt.__bindgen_anon_2.optval } as *mut u8;

@@ -11,7 +11,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 use redirect_ebpf::{
-    Exclusions, Options, Redirect, cgroup2_mount, default_pin_dir, preflight, uninstall,
+    DEFAULT_TUNNEL_MARK, Exclusions, Options, Redirect, cgroup2_mount, default_pin_dir, parse_mark,
+    preflight, uninstall,
 };
 
 #[derive(Parser)]
@@ -51,6 +52,10 @@ struct RunArgs {
     /// Move bytes between applications and the tunnel with sockops + sk_msg.
     #[arg(long)]
     fast_path: bool,
+    /// The tunnel's socket mark (its --socket-mark): sockets carrying it are never captured;
+    /// 0 for none (the cgroup exclusion alone).
+    #[arg(long, default_value_t = DEFAULT_TUNNEL_MARK, value_parser = parse_mark)]
+    tunnel_mark: u32,
     /// A cgroup v2 directory whose processes are never captured (the tunnel's); repeatable.
     #[arg(long = "exclude-cgroup")]
     exclude_cgroups: Vec<PathBuf>,
@@ -102,6 +107,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let options = Options {
         fast_path: args.fast_path,
         pin_dir: args.pin_dir,
+        tunnel_mark: args.tunnel_mark,
     };
     let exclusions = Exclusions {
         ports: args.exclude_ports,

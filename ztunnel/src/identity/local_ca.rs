@@ -12,6 +12,7 @@ use rcgen::{
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
+use tunnel_proto::file_trust::{Exposure, check_file, write_secret};
 
 use super::{CertificateError, CertificateProvider, Identity, WorkloadCertificate};
 
@@ -34,6 +35,10 @@ impl LocalCa {
         lifetime: Duration,
         crypto: Arc<CryptoProvider>,
     ) -> Result<Self, CertificateError> {
+        // The key signs every identity of the mesh: it must be ours alone; the root is the
+        // trust bundle: no one else may swap it.
+        check_file(key_path, Exposure::Secret)?;
+        check_file(cert_path, Exposure::Trusted)?;
         let cert_pem = read(cert_path)?;
         let key_pem = read(key_path)?;
         let key = KeyPair::from_pem(&key_pem).map_err(|e| CertificateError::BadPem {
@@ -85,7 +90,12 @@ impl LocalCa {
         let cert_path = dir.join("ca.pem");
         let key_path = dir.join("ca.key");
         write(&cert_path, cert.pem().as_bytes())?;
-        write(&key_path, key.serialize_pem().as_bytes())?;
+        write_secret(&key_path, key.serialize_pem().as_bytes()).map_err(|source| {
+            CertificateError::Write {
+                path: key_path.clone(),
+                source,
+            }
+        })?;
         Ok((cert_path, key_path))
     }
 
@@ -191,5 +201,24 @@ mod tests {
         .err()
         .unwrap();
         assert!(err.to_string().contains("nope.key"), "{err}");
+    }
+
+    #[test]
+    fn the_root_key_is_written_private_and_refused_when_others_can_read_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = LocalCa::create_root(dir.path(), "cluster.local").unwrap();
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let crypto = Arc::new(rustls::crypto::ring::default_provider());
+        let err = LocalCa::load(&cert, &key, Duration::from_secs(3600), crypto)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("private key open to other users (mode 0644)"),
+            "{err}"
+        );
     }
 }

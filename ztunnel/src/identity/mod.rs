@@ -33,4 +33,6 @@ pub enum CertificateError {
     Signing { identity: Identity, reason: String },
     #[error("the signing key cannot be used with rustls: {0}")]
     Key(String),
+    #[error(transparent)]
+    Untrusted(#[from] tunnel_proto::file_trust::FileTrustError),
 }

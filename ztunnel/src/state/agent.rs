@@ -15,6 +15,7 @@ use tokio::net::UnixStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+use tunnel_proto::peer::{PeerError, check_peer};
 use tunnel_proto::protocol::{
     AgentMessage, PROTOCOL_VERSION, ProtocolError, TunnelMessage, handshake, recv, send,
 };
@@ -69,6 +70,20 @@ pub fn state_id(state: &Arc<State>) -> usize {
     Arc::as_ptr(state) as usize
 }
 
+/// Why a connection to the agent was not followed.
+#[derive(Debug, thiserror::Error)]
+enum GreetError {
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+}
+
+/// A pod's namespace reaches the tunnel from the agent only as a descriptor the agent opened:
+/// a path in the tables would let whoever wrote it choose where the tunnel opens listeners.
+const NETNS_PATH_REFUSED: &str =
+    "the state names network namespace paths; from the node agent they come only as descriptors";
+
 /// How long an update waits for the pods' listeners before it is acknowledged anyway (a pod
 /// that cannot start is reported by readiness, not here).
 const APPLY_WAIT: Duration = Duration::from_secs(5);
@@ -76,6 +91,11 @@ const APPLY_WAIT: Duration = Duration::from_secs(5);
 /// Follows the agent listening at `path`.
 pub struct AgentFollower {
     pub path: PathBuf,
+    /// The mark this tunnel puts on its sockets: it must be the one the agent's capture
+    /// leaves alone.
+    pub socket_mark: u32,
+    /// The only user whose agent socket is followed.
+    pub agent_uid: u32,
     pub state: watch::Sender<Arc<State>>,
     pub pods: PodNamespaces,
     /// The state the pods' listeners follow now.
@@ -91,15 +111,24 @@ impl AgentFollower {
         let mut last_error = LastFailure::default();
         loop {
             match UnixStream::connect(&self.path).await {
-                Ok(stream) => {
-                    backoff = Duration::from_millis(50);
-                    info!(socket = %self.path.display(), "connected to the node agent");
-                    match self.session(&stream, &stop).await {
-                        Ok(()) => info!("the node agent closed the connection; reconnecting"),
-                        Err(e) => warn!("{e}; reconnecting"),
+                Ok(stream) => match self.greet(&stream).await {
+                    Ok(()) => {
+                        backoff = Duration::from_millis(50);
+                        last_error.clear();
+                        info!(socket = %self.path.display(), "connected to the node agent");
+                        match self.session(&stream, &stop).await {
+                            Ok(()) => info!("the node agent closed the connection; reconnecting"),
+                            Err(e) => warn!("{e}; reconnecting"),
+                        }
                     }
-                    last_error.clear();
-                }
+                    // Logged once while it repeats (a refused peer or mark would otherwise
+                    // be logged on every retry).
+                    Err(e) => {
+                        if last_error.is_new(&e.to_string()) {
+                            warn!("{e}");
+                        }
+                    }
+                },
                 Err(e) => {
                     let error =
                         format!("waiting for the node agent at {}: {e}", self.path.display());
@@ -116,18 +145,35 @@ impl AgentFollower {
         }
     }
 
-    async fn session(
-        &mut self,
-        stream: &UnixStream,
-        stop: &CancellationToken,
-    ) -> Result<(), ProtocolError> {
-        handshake(
+    /// Checks who the agent is and says hello: the agent must run as the expected user and
+    /// leave this tunnel's socket mark out of capture.
+    async fn greet(&self, stream: &UnixStream) -> Result<(), GreetError> {
+        check_peer(stream, self.agent_uid)?;
+        let hello = handshake(
             stream,
             TunnelMessage::Hello {
                 version: PROTOCOL_VERSION,
             },
         )
         .await?;
+        let agent_mark = hello
+            .pointer("/body/socket_mark")
+            .and_then(serde_json::Value::as_u64);
+        match agent_mark {
+            Some(agent) if agent != u64::from(self.socket_mark) => Err(ProtocolError::SocketMark {
+                agent: u32::try_from(agent).unwrap_or(u32::MAX),
+                tunnel: self.socket_mark,
+            }
+            .into()),
+            _ => Ok(()),
+        }
+    }
+
+    async fn session(
+        &mut self,
+        stream: &UnixStream,
+        stop: &CancellationToken,
+    ) -> Result<(), ProtocolError> {
         let mut snapshot: Option<(HashSet<String>, Option<Arc<State>>)> = None;
         loop {
             let frame = tokio::select! {
@@ -156,6 +202,11 @@ impl AgentFollower {
                 AgentMessage::RemovePod { key } => {
                     self.pods.remove(&key);
                     None
+                }
+                AgentMessage::State { state }
+                    if state.workloads.iter().any(|w| w.netns.is_some()) =>
+                {
+                    Some(NETNS_PATH_REFUSED.to_owned())
                 }
                 AgentMessage::State { state } => match State::build(state, "agent") {
                     Ok(state) => {
@@ -208,5 +259,138 @@ impl AgentFollower {
         self.state.send_replace(state);
         let _ =
             tokio::time::timeout(APPLY_WAIT, self.applied.wait_for(|applied| *applied == id)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tunnel_proto::{Protocol, StateSpec, Workload};
+
+    fn follower() -> (AgentFollower, watch::Receiver<Arc<State>>) {
+        let (state, state_rx) = watch::channel(Arc::new(State::default()));
+        // Nothing applies states in this test: the follower's bounded wait for it ends.
+        let (_applied_tx, applied) = watch::channel(0usize);
+        let (synced, _) = watch::channel(false);
+        let follower = AgentFollower {
+            path: PathBuf::new(),
+            socket_mark: 0x539,
+            agent_uid: 0,
+            state,
+            pods: PodNamespaces::default(),
+            applied,
+            synced,
+        };
+        (follower, state_rx)
+    }
+
+    fn workload(netns: Option<&str>) -> Workload {
+        Workload {
+            name: "web".into(),
+            namespace: "apps".into(),
+            service_account: "web".into(),
+            ips: vec!["10.1.1.2".parse().unwrap()],
+            node: "node1".into(),
+            netns: netns.map(PathBuf::from),
+            protocol: Protocol::Hbone,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_state_naming_namespace_paths_is_refused_and_the_previous_one_stays() {
+        let (tunnel_end, agent_end) = UnixStream::pair().unwrap();
+        let (mut follower, state_rx) = follower();
+        let stop = CancellationToken::new();
+        let session = tokio::spawn(async move {
+            follower.greet(&tunnel_end).await.unwrap();
+            let result = follower.session(&tunnel_end, &stop).await;
+            (result, follower)
+        });
+        handshake(
+            &agent_end,
+            AgentMessage::Hello {
+                version: PROTOCOL_VERSION,
+                socket_mark: Some(0x539),
+            },
+        )
+        .await
+        .unwrap();
+        let state = |netns| AgentMessage::State {
+            state: StateSpec {
+                workloads: vec![workload(netns)],
+                services: vec![],
+            },
+        };
+        send(&agent_end, 1, &state(None), None).await.unwrap();
+        let answer = recv::<TunnelMessage>(&agent_end).await.unwrap().unwrap();
+        assert_eq!(answer.message, TunnelMessage::Ack { seq: 1 });
+        assert_eq!(state_rx.borrow().spec().workloads.len(), 1);
+
+        send(&agent_end, 2, &state(Some("/proc/1/ns/net")), None)
+            .await
+            .unwrap();
+        let answer = recv::<TunnelMessage>(&agent_end).await.unwrap().unwrap();
+        assert_eq!(
+            answer.message,
+            TunnelMessage::Nack {
+                seq: 2,
+                reason: NETNS_PATH_REFUSED.into()
+            }
+        );
+        let kept = state_rx.borrow().clone();
+        assert_eq!(
+            kept.spec().workloads,
+            vec![workload(None)],
+            "the previous state stays"
+        );
+        drop(agent_end);
+        let (result, _) = session.await.unwrap();
+        assert!(result.is_ok(), "a clean end: {result:?}");
+    }
+
+    #[tokio::test]
+    async fn an_agent_socket_of_another_user_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let (mut follower, _state) = follower();
+        follower.path = path;
+        follower.agent_uid = tunnel_proto::peer::current_uid() + 4242;
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(follower.run(stop.clone()));
+        // The tunnel connects, sees the wrong user and closes without a hello.
+        for _ in 0..2 {
+            let (stream, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+                .await
+                .unwrap()
+                .unwrap();
+            let first =
+                tokio::time::timeout(Duration::from_secs(5), recv::<TunnelMessage>(&stream))
+                    .await
+                    .unwrap();
+            assert!(matches!(first, Ok(None)), "{first:?}");
+        }
+        stop.cancel();
+        run.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_agent_whose_capture_expects_another_mark_is_refused() {
+        let (tunnel_end, agent_end) = UnixStream::pair().unwrap();
+        let (follower, _state) = follower();
+        let agent = tokio::spawn(async move {
+            let hello = AgentMessage::Hello {
+                version: PROTOCOL_VERSION,
+                socket_mark: Some(0x100),
+            };
+            let _ = handshake(&agent_end, hello).await;
+            agent_end
+        });
+        let error = follower.greet(&tunnel_end).await.unwrap_err().to_string();
+        let _agent = agent.await.unwrap();
+        assert!(
+            error.contains("sockets marked 0x100 alone, but this tunnel marks its sockets 0x539"),
+            "{error}"
+        );
     }
 }

@@ -36,4 +36,6 @@ pub enum StateError {
         what: String,
         reason: String,
     },
+    #[error("state file: {0}")]
+    Untrusted(#[from] tunnel_proto::file_trust::FileTrustError),
 }

@@ -7,6 +7,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{error, info};
 
+use tunnel_proto::file_trust::read_trusted;
+
 use super::{State, StateError, parse_state_file};
 use crate::last_failure::LastFailure;
 
@@ -26,14 +28,25 @@ pub async fn watch_state_file(
 }
 
 async fn load(path: &Path) -> Result<(String, State), StateError> {
-    let text = tokio::fs::read_to_string(path)
-        .await
-        .map_err(|source| StateError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+    let text = read(path).await?;
     let state = parse_state_file(path, &text)?;
     Ok((text, state))
+}
+
+/// Largest state file read (a state of tens of thousands of pods fits).
+pub const MAX_STATE_FILE: u64 = 64 << 20;
+
+/// The state file's text, if it is Weft's to trust (no other user may change it: it names the
+/// namespaces the tunnel opens listeners in) and within [`MAX_STATE_FILE`].
+async fn read(path: &Path) -> Result<String, StateError> {
+    let owned = path.to_owned();
+    tokio::task::spawn_blocking(move || read_trusted(&owned, MAX_STATE_FILE))
+        .await
+        .map_err(|e| StateError::Read {
+            path: path.to_owned(),
+            source: std::io::Error::other(e),
+        })?
+        .map_err(StateError::from)
 }
 
 async fn poll(path: PathBuf, interval: Duration, mut last: String, tx: watch::Sender<Arc<State>>) {
@@ -43,15 +56,12 @@ async fn poll(path: PathBuf, interval: Duration, mut last: String, tx: watch::Se
         if tx.is_closed() {
             return;
         }
-        let text = match tokio::fs::read_to_string(&path).await {
+        let text = match read(&path).await {
             Ok(text) => text,
             Err(e) => {
                 report(
                     &mut last_error,
-                    format!(
-                        "cannot read state file {}: {e}; keeping the previous state",
-                        path.display()
-                    ),
+                    format!("state file: {e}; keeping the previous state"),
                 );
                 continue;
             }
