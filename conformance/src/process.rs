@@ -70,6 +70,13 @@ impl Process {
         child.wait().ok()
     }
 
+    /// Kills it with SIGKILL (no chance to clean up, as a crash or an OOM kill) and reaps it.
+    pub fn kill(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = child.kill();
+        child.wait().ok()
+    }
+
     /// Sends a signal without waiting.
     pub fn signal(&self, signal: Signal) {
         if let Some(pid) = self.pid() {

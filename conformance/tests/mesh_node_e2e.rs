@@ -346,6 +346,84 @@ fn agent_and_tunnel_restarts_under_traffic_send_nothing_in_plaintext() {
     );
 }
 
+/// Each node's tunnel is killed with SIGKILL under steady traffic (a crash, an OOM kill: no
+/// drain, no goodbye) and started again. Nothing of the client's traffic crosses the link in
+/// clear; while a tunnel is dead, new connections are refused at once (capture stays pinned
+/// and the tunnel's in-pod listeners died with it); a new tunnel serves within a second.
+#[test]
+fn a_killed_tunnel_fails_closed_until_a_new_one_serves() {
+    let mut cluster = cluster(true);
+    eventually("the client is meshed", || {
+        let before = meshed(&cluster, CLIENT);
+        echo(&cluster, "client", "first") && meshed(&cluster, CLIENT) == before + 1.0
+    });
+    let (mut tcpdump, pcap) = cluster.capture_link(2, "kill9").unwrap();
+    let traffic = Traffic::start(&cluster);
+    traffic.wait_for(20);
+    let mut gaps = Vec::new();
+    for node in [1, 2] {
+        let killed = traffic.now();
+        let status = cluster.nodes[node - 1].tunnel.as_mut().unwrap().kill();
+        assert!(status.is_some(), "node{node}'s tunnel is killed");
+        std::thread::sleep(Duration::from_millis(500));
+        let started = traffic.now();
+        cluster.start_tunnel(node).unwrap();
+        traffic.wait_for(20);
+        gaps.push((node, killed, started));
+    }
+    let outcome = traffic.finish();
+    std::thread::sleep(Duration::from_millis(300));
+    tcpdump.stop(Duration::from_secs(5));
+    assert!(
+        !pcap::contains(&pcap, b"secret-").unwrap(),
+        "a request crossed the link in clear"
+    );
+    for (node, killed, started) in gaps {
+        // Requests that began while the tunnel was dead (the one in flight when it died may
+        // end otherwise).
+        let refused: Vec<_> = outcome
+            .failures
+            .iter()
+            .filter(|(t, _)| *t > killed + Duration::from_millis(50) && *t < started)
+            .collect();
+        assert!(
+            !refused.is_empty(),
+            "node{node}: no request was refused while its tunnel was dead"
+        );
+        let succeeded_while_dead = outcome
+            .successes
+            .iter()
+            .filter(|t| **t > killed + Duration::from_millis(50) && **t < started)
+            .count();
+        assert_eq!(
+            succeeded_while_dead, 0,
+            "node{node}: requests got through while its tunnel was dead"
+        );
+        if node == 1 {
+            // The client's own tunnel is gone: its connects are refused in the pod itself.
+            assert!(
+                refused.iter().all(|(_, e)| e.contains("ConnectionRefused")),
+                "node1: {refused:?}"
+            );
+        }
+        let resumed = outcome
+            .successes
+            .iter()
+            .find(|t| **t > started)
+            .expect("service resumes");
+        assert!(
+            *resumed - started < Duration::from_secs(1),
+            "node{node}: service resumed {:?} after the new tunnel started",
+            *resumed - started
+        );
+    }
+    eprintln!(
+        "{} requests succeeded, {} refused while a tunnel was dead",
+        outcome.successes.len(),
+        outcome.failures.len()
+    );
+}
+
 /// The demo's manifests (`examples/`) stay valid: the cluster they describe meshes the
 /// labelled namespace's client, by service address too, and leaves the other one plain.
 #[test]
