@@ -557,10 +557,13 @@ impl Cluster {
         .arg("--ca-cert")
         .arg(self.dir.path().join("ca.pem"))
         .arg("--ca-key")
-        .arg(self.dir.path().join("ca.key"))
-        .arg("--capture-pin-dir")
-        .arg(self.tunnel_pin_dir(i))
-        .args(&self.spec.tunnel_args);
+        .arg(self.dir.path().join("ca.key"));
+        // With an agent, the agent registers the tunnel's inbound listeners with capture; the
+        // tunnel touches no BPF map.
+        if !self.spec.agents {
+            cmd.arg("--capture-pin-dir").arg(self.tunnel_pin_dir(i));
+        }
+        cmd.args(&self.spec.tunnel_args);
         let process = Process::spawn(&format!("ztunnel-{}", node.name), cmd, log)?;
         self.nodes[i - 1].tunnel = Some(process);
         self.wait_ready(i, Duration::from_secs(20))

@@ -313,8 +313,18 @@ pub async fn run_agent(
                     .iter()
                     .map(|(key, pod)| (key.clone(), pod.netns.clone()))
                     .collect();
-                if let Err(e) = link.sync(&pods, &state).await {
-                    warn!("{e}; waiting for the tunnel to reconnect");
+                match link.sync(&pods, &state).await {
+                    // The listeners of pods the tunnel started go into capture before those
+                    // pods are enrolled below, so their inbound connections find them.
+                    Ok(offers) => {
+                        if let Some(capture) = capture.as_mut() {
+                            // Not retried: the tunnel offers each listener once per connection.
+                            for refused in capture.register_inbound(offers, &wanted, &state) {
+                                warn!("{refused}");
+                            }
+                        }
+                    }
+                    Err(e) => warn!("{e}; waiting for the tunnel to reconnect"),
                 }
             }
         }

@@ -3,10 +3,14 @@
 //! including pods enrolled before a restart that are gone since.
 
 use std::collections::{BTreeMap, HashSet};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 
-use redirect_ebpf::{Exclusions, Redirect};
-use tracing::{info, warn};
+use redirect_ebpf::{Exclusions, Redirect, netns_cookie};
+use tracing::{debug, info, warn};
+use tunnel_proto::StateSpec;
+
+use crate::tunnel_link::InboundOffer;
 
 /// What capture needs of one enrolled local pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,6 +57,58 @@ impl CaptureReconciler {
             }
         }
         failures
+    }
+
+    /// Registers the plaintext inbound listeners the tunnel offered, each only for an enrolled
+    /// pod of this node, for addresses of that pod, and if it listens in that pod's own
+    /// namespace; anything else is refused with a problem naming it. The agent keeps no copy:
+    /// a listener leaves capture when the tunnel closes it.
+    pub fn register_inbound(
+        &mut self,
+        offers: Vec<InboundOffer>,
+        wanted: &BTreeMap<String, EnrolledPod>,
+        state: &StateSpec,
+    ) -> Vec<String> {
+        let mut problems = Vec::new();
+        for offer in offers {
+            let refuse = |reason: String| {
+                format!(
+                    "the tunnel offered an inbound listener for pod {}: {reason}; refused",
+                    offer.pod
+                )
+            };
+            let Some(pod) = wanted.get(&offer.pod) else {
+                problems.push(refuse("not an enrolled pod of this node".into()));
+                continue;
+            };
+            let ips = state
+                .workloads
+                .iter()
+                .find(|w| format!("{}/{}", w.namespace, w.name) == offer.pod)
+                .map(|w| w.ips.as_slice())
+                .unwrap_or_default();
+            if let Some(ip) = offer.ips.iter().find(|ip| !ips.contains(ip)) {
+                problems.push(refuse(format!("{ip} is not its address")));
+                continue;
+            }
+            let cookie = match netns_cookie(&pod.netns) {
+                Ok(cookie) => cookie,
+                Err(e) => {
+                    problems.push(refuse(e.to_string()));
+                    continue;
+                }
+            };
+            for ip in &offer.ips {
+                match self
+                    .redirect
+                    .register_inbound(*ip, offer.fd.as_fd(), cookie)
+                {
+                    Ok(()) => debug!(pod = %offer.pod, %ip, "inbound listener registered"),
+                    Err(e) => problems.push(refuse(e.to_string())),
+                }
+            }
+        }
+        problems
     }
 
     /// Makes capture hold exactly `wanted` (pod key -> pod); returns per-pod failures, which

@@ -51,6 +51,16 @@ pub enum LinkError {
     OutOfOrder { want: u64, got: u64 },
 }
 
+/// A plaintext inbound listener the tunnel handed over for capture to register.
+#[derive(Debug)]
+pub struct InboundOffer {
+    /// The pod (`namespace/name`) it claims to serve.
+    pub pod: String,
+    /// The addresses it claims for it.
+    pub ips: Vec<std::net::IpAddr>,
+    pub fd: std::os::fd::OwnedFd,
+}
+
 /// What the tunnel was last told, on the live connection.
 #[derive(Default)]
 struct Sent {
@@ -132,22 +142,25 @@ impl TunnelLink {
     }
 
     /// Brings the connected tunnel (if any) to `pods` (key -> network namespace path) and
-    /// `state`: a snapshot on a new connection, the changes otherwise. On any failure the
+    /// `state`: a snapshot on a new connection, the changes otherwise. Returns the inbound
+    /// listeners the tunnel handed over meanwhile (its pods that started). On any failure the
     /// connection is dropped and the error returned.
     pub async fn sync(
         &mut self,
         pods: &BTreeMap<String, PathBuf>,
         state: &StateSpec,
-    ) -> Result<(), LinkError> {
+    ) -> Result<Vec<InboundOffer>, LinkError> {
         let Some((stream, sent)) = self.conn.take() else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         let mut sent = sent;
-        let result = Self::update(&stream, &mut self.seq, &mut sent, pods, state).await;
+        let mut offers = Vec::new();
+        let result =
+            Self::update(&stream, &mut self.seq, &mut sent, pods, state, &mut offers).await;
         if result.is_ok() {
             self.conn = Some((stream, sent));
         }
-        result
+        result.map(|()| offers)
     }
 
     async fn update(
@@ -156,12 +169,14 @@ impl TunnelLink {
         sent: &mut Sent,
         pods: &BTreeMap<String, PathBuf>,
         state: &StateSpec,
+        offers: &mut Vec<InboundOffer>,
     ) -> Result<(), LinkError> {
         let snapshot = sent.state.is_none();
         let mut frames = Pipeline {
             stream,
             seq,
             waiting: VecDeque::new(),
+            offers,
         };
         if snapshot {
             frames.push(&AgentMessage::SnapshotStart, None).await?;
@@ -267,6 +282,8 @@ struct Pipeline<'a> {
     seq: &'a mut u64,
     /// Sequence numbers sent and not answered yet, oldest first.
     waiting: VecDeque<u64>,
+    /// Inbound listeners the tunnel handed over between its answers.
+    offers: &'a mut Vec<InboundOffer>,
 }
 
 impl Pipeline<'_> {
@@ -299,22 +316,33 @@ impl Pipeline<'_> {
         let Some(want) = self.waiting.pop_front() else {
             return Ok(());
         };
-        let answer = tokio::time::timeout(ANSWER_TIMEOUT, recv::<TunnelMessage>(self.stream))
-            .await
-            .map_err(|_| LinkError::Timeout { seq: want })??;
-        let Some(frame) = answer else {
-            return Err(ProtocolError::Io(std::io::ErrorKind::UnexpectedEof.into()).into());
-        };
-        match frame.message {
-            TunnelMessage::Ack { seq } if seq == want => Ok(()),
-            TunnelMessage::Nack { seq, reason } if seq == want => {
-                warn!(seq, "the tunnel refused an update: {reason}");
-                Ok(())
-            }
-            TunnelMessage::Ack { seq } | TunnelMessage::Nack { seq, .. } => {
-                Err(LinkError::OutOfOrder { want, got: seq })
-            }
-            TunnelMessage::Hello { .. } => Err(LinkError::OutOfOrder { want, got: 0 }),
+        loop {
+            let answer = tokio::time::timeout(ANSWER_TIMEOUT, recv::<TunnelMessage>(self.stream))
+                .await
+                .map_err(|_| LinkError::Timeout { seq: want })??;
+            let Some(frame) = answer else {
+                return Err(ProtocolError::Io(std::io::ErrorKind::UnexpectedEof.into()).into());
+            };
+            return match frame.message {
+                TunnelMessage::Ack { seq } if seq == want => Ok(()),
+                TunnelMessage::Nack { seq, reason } if seq == want => {
+                    warn!(seq, "the tunnel refused an update: {reason}");
+                    Ok(())
+                }
+                TunnelMessage::InboundListener { pod, ips } => {
+                    match frame.fd {
+                        Some(fd) => self.offers.push(InboundOffer { pod, ips, fd }),
+                        None => {
+                            warn!(pod = %pod, "the tunnel offered an inbound listener without its descriptor")
+                        }
+                    }
+                    continue;
+                }
+                TunnelMessage::Ack { seq } | TunnelMessage::Nack { seq, .. } => {
+                    Err(LinkError::OutOfOrder { want, got: seq })
+                }
+                TunnelMessage::Hello { .. } => Err(LinkError::OutOfOrder { want, got: 0 }),
+            };
         }
     }
 }

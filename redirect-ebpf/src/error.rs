@@ -40,6 +40,11 @@ pub enum RedirectError {
         "no cgroup v2 hierarchy is mounted; Weft needs cgroup v2 (mount -t cgroup2 none /sys/fs/cgroup/unified)"
     )]
     NoCgroup2,
+    #[error("refused an inbound listener for {ip}: {reason}")]
+    BadListener {
+        ip: std::net::IpAddr,
+        reason: String,
+    },
     #[error("cannot read the cookie of network namespace {path}: {source}")]
     Netns {
         path: PathBuf,

@@ -12,7 +12,7 @@ mod sys;
 
 use std::fs::File;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, MapData, MapInfo, PerCpuArray, SockHash};
@@ -28,7 +28,7 @@ use tracing::{info, warn};
 pub use error::RedirectError;
 pub use inbound::InboundListeners;
 pub use mounts::{bpffs_mount, cgroup2_mount};
-pub use netns::{netns_cookie, netns_cookie_of, run_in_netns};
+pub use netns::{netns_cookie, netns_cookie_of, run_in_netns, socket_netns_cookie};
 pub use pins::{default_pin_dir, uninstall};
 pub use preflight::{MIN_KERNEL, preflight};
 pub use redirect_common::{DEFAULT_TUNNEL_MARK, OUTBOUND_PORT};
@@ -165,6 +165,8 @@ pub struct Redirect {
     sockets: SockHash<MapData, SockKey>,
     fast_path_stats: PerCpuArray<MapData, u64>,
     capture_stats: PerCpuArray<MapData, u64>,
+    /// The inbound listener map, opened at the first registration.
+    inbound: Option<InboundListeners>,
 }
 
 impl Redirect {
@@ -270,6 +272,7 @@ impl Redirect {
             sockets,
             fast_path_stats,
             capture_stats,
+            inbound: None,
         })
     }
 
@@ -314,6 +317,26 @@ impl Redirect {
             .insert(cookie, settings, 0)
             .map_err(RedirectError::Map)?;
         Ok(cookie)
+    }
+
+    /// Steers connections from outside the pod to `ip` (one of its addresses) to `listener`,
+    /// the tunnel's plaintext inbound listener, once it is shown to be a listening TCP socket
+    /// of the pod's own network namespace (`netns_cookie`) and of `ip`'s family: whoever hands
+    /// the socket over cannot make capture deliver a pod's traffic anywhere else.
+    pub fn register_inbound(
+        &mut self,
+        ip: IpAddr,
+        listener: BorrowedFd<'_>,
+        netns_cookie: u64,
+    ) -> Result<(), RedirectError> {
+        check_listener(ip, listener, netns_cookie)?;
+        let map = match &mut self.inbound {
+            Some(map) => map,
+            None => self
+                .inbound
+                .insert(InboundListeners::open(self.pins.root())?),
+        };
+        map.register(ip, &listener)
     }
 
     /// Stops capturing a pod's connections, both ways; the next connection goes straight.
@@ -394,6 +417,42 @@ impl Redirect {
             Err(e) => Err(RedirectError::Map(e)),
         }
     }
+}
+
+/// Refuses a socket that is not a listening TCP socket of `ip`'s family in the namespace
+/// `netns_cookie`.
+fn check_listener(
+    ip: IpAddr,
+    listener: BorrowedFd<'_>,
+    netns_cookie: u64,
+) -> Result<(), RedirectError> {
+    use nix::sys::socket::{AddressFamily, SockType, SockaddrLike, SockaddrStorage, getsockname};
+    use nix::sys::socket::{getsockopt, sockopt};
+    let refuse = |reason: String| RedirectError::BadListener { ip, reason };
+    let io = |e: nix::Error| refuse(e.to_string());
+    if getsockopt(&listener, sockopt::SockType).map_err(io)? != SockType::Stream
+        || !getsockopt(&listener, sockopt::AcceptConn).map_err(io)?
+    {
+        return Err(refuse("not a listening TCP socket".into()));
+    }
+    let family = getsockname::<SockaddrStorage>(listener.as_raw_fd())
+        .map_err(io)?
+        .family();
+    let wanted = if ip.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    if family != Some(wanted) {
+        return Err(refuse(format!("the socket is of family {family:?}")));
+    }
+    let cookie = socket_netns_cookie(listener).map_err(|e| refuse(e.to_string()))?;
+    if cookie != netns_cookie {
+        return Err(refuse(format!(
+            "the socket is in network namespace {cookie}, the pod's is {netns_cookie}"
+        )));
+    }
+    Ok(())
 }
 
 /// Counter `slot` of a per-CPU array, summed over CPUs.

@@ -57,6 +57,11 @@ fn home_netns() -> std::io::Result<&'static std::fs::File> {
 /// Reads `SO_NETNS_COOKIE` from a socket made inside the namespace.
 fn cookie_in(netns: BorrowedFd<'_>) -> std::io::Result<u64> {
     let socket = run_in_netns(netns, socket_in_current_namespace)?;
+    socket_netns_cookie(socket.as_fd())
+}
+
+/// The cookie of the network namespace a socket belongs to (`SO_NETNS_COOKIE`).
+pub fn socket_netns_cookie(socket: BorrowedFd<'_>) -> std::io::Result<u64> {
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: a valid socket, and a u64 buffer with its length.

@@ -1,7 +1,8 @@
-//! The agent-to-tunnel protocol, version 1, over a Unix stream socket the agent listens on and
-//! the tunnel connects to. Each frame is a little-endian `u32` length and that many bytes of
-//! JSON (`{"seq": n, "message": {...}}`); a frame that adds a pod carries the pod's network
-//! namespace as a file descriptor (`SCM_RIGHTS`) on its first byte.
+//! The agent-to-tunnel protocol (version [`PROTOCOL_VERSION`]) over a Unix stream socket the
+//! agent listens on and the tunnel connects to. Each frame is a little-endian `u32` length and
+//! that many bytes of JSON (`{"seq": n, "message": {...}}`); a frame that adds a pod carries the
+//! pod's network namespace as a file descriptor (`SCM_RIGHTS`) on its first byte, and one that
+//! offers a pod's plaintext inbound listener carries that socket.
 //!
 //! On every connection: both sides say `hello` with their version (a different version ends
 //! the connection with a message naming both); then the agent sends a full snapshot
@@ -9,7 +10,9 @@
 //! it. The tunnel answers each frame with `ack` (or `nack` with the reason) carrying its
 //! `seq`; at `snapshot_end` it stops the pods the snapshot did not name and keeps the others
 //! running, so either side can restart without dropping live connections of pods still
-//! enrolled.
+//! enrolled. Before answering a frame that started pods (and at every `snapshot_end`, for all
+//! of them) the tunnel sends `inbound_listener` frames; the agent registers them with capture
+//! before it enrolls those pods.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -25,7 +28,9 @@ use crate::StateSpec;
 /// The protocol version this build speaks.
 /// 2: messages are adjacently tagged (`{"type", "body"}`), so a large `state` is read straight
 /// into its types instead of through serde's buffered form (version 1's internal tag).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: the tunnel hands each local pod's plaintext inbound listener to the agent
+/// (`inbound_listener`), which registers it with capture: the tunnel needs no BPF access.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest frame accepted (a state of tens of thousands of pods fits).
 pub const MAX_FRAME: usize = 64 << 20;
 /// A frame's body is read (and its memory taken) this much at a time.
@@ -74,6 +79,14 @@ pub enum TunnelMessage {
     Nack {
         seq: u64,
         reason: String,
+    },
+    /// A local pod's plaintext inbound listener (15006), whose descriptor travels with this
+    /// frame, for capture to steer connections to `ips` (the pod's addresses of the
+    /// listener's family) to it. Sent before the answer to the frame that started the pod,
+    /// and again for every running pod on each new connection.
+    InboundListener {
+        pod: String,
+        ips: Vec<std::net::IpAddr>,
     },
 }
 
@@ -364,7 +377,7 @@ mod tests {
         .to_string();
         let _b = peer.await.unwrap();
         assert!(
-            error.contains("version 9") && error.contains("this build 2"),
+            error.contains("version 9") && error.contains("this build 3"),
             "{error}"
         );
     }
@@ -389,7 +402,7 @@ mod tests {
         .to_string();
         assert_eq!(
             error,
-            "agent socket: the peer speaks protocol version 1, this build 2"
+            "agent socket: the peer speaks protocol version 1, this build 3"
         );
         let ours: serde_json::Value = serde_json::from_slice(
             &serde_json::to_vec(&AgentMessage::State {

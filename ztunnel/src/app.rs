@@ -76,6 +76,7 @@ pub async fn run(config: RunConfig, set_log_filter: SetLogFilter) -> anyhow::Res
         local_pods: LocalPods::default(),
         same_node_shortcut: config.same_node_shortcut,
         pod_namespaces: PodNamespaces::default(),
+        inbound_listeners: Default::default(),
     });
 
     let pods = Arc::new(Mutex::new(PodsStatus::default()));
@@ -118,6 +119,7 @@ pub async fn run(config: RunConfig, set_log_filter: SetLogFilter) -> anyhow::Res
                 .unwrap_or_else(tunnel_proto::peer::current_uid),
             state,
             pods: tunnel.pod_namespaces.clone(),
+            listeners: tunnel.inbound_listeners.clone(),
             applied,
             synced: source_ready_tx,
         };

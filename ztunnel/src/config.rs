@@ -112,10 +112,12 @@ pub struct RunConfig {
     /// agent whose capture expects another.
     #[arg(long, env = "WEFT_SOCKET_MARK", default_value_t = redirect_ebpf::DEFAULT_TUNNEL_MARK, value_parser = redirect_ebpf::parse_mark)]
     pub socket_mark: u32,
-    /// Pin directory of the node's eBPF capture (e.g. /sys/fs/bpf/weft): when set, each local
-    /// pod's plaintext inbound listener is registered there so capture steers connections from
-    /// outside the mesh to it (re-registered within 250 ms if capture is reinstalled).
-    #[arg(long, env = "WEFT_CAPTURE_PIN_DIR")]
+    /// Without a node agent only (a state file): the pin directory of the node's eBPF capture
+    /// (e.g. /sys/fs/bpf/weft), where the tunnel registers each local pod's plaintext inbound
+    /// listener itself (re-registered within 250 ms if capture is reinstalled); this needs
+    /// write access to the BPF file system. With `--agent-socket` the listeners are handed to
+    /// the agent, which owns capture, and the tunnel needs no BPF access.
+    #[arg(long, env = "WEFT_CAPTURE_PIN_DIR", conflicts_with = "agent_socket")]
     pub capture_pin_dir: Option<PathBuf>,
 }
 

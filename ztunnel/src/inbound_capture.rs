@@ -1,14 +1,17 @@
-//! Keeps each local pod's plaintext inbound listeners (15006) registered with the node's eBPF
-//! capture, which steers connections from outside the mesh to them. The tunnel holds a
-//! duplicate of every such listener for as long as the pod runs, so it can register it again
-//! whenever capture is (re)installed; when a pod stops, its listeners close and the kernel
-//! drops them from capture's map, so the pod's inbound connections are refused, never
-//! delivered around the tunnel.
+//! Each local pod's plaintext inbound listeners (15006), which the node's eBPF capture steers
+//! connections from outside the mesh to. The tunnel holds a duplicate of every such listener for
+//! as long as the pod runs ([`LocalInboundListeners`]) and hands it to the node agent, which
+//! owns capture and registers it (the tunnel then needs no BPF access). Without an agent (a
+//! state file), [`InboundCapture`] registers them in capture's pinned map itself, again
+//! whenever capture is reinstalled. When a pod stops, its listeners close and the kernel drops
+//! them from capture's map, so the pod's inbound connections are refused, never delivered
+//! around the tunnel.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use redirect_ebpf::InboundListeners;
 use tracing::{info, warn};
@@ -19,6 +22,39 @@ use crate::last_failure::LastFailure;
 pub struct InboundListener {
     pub ips: Vec<IpAddr>,
     pub fd: OwnedFd,
+    /// The socket's identity (its inode): a restarted pod's new listener is another one.
+    pub id: u64,
+}
+
+impl InboundListener {
+    pub fn new(ips: Vec<IpAddr>, fd: OwnedFd) -> std::io::Result<Self> {
+        let id = nix::sys::stat::fstat(&fd)?.st_ino;
+        Ok(InboundListener { ips, fd, id })
+    }
+}
+
+/// The running local pods' plaintext inbound listeners, by pod key, as the pods loop last
+/// published them (before it reports a state applied).
+#[derive(Clone, Default)]
+pub struct LocalInboundListeners(Arc<Mutex<BTreeMap<String, Vec<Arc<InboundListener>>>>>);
+
+impl LocalInboundListeners {
+    pub fn replace(&self, listeners: BTreeMap<String, Vec<Arc<InboundListener>>>) {
+        if let Ok(mut current) = self.0.lock() {
+            *current = listeners;
+        }
+    }
+
+    /// Every listener with its pod.
+    pub fn all(&self) -> Vec<(String, Arc<InboundListener>)> {
+        let Ok(current) = self.0.lock() else {
+            return Vec::new();
+        };
+        current
+            .iter()
+            .flat_map(|(pod, listeners)| listeners.iter().map(|l| (pod.clone(), l.clone())))
+            .collect()
+    }
 }
 
 /// What `/config_dump` shows of the registration.
@@ -53,7 +89,10 @@ impl InboundCapture {
     }
 
     /// Registers every running pod's listeners that the current capture map lacks.
-    pub fn sync<'a>(&mut self, pods: impl Iterator<Item = (&'a String, &'a [InboundListener])>) {
+    pub fn sync<'a>(
+        &mut self,
+        pods: impl Iterator<Item = (&'a String, &'a [Arc<InboundListener>])>,
+    ) {
         let pinned = InboundListeners::pinned_id(&self.pin_dir);
         if pinned != self.map.as_ref().map(|(id, _)| *id) {
             self.registered.clear();

@@ -55,9 +55,9 @@ struct RunningPod {
     /// The namespace it runs in (its identity), if it came from the agent.
     netns: Option<u64>,
     stop: CancellationToken,
-    /// Duplicates of the plaintext inbound listeners, for capture's registration; closed
-    /// with the pod.
-    inbound: Vec<InboundListener>,
+    /// Duplicates of the plaintext inbound listeners, for capture's registration (by the
+    /// agent, or by the tunnel itself without one); closed with the pod.
+    inbound: Vec<Arc<InboundListener>>,
 }
 
 /// Which local pods run and which failed, for readiness and `/config_dump`.
@@ -90,6 +90,14 @@ pub async fn run_pods(
     loop {
         let state = state_rx.borrow_and_update().clone();
         let failed = reconcile(&tunnel, &node, mark, &state, &mut running).await;
+        // Published before the state counts as applied: the agent follower hands new
+        // listeners over before it acknowledges.
+        tunnel.inbound_listeners.replace(
+            running
+                .iter()
+                .map(|(key, pod)| (key.clone(), pod.inbound.clone()))
+                .collect(),
+        );
         applied.send_replace(state_id(&state));
         let in_use = running
             .values()
@@ -206,7 +214,7 @@ async fn start_pod(
     tunnel: &Arc<Tunnel>,
     workload: Arc<Workload>,
     mark: Option<u32>,
-) -> Result<(CancellationToken, Vec<InboundListener>), PodError> {
+) -> Result<(CancellationToken, Vec<Arc<InboundListener>>), PodError> {
     let key = workload.key();
     let netns = match (tunnel.pod_namespaces.get(&key), workload.netns.as_ref()) {
         (Some(fd), _) => PodNetns::from_fd(&fd, &key),
@@ -284,14 +292,15 @@ async fn start_pod(
                 .copied()
                 .filter(|ip| ip.is_ipv6() == family_v6)
                 .collect();
-            let fd = listener
+            let duplicate = listener
                 .as_fd()
                 .try_clone_to_owned()
+                .and_then(|fd| InboundListener::new(ips, fd))
                 .map_err(|source| PodError::Netns {
                     pod: key.clone(),
                     source,
                 })?;
-            inbound.push(InboundListener { ips, fd });
+            inbound.push(Arc::new(duplicate));
         }
     }
 

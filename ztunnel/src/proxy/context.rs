@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use super::ProxyError;
 use super::hbone::Pool;
 use crate::identity::{CertificateManager, Identity};
+use crate::inbound_capture::LocalInboundListeners;
 use crate::netns::SocketFactory;
 use crate::state::{PodNamespaces, StateHandle, Workload, WorkloadIdentity};
 use crate::telemetry::{ConnectionRecorder, Metrics, Peer, Reporter};
@@ -37,6 +38,8 @@ pub struct Tunnel {
     pub same_node_shortcut: bool,
     /// Local pods' network namespaces sent by the node agent (empty with a state file).
     pub pod_namespaces: PodNamespaces,
+    /// Local pods' plaintext inbound listeners, handed to the node agent for capture.
+    pub inbound_listeners: LocalInboundListeners,
 }
 
 /// The local pods this tunnel serves, by `namespace/name`.

@@ -6,7 +6,7 @@
 //! enrolls a pod's capture only when the tunnel is ready for it.
 
 use std::collections::{HashMap, HashSet};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,6 +21,7 @@ use tunnel_proto::protocol::{
 };
 
 use super::State;
+use crate::inbound_capture::LocalInboundListeners;
 use crate::last_failure::LastFailure;
 
 /// Local pods' network namespaces as the agent sent them, by `namespace/name`, with each
@@ -98,6 +99,8 @@ pub struct AgentFollower {
     pub agent_uid: u32,
     pub state: watch::Sender<Arc<State>>,
     pub pods: PodNamespaces,
+    /// The running pods' plaintext inbound listeners, handed to the agent for capture.
+    pub listeners: LocalInboundListeners,
     /// The state the pods' listeners follow now.
     pub applied: watch::Receiver<usize>,
     /// Set once the first snapshot is in force (readiness waits for it).
@@ -175,12 +178,18 @@ impl AgentFollower {
         stop: &CancellationToken,
     ) -> Result<(), ProtocolError> {
         let mut snapshot: Option<(HashSet<String>, Option<Arc<State>>)> = None;
+        // Listeners (by socket identity) handed to the agent on this connection.
+        let mut offered: HashSet<u64> = HashSet::new();
         loop {
             let frame = tokio::select! {
                 frame = recv::<AgentMessage>(stream) => frame?,
                 _ = stop.cancelled() => return Ok(()),
             };
             let Some(frame) = frame else { return Ok(()) };
+            let publishes = matches!(
+                frame.message,
+                AgentMessage::State { .. } | AgentMessage::SnapshotEnd
+            );
             let refusal = match frame.message {
                 AgentMessage::Hello { .. } => Some("a second hello".to_owned()),
                 AgentMessage::SnapshotStart => {
@@ -239,6 +248,11 @@ impl AgentFollower {
                     None => Some("snapshot_end without snapshot_start".to_owned()),
                 },
             };
+            // Pods a state or snapshot started: their inbound listeners reach the agent before
+            // the answer, so it registers them before it enrolls those pods in capture.
+            if publishes {
+                self.offer_listeners(stream, &mut offered).await?;
+            }
             let reply = match refusal {
                 None => TunnelMessage::Ack { seq: frame.seq },
                 Some(reason) => {
@@ -251,6 +265,32 @@ impl AgentFollower {
             };
             send(stream, frame.seq, &reply, None).await?;
         }
+    }
+
+    /// Sends the agent every running pod's inbound listener not yet sent on this connection
+    /// (each with its descriptor); forgets those that closed.
+    async fn offer_listeners(
+        &self,
+        stream: &UnixStream,
+        offered: &mut HashSet<u64>,
+    ) -> Result<(), ProtocolError> {
+        let listeners = self.listeners.all();
+        let mut present = HashSet::new();
+        for (pod, listener) in listeners {
+            let id = listener.id;
+            present.insert(id);
+            if offered.contains(&id) {
+                continue;
+            }
+            let message = TunnelMessage::InboundListener {
+                pod,
+                ips: listener.ips.clone(),
+            };
+            send(stream, 0, &message, Some(listener.fd.as_fd())).await?;
+            offered.insert(id);
+        }
+        offered.retain(|id| present.contains(id));
+        Ok(())
     }
 
     /// Puts `state` in force and waits (bounded) until the pods' listeners follow it.
@@ -278,6 +318,7 @@ mod tests {
             agent_uid: 0,
             state,
             pods: PodNamespaces::default(),
+            listeners: LocalInboundListeners::default(),
             applied,
             synced,
         };
