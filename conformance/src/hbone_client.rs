@@ -53,13 +53,11 @@ pub struct ConnectAnswer {
     pub reason: Option<String>,
 }
 
-/// Opens TLS (with `client_cert`, or none) to `addr`, then sends `CONNECT target`.
-/// Any TLS or HTTP/2 failure is an `Err` whose text says where it failed.
-pub async fn connect(
+/// Opens TLS 1.3 with ALPN `h2` (with `client_cert`, or none) to `addr`.
+pub async fn tls(
     addr: SocketAddr,
     client_cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
-    target: &str,
-) -> Result<ConnectAnswer> {
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let crypto = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(crypto.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -73,10 +71,20 @@ pub async fn connect(
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .context("TCP connect")?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::IpAddress(addr.ip().into()), tcp)
         .await
-        .context("TLS handshake")?;
+        .context("TLS handshake")
+}
+
+/// Opens TLS (with `client_cert`, or none) to `addr`, then sends `CONNECT target`.
+/// Any TLS or HTTP/2 failure is an `Err` whose text says where it failed.
+pub async fn connect(
+    addr: SocketAddr,
+    client_cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    target: &str,
+) -> Result<ConnectAnswer> {
+    let tls = tls(addr, client_cert).await?;
     let (sender, connection) = h2::client::handshake(tls)
         .await
         .context("HTTP/2 handshake")?;

@@ -15,7 +15,8 @@ use crate::identity::{CertificateManager, LocalCa};
 use crate::inbound_capture::InboundCapture;
 use crate::logging::SetLogFilter;
 use crate::pods::{PodsStatus, run_pods};
-use crate::proxy::context::{LocalPods, Tunnel};
+use crate::proxy::admission::Admission;
+use crate::proxy::context::{Deadlines, LocalPods, Tunnel};
 use crate::proxy::hbone::{Pool, PoolSettings};
 use crate::state::{AgentFollower, PodNamespaces, State, watch_state_file};
 use crate::telemetry::Metrics;
@@ -77,6 +78,16 @@ pub async fn run(config: RunConfig, set_log_filter: SetLogFilter) -> anyhow::Res
         same_node_shortcut: config.same_node_shortcut,
         pod_namespaces: PodNamespaces::default(),
         inbound_listeners: Default::default(),
+        hbone_admission: Admission::new(
+            config.hbone_max_connections,
+            config.hbone_max_connections_per_peer,
+        ),
+        deadlines: Deadlines {
+            hbone_handshake: config.hbone_handshake_timeout,
+            hbone_idle: config.hbone_idle_timeout,
+            socks5_handshake: config.socks5_handshake_timeout,
+            connect: config.connect_timeout,
+        },
     });
 
     let pods = Arc::new(Mutex::new(PodsStatus::default()));

@@ -98,10 +98,36 @@ pub struct RunConfig {
     #[arg(long, env = "WEFT_POOL_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
-    /// Timeout for connecting to another tunnel or an application.
+    /// Timeout for connecting to another tunnel (TCP, then TLS and HTTP/2 handshakes, each),
+    /// to an application, or to a passthrough destination.
     #[arg(long, env = "WEFT_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// An HBONE connection (15008) must finish its TLS and HTTP/2 handshakes within this, or
+    /// it is closed.
+    #[arg(long, env = "WEFT_HBONE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub hbone_handshake_timeout: Duration,
+    /// An HBONE connection with no stream open for this long is closed (GOAWAY). Clients'
+    /// pools close theirs first (--pool-idle-timeout).
+    #[arg(long, env = "WEFT_HBONE_IDLE_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub hbone_idle_timeout: Duration,
+    /// A SOCKS5 client (15080) must complete its request within this, or it is closed.
+    #[arg(long, env = "WEFT_SOCKS5_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub socks5_handshake_timeout: Duration,
+    /// Most HBONE connections the tunnel's listeners hold at once, all pods and peers together.
+    #[arg(long, env = "WEFT_HBONE_MAX_CONNECTIONS", default_value_t = 8192)]
+    pub hbone_max_connections: usize,
+    /// Most HBONE connections one peer address may hold at once (a client tunnel opens one
+    /// per 128 streams per pair of pods).
+    #[arg(
+        long,
+        env = "WEFT_HBONE_MAX_CONNECTIONS_PER_PEER",
+        default_value_t = 512
+    )]
+    pub hbone_max_connections_per_peer: usize,
     /// Connections between two pods of this node skip HBONE: the tunnel hands them from one
     /// pod's namespace to the other's in process (both identities are its own; nothing crosses
     /// a network). `false` sends them through TLS and 15008 like any other.
@@ -126,6 +152,12 @@ impl RunConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.pool_max_streams == 0 {
             return Err("--pool-max-streams must be at least 1".into());
+        }
+        if self.hbone_max_connections == 0 || self.hbone_max_connections_per_peer == 0 {
+            return Err(
+                "--hbone-max-connections and --hbone-max-connections-per-peer must be at least 1"
+                    .into(),
+            );
         }
         if self.cert_lifetime < Duration::from_secs(2) {
             return Err("--cert-lifetime must be at least 2s".into());

@@ -5,12 +5,14 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, RwLock};
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::ProxyError;
+use super::admission::Admission;
 use super::hbone::Pool;
 use crate::identity::{CertificateManager, Identity};
 use crate::inbound_capture::LocalInboundListeners;
@@ -40,6 +42,23 @@ pub struct Tunnel {
     pub pod_namespaces: PodNamespaces,
     /// Local pods' plaintext inbound listeners, handed to the node agent for capture.
     pub inbound_listeners: LocalInboundListeners,
+    /// Connections the HBONE listeners hold, in total and by peer address.
+    pub hbone_admission: Arc<Admission>,
+    /// How long each step that waits on a peer may take.
+    pub deadlines: Deadlines,
+}
+
+/// How long a peer may keep the tunnel waiting at each step.
+#[derive(Clone, Copy, Debug)]
+pub struct Deadlines {
+    /// HBONE listener: from accept to the end of the TLS and HTTP/2 handshakes.
+    pub hbone_handshake: Duration,
+    /// HBONE listener: without any stream open, before the connection is closed (GOAWAY).
+    pub hbone_idle: Duration,
+    /// SOCKS5 listener: from accept to the end of the client's request.
+    pub socks5_handshake: Duration,
+    /// Connecting to an application or a passthrough destination.
+    pub connect: Duration,
 }
 
 /// The local pods this tunnel serves, by `namespace/name`.
@@ -110,11 +129,15 @@ pub struct Pod {
 
 impl Pod {
     /// Connects to `target` from inside this pod's namespace (to its application, or for a
-    /// passthrough onwards).
-    pub async fn connect(&self, target: SocketAddr) -> Result<TcpStream, ProxyError> {
-        self.sockets
-            .connect(target)
+    /// passthrough onwards), within `deadline`.
+    pub async fn connect(
+        &self,
+        target: SocketAddr,
+        deadline: Duration,
+    ) -> Result<TcpStream, ProxyError> {
+        tokio::time::timeout(deadline, self.sockets.connect(target))
             .await
+            .map_err(|_| ProxyError::ConnectTimeout { addr: target })?
             .map_err(|source| ProxyError::Connect {
                 addr: target,
                 source,

@@ -50,7 +50,7 @@ pub async fn serve_inbound_plaintext(
         ..tunnel.peer_of(&pod.workload, None)
     };
     let recorder = tunnel.record(Reporter::destination, source, destination, None, false);
-    match pod.connect(target).await {
+    match pod.connect(target, tunnel.deadlines.connect).await {
         Ok(app) => {
             let (received, sent) = (recorder.received.clone(), recorder.sent.clone());
             let result = copy::copy_tcp(client, app, &[received], &[sent]).await;

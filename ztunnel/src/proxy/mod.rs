@@ -1,5 +1,6 @@
 //! The tunnel's proxy paths: outbound from local pods, inbound HBONE and plaintext to them.
 
+pub mod admission;
 pub mod context;
 mod copy;
 mod error;

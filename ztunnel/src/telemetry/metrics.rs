@@ -44,6 +44,15 @@ pub struct Metrics {
     pub received_bytes: Family<ConnectionLabels, Counter>,
     /// Open pooled HBONE connections (TLS + HTTP/2) to other tunnels.
     pub hbone_pool_connections: Gauge,
+    /// Connections to the HBONE listeners closed before or instead of serving them, by reason.
+    pub hbone_refused: Family<RefusedLabels, Counter>,
+}
+
+/// Why an HBONE connection was turned away (`reason`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// `total`, `per_peer` (connection limits), `handshake_timeout`, `tls`, `h2`, `idle`.
+    pub reason: &'static str,
 }
 
 impl Metrics {
@@ -55,6 +64,7 @@ impl Metrics {
         let sent_bytes = Family::default();
         let received_bytes = Family::default();
         let hbone_pool_connections = Gauge::default();
+        let hbone_refused = Family::default();
         registry.register(
             "tcp_connections_opened",
             "TCP connections opened",
@@ -80,6 +90,11 @@ impl Metrics {
             "Open pooled HBONE connections to other tunnels",
             hbone_pool_connections.clone(),
         );
+        registry.register(
+            "hbone_connections_refused",
+            "Connections to HBONE listeners closed without being served: over a limit (total, per_peer), handshake not finished in time (handshake_timeout), failed handshakes (tls, h2), or idle with no stream (idle)",
+            hbone_refused.clone(),
+        );
         Arc::new(Metrics {
             registry,
             opened,
@@ -87,6 +102,7 @@ impl Metrics {
             sent_bytes,
             received_bytes,
             hbone_pool_connections,
+            hbone_refused,
         })
     }
 

@@ -158,21 +158,29 @@ impl Pool {
             .await
             .map_err(|_| ProxyError::ConnectTimeout { addr })?
             .map_err(|source| ProxyError::HboneConnect { addr, source })?;
-        let tls = TlsConnector::from(config)
-            .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        // A peer that accepts and never answers must not hold this key's opening (and every
+        // connection waiting for it) for ever.
+        let handshakes = async {
+            let tls = TlsConnector::from(config)
+                .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+                .await
+                .map_err(|e| ProxyError::Handshake {
+                    addr,
+                    reason: crate::tls::describe_handshake_error(&e),
+                })?;
+            h2::client::Builder::new()
+                .initial_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .max_frame_size(MAX_FRAME_SIZE)
+                .max_send_buffer_size(SEND_BUFFER)
+                .enable_push(false)
+                .handshake::<_, Bytes>(tls)
+                .await
+                .map_err(ProxyError::from)
+        };
+        let (sender, connection) = tokio::time::timeout(self.settings.connect_timeout, handshakes)
             .await
-            .map_err(|e| ProxyError::Handshake {
-                addr,
-                reason: crate::tls::describe_handshake_error(&e),
-            })?;
-        let (sender, connection) = h2::client::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME_SIZE)
-            .max_send_buffer_size(SEND_BUFFER)
-            .enable_push(false)
-            .handshake::<_, Bytes>(tls)
-            .await?;
+            .map_err(|_| ProxyError::ConnectTimeout { addr })??;
         let closed = Arc::new(AtomicBool::new(false));
         let gauge = self.metrics.hbone_pool_connections.clone();
         gauge.inc();

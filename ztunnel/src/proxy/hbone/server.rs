@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -18,13 +19,22 @@ use crate::proxy::context::{Pod, Tunnel};
 use crate::proxy::copy::{self, Totals};
 use crate::proxy::{ProxyError, fail, finish};
 use crate::state::WorkloadIdentity;
-use crate::telemetry::{Peer, Reporter};
+use crate::telemetry::{Peer, RefusedLabels, Reporter};
 use crate::tls::{describe_handshake_error, peer_identity};
 
 /// Most concurrent CONNECT streams a client tunnel may open on one connection.
 const MAX_CONCURRENT_STREAMS: u32 = 1000;
+/// Largest header block a client may send (a CONNECT needs a few hundred bytes): bounds what
+/// a CONTINUATION flood can make the tunnel buffer.
+const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+/// Streams a client may reset before the tunnel accepted them, and streams the tunnel may have
+/// to reset for a client's errors, before the connection is ended (rapid reset, CVE-2023-44487).
+const MAX_PENDING_ACCEPT_RESETS: usize = 50;
+const MAX_LOCAL_ERROR_RESETS: usize = 100;
 
-/// Serves one accepted TCP connection on a pod's 15008 listener until it closes.
+/// Serves one accepted TCP connection on a pod's 15008 listener until it closes: admitted
+/// within the tunnel's connection limits, handshakes (TLS, then HTTP/2) within the handshake
+/// deadline, closed when idle with no stream.
 pub async fn serve_hbone_connection(
     tcp: TcpStream,
     client_addr: SocketAddr,
@@ -32,52 +42,99 @@ pub async fn serve_hbone_connection(
     pod: Arc<Pod>,
     tunnel: Arc<Tunnel>,
 ) {
+    let refused = |reason: &'static str| {
+        tunnel
+            .metrics
+            .hbone_refused
+            .get_or_create(&RefusedLabels { reason })
+            .inc();
+    };
+    let _admitted = match tunnel.hbone_admission.admit(client_addr.ip()) {
+        Ok(admitted) => admitted,
+        Err(limit) => {
+            refused(limit.reason());
+            debug!(client = %client_addr, pod = %pod.workload.key(), "refused HBONE connection: {limit}");
+            return;
+        }
+    };
     let _ = tcp.set_nodelay(true);
-    let tls = match TlsAcceptor::from(config).accept(tcp).await {
-        Ok(tls) => tls,
-        Err(error) => {
-            let error = describe_handshake_error(&error);
-            warn!(client = %client_addr, pod = %pod.workload.key(), %error, "refused HBONE connection: TLS handshake failed");
-            return;
+    let deadlines = tunnel.deadlines;
+    let handshakes = async {
+        let tls = match TlsAcceptor::from(config).accept(tcp).await {
+            Ok(tls) => tls,
+            Err(error) => {
+                let error = describe_handshake_error(&error);
+                refused("tls");
+                warn!(client = %client_addr, pod = %pod.workload.key(), %error, "refused HBONE connection: TLS handshake failed");
+                return None;
+            }
+        };
+        // The verifier accepted the chain and the SPIFFE ID, so both are present.
+        let client_identity = match tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(peer_identity)
+        {
+            Some(Ok(id)) => id,
+            _ => {
+                refused("tls");
+                warn!(client = %client_addr, "refused HBONE connection: no client identity");
+                return None;
+            }
+        };
+        let connection = h2::server::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME_SIZE)
+            .max_send_buffer_size(SEND_BUFFER)
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .max_header_list_size(MAX_HEADER_LIST_SIZE)
+            .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
+            .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+            .handshake::<_, Bytes>(tls)
+            .await;
+        match connection {
+            Ok(c) => Some((c, client_identity)),
+            Err(error) => {
+                refused("h2");
+                warn!(client = %client_addr, %error, "refused HBONE connection: HTTP/2 handshake failed");
+                None
+            }
         }
     };
-    // The verifier accepted the chain and the SPIFFE ID, so both are present.
-    let client_identity = match tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(peer_identity)
+    let (mut connection, client_identity) = match tokio::time::timeout(
+        deadlines.hbone_handshake,
+        handshakes,
+    )
+    .await
     {
-        Some(Ok(id)) => id,
-        _ => {
-            warn!(client = %client_addr, "refused HBONE connection: no client identity");
-            return;
-        }
-    };
-    let mut connection = match h2::server::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME_SIZE)
-        .max_send_buffer_size(SEND_BUFFER)
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .handshake::<_, Bytes>(tls)
-        .await
-    {
-        Ok(c) => c,
-        Err(error) => {
-            warn!(client = %client_addr, %error, "refused HBONE connection: HTTP/2 handshake failed");
+        Ok(Some(ready)) => ready,
+        Ok(None) => return,
+        Err(_) => {
+            refused("handshake_timeout");
+            debug!(client = %client_addr, deadline = ?deadlines.hbone_handshake, "closed HBONE connection: handshakes not finished in time");
             return;
         }
     };
     debug!(client = %client_addr, identity = %client_identity, "accepted HBONE connection");
+    // Streams of this connection still running; with none, the idle deadline runs from the
+    // end of the last one (or from the handshake).
+    let streams = Arc::new(Streams::default());
+    let mut idle_since = tokio::time::Instant::now();
     let mut draining = false;
     loop {
+        let idle = streams.open.load(Ordering::Relaxed) == 0;
         tokio::select! {
             next = connection.accept() => match next {
                 Some(Ok((request, respond))) => {
+                    let open = StreamGuard::open(&streams);
                     let stream = handle_stream(request, respond, client_addr, client_identity.clone(), pod.clone(), tunnel.clone());
-                    tunnel.connections.spawn(stream);
+                    tunnel.connections.spawn(async move {
+                        stream.await;
+                        drop(open);
+                    });
                 }
                 Some(Err(error)) => {
                     warn!(client = %client_addr, %error, "HBONE connection failed");
@@ -85,11 +142,42 @@ pub async fn serve_hbone_connection(
                 }
                 None => return,
             },
+            _ = streams.ended.notified() => idle_since = tokio::time::Instant::now(),
+            _ = tokio::time::sleep_until(idle_since + deadlines.hbone_idle), if idle && !draining => {
+                refused("idle");
+                debug!(client = %client_addr, "closing an idle HBONE connection");
+                draining = true;
+                connection.graceful_shutdown();
+            }
             _ = tunnel.shutdown.cancelled(), if !draining => {
                 draining = true;
                 connection.graceful_shutdown();
             }
         }
+    }
+}
+
+/// The running streams of one connection, and a wake-up when one ends.
+#[derive(Default)]
+struct Streams {
+    open: AtomicUsize,
+    ended: tokio::sync::Notify,
+}
+
+/// Counts one running stream of a connection.
+struct StreamGuard(Arc<Streams>);
+
+impl StreamGuard {
+    fn open(streams: &Arc<Streams>) -> Self {
+        streams.open.fetch_add(1, Ordering::Relaxed);
+        StreamGuard(streams.clone())
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.ended.notify_one();
     }
 }
 
@@ -109,7 +197,7 @@ async fn handle_stream(
     };
     let recorder = tunnel.record(Reporter::destination, source, destination, None, true);
     let app = match target {
-        Ok(target) => pod.connect(target).await,
+        Ok(target) => pod.connect(target, tunnel.deadlines.connect).await,
         Err(error) => Err(error),
     };
     let app = match app {

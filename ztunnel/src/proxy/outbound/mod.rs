@@ -39,7 +39,16 @@ pub async fn serve_outbound(
 ) {
     let _ = client.set_nodelay(true);
     let original = match entry {
-        Entry::Socks5 => socks5::handshake(&mut client).await,
+        Entry::Socks5 => {
+            let deadline = tunnel.deadlines.socks5_handshake;
+            tokio::time::timeout(deadline, socks5::handshake(&mut client))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ProxyError::Socks(format!(
+                        "no complete request within {deadline:?}"
+                    )))
+                })
+        }
         Entry::Captured => original_destination(&client),
     };
     let original = match original {
@@ -120,7 +129,10 @@ pub async fn serve_outbound(
         _ => None,
     };
     let upstream = match &local {
-        Some((dest, target, _)) => dest.connect(*target).await.map(Upstream::Tcp),
+        Some((dest, target, _)) => dest
+            .connect(*target, tunnel.deadlines.connect)
+            .await
+            .map(Upstream::Tcp),
         None => connect_upstream(decision, &pod, &tunnel).await,
     };
     let destination_recorder = local.map(|(_, _, recorder)| recorder);
@@ -197,7 +209,10 @@ async fn connect_upstream(
                 hbone::connect(&tunnel.pool, &key, &pod.sockets, target).await?,
             ))
         }
-        Route::Passthrough { target, .. } => pod.connect(target).await.map(Upstream::Tcp),
+        Route::Passthrough { target, .. } => pod
+            .connect(target, tunnel.deadlines.connect)
+            .await
+            .map(Upstream::Tcp),
         Route::NoEndpoint { service } => Err(ProxyError::NoHealthyUpstream { service }),
     }
 }
