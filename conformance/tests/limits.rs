@@ -184,3 +184,140 @@ fn a_silent_socks5_client_is_closed_at_its_deadline() {
         "the reason is logged"
     );
 }
+
+/// An HTTP/2 frame: length, type, flags, stream, payload.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len();
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const CONTINUATION: u8 = 0x9;
+const END_HEADERS: u8 = 0x4;
+
+/// A CONNECT request's header block (HPACK literals with indexed names, no Huffman).
+fn connect_block(authority: &str) -> Vec<u8> {
+    let mut block = vec![0x02, 7];
+    block.extend_from_slice(b"CONNECT");
+    block.extend_from_slice(&[0x01, authority.len() as u8]);
+    block.extend_from_slice(authority.as_bytes());
+    block
+}
+
+/// Opens a mesh-authenticated TLS connection to the server's 15008 from the client pod, sends
+/// the HTTP/2 preface, a SETTINGS frame and `abuse`, and reads until the tunnel ends the
+/// connection: whether it did within 10 s, and whether a GOAWAY came first.
+fn abuse(cluster: &Cluster, abuse: Vec<u8>) -> (bool, bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = TestCa::load(cluster.ca_dir()).unwrap();
+    let cert = ca
+        .issue(Some("spiffe://cluster.local/ns/default/sa/client"))
+        .unwrap();
+    let hbone = SocketAddr::from((cluster.pod("server").ip, 15008));
+    cluster
+        .pod("client")
+        .netns
+        .run_in(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let tls = conformance::hbone_client::tls(hbone, Some(cert))
+                    .await
+                    .unwrap();
+                let (mut read, mut write) = tokio::io::split(tls);
+                let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+                start.extend(frame(SETTINGS, 0, 0, &[]));
+                start.extend(abuse);
+                // The tunnel may close while this is still being written.
+                let writer = tokio::spawn(async move {
+                    let _ = write.write_all(&start).await;
+                    write
+                });
+                let mut saw_goaway = false;
+                let mut pending = Vec::new();
+                let ended = tokio::time::timeout(Duration::from_secs(10), async {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match read.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => pending.extend_from_slice(&buf[..n]),
+                        }
+                        // Walk whole frames, noting a GOAWAY.
+                        while pending.len() >= 9 {
+                            let len = (usize::from(pending[0]) << 16)
+                                | (usize::from(pending[1]) << 8)
+                                | usize::from(pending[2]);
+                            if pending.len() < 9 + len {
+                                break;
+                            }
+                            saw_goaway |= pending[3] == GOAWAY;
+                            pending.drain(..9 + len);
+                        }
+                    }
+                })
+                .await
+                .is_ok();
+                writer.abort();
+                (ended, saw_goaway)
+            })
+        })
+        .unwrap()
+}
+
+/// HTTP/2 abuse ends the abusing connection and nothing else: PING and SETTINGS floods (cut
+/// off below h2), rapid reset and a CONTINUATION flood (bounded by h2's settings). After
+/// each, a well-behaved client is served and the tunnel is still running.
+#[test]
+fn http2_abuse_ends_the_connection_not_the_tunnel() {
+    let mut cluster = cluster(&[]);
+    let authority = format!("{}:8080", cluster.pod("server").ip);
+    let ping_flood = frame(PING, 0, 0, &[0; 8]).repeat(10_000);
+    let settings_flood = frame(SETTINGS, 0, 0, &[]).repeat(10_000);
+    let rapid_reset: Vec<u8> = (0..2_000u32)
+        .flat_map(|i| {
+            let stream = 2 * i + 1;
+            let mut pair = frame(HEADERS, END_HEADERS, stream, &connect_block(&authority));
+            pair.extend(frame(RST_STREAM, 0, stream, &8u32.to_be_bytes()));
+            pair
+        })
+        .collect();
+    let mut continuation_flood = frame(HEADERS, 0, 1, &connect_block(&authority));
+    continuation_flood.extend(frame(CONTINUATION, 0, 1, &[0x40; 16 * 1024]).repeat(200));
+    for (name, bytes) in [
+        ("PING flood", ping_flood),
+        ("SETTINGS flood", settings_flood),
+        ("rapid reset", rapid_reset),
+        ("CONTINUATION flood", continuation_flood),
+    ] {
+        let (ended, goaway) = abuse(&cluster, bytes);
+        assert!(ended, "{name}: the connection was not ended");
+        eprintln!("{name}: connection ended (GOAWAY first: {goaway})");
+        let answer = conformance::hbone_client::connect_from(
+            &cluster.pod("client").netns,
+            SocketAddr::from((cluster.pod("server").ip, 15008)),
+            Some(
+                TestCa::load(cluster.ca_dir())
+                    .unwrap()
+                    .issue(Some("spiffe://cluster.local/ns/default/sa/client"))
+                    .unwrap(),
+            ),
+            &authority,
+        )
+        .unwrap();
+        assert_eq!(answer.status, 200, "{name}: a good client is still served");
+    }
+    assert_eq!(refused(&cluster, 2, "flood"), 2.0, "both floods counted");
+    assert!(
+        cluster.nodes[1].tunnel.as_mut().unwrap().exited().is_none(),
+        "the tunnel runs"
+    );
+}

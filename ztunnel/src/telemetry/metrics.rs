@@ -51,7 +51,8 @@ pub struct Metrics {
 /// Why an HBONE connection was turned away (`reason`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusedLabels {
-    /// `total`, `per_peer` (connection limits), `handshake_timeout`, `tls`, `h2`, `idle`.
+    /// `total`, `per_peer` (connection limits), `handshake_timeout`, `tls`, `h2`, `idle`,
+    /// `flood` (PING/SETTINGS flood).
     pub reason: &'static str,
 }
 
@@ -92,7 +93,7 @@ impl Metrics {
         );
         registry.register(
             "hbone_connections_refused",
-            "Connections to HBONE listeners closed without being served: over a limit (total, per_peer), handshake not finished in time (handshake_timeout), failed handshakes (tls, h2), or idle with no stream (idle)",
+            "Connections to HBONE listeners closed without being served: over a limit (total, per_peer), handshake not finished in time (handshake_timeout), failed handshakes (tls, h2), idle with no stream (idle), or ended for a control-frame flood (flood)",
             hbone_refused.clone(),
         );
         Arc::new(Metrics {

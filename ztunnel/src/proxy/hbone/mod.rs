@@ -1,6 +1,7 @@
 //! HBONE: one HTTP/2 CONNECT stream per proxied connection, over pooled mutual TLS 1.3.
 
 mod client;
+mod flood;
 mod pool;
 mod server;
 

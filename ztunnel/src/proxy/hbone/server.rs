@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
+use super::flood::FloodWatch;
 use super::{CONNECTION_WINDOW, ERROR_HEADER, MAX_FRAME_SIZE, SEND_BUFFER, STREAM_WINDOW};
 use crate::identity::Identity;
 use crate::proxy::context::{Pod, Tunnel};
@@ -93,7 +94,7 @@ pub async fn serve_hbone_connection(
             .max_header_list_size(MAX_HEADER_LIST_SIZE)
             .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
             .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
-            .handshake::<_, Bytes>(tls)
+            .handshake::<_, Bytes>(FloodWatch::new(tls))
             .await;
         match connection {
             Ok(c) => Some((c, client_identity)),
@@ -137,6 +138,12 @@ pub async fn serve_hbone_connection(
                     });
                 }
                 Some(Err(error)) => {
+                    let flooded = error
+                        .get_io()
+                        .is_some_and(|e| e.kind() == std::io::ErrorKind::InvalidData);
+                    if flooded {
+                        refused("flood");
+                    }
                     warn!(client = %client_addr, %error, "HBONE connection failed");
                     return;
                 }
