@@ -4,6 +4,7 @@
 pub mod capture;
 pub mod client;
 pub mod enroll;
+pub mod load;
 pub mod stunnel;
 pub mod tunnel;
 

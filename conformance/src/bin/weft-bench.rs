@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use conformance::bench::capture::{self, CaptureBench};
 use conformance::bench::enroll::{self, EnrollBench};
+use conformance::bench::load::{self, LoadBench};
 use conformance::bench::tunnel::{self, TunnelBench};
 
 #[derive(Parser)]
@@ -22,6 +23,8 @@ enum Bench {
     Capture(CaptureBench),
     /// Many pods: label flip to effect, and the agent's and tunnel's memory.
     Enroll(EnrollBench),
+    /// 10,000 long-lived connections through both tunnels: memory idle, loaded and after.
+    Load(LoadBench),
 }
 
 fn main() -> Result<()> {
@@ -32,6 +35,7 @@ fn main() -> Result<()> {
         Bench::Tunnel(args) => tunnel::run(&args)?,
         Bench::Capture(args) => capture::run(&args)?,
         Bench::Enroll(args) => enroll::run(&args)?,
+        Bench::Load(args) => load::run(&args)?,
     };
     println!("{line}");
     Ok(())

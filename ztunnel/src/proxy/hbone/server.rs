@@ -107,7 +107,8 @@ pub async fn serve_hbone_connection(
     };
     let (mut connection, client_identity) = match tokio::time::timeout(
         deadlines.hbone_handshake,
-        handshakes,
+        // Boxed: the handshakes' state is large and over once they are.
+        Box::pin(handshakes),
     )
     .await
     {

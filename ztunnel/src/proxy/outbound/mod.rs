@@ -41,7 +41,7 @@ pub async fn serve_outbound(
     let original = match entry {
         Entry::Socks5 => {
             let deadline = tunnel.deadlines.socks5_handshake;
-            tokio::time::timeout(deadline, socks5::handshake(&mut client))
+            tokio::time::timeout(deadline, Box::pin(socks5::handshake(&mut client)))
                 .await
                 .unwrap_or_else(|_| {
                     Err(ProxyError::Socks(format!(
@@ -133,7 +133,9 @@ pub async fn serve_outbound(
             .connect(*target, tunnel.deadlines.connect)
             .await
             .map(Upstream::Tcp),
-        None => connect_upstream(decision, &pod, &tunnel).await,
+        // Boxed: connecting (a pool checkout, maybe TLS and HTTP/2 handshakes) is a large
+        // state that would otherwise stay in every held connection's task for its life.
+        None => Box::pin(connect_upstream(decision, &pod, &tunnel)).await,
     };
     let destination_recorder = local.map(|(_, _, recorder)| recorder);
     match upstream {
