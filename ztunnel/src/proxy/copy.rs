@@ -73,7 +73,13 @@ impl AdaptiveReader {
                     }
                     return Ok(Some(chunk));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // The readiness was stale (tokio clears it only on WouldBlock, so the call
+                    // after a read that drained the socket lands here): let the buffer go
+                    // before waiting, or every idle connection would hold one.
+                    self.buf = BytesMut::new();
+                    continue;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -212,6 +218,16 @@ mod tests {
             "an idle connection holds no buffer"
         );
         assert_eq!(reader.size, MIN_READ);
+        // Waiting for more (readiness still set from the read above: the wake-up is stale) holds
+        // no buffer either.
+        let waited =
+            tokio::time::timeout(std::time::Duration::from_millis(50), reader.next(&rd)).await;
+        assert!(waited.is_err(), "nothing more was sent");
+        assert_eq!(
+            reader.buf.capacity(),
+            0,
+            "a connection waiting for data holds no buffer"
+        );
 
         // Bulk: reads fill the buffer and it grows to the maximum.
         let data = vec![7u8; 8 << 20];
