@@ -33,6 +33,10 @@ pub struct LoadBench {
     /// Seconds between one connection's messages.
     #[arg(long, default_value_t = 5)]
     pub interval: u64,
+    /// The tunnels' --pool-idle-timeout, seconds: after the connections close, memory is
+    /// measured again once the pooled HBONE connections were reaped.
+    #[arg(long, default_value_t = 10)]
+    pub pool_idle_timeout: u64,
 }
 
 const ECHO_PORT: u16 = 7000;
@@ -61,7 +65,14 @@ pub fn run(args: &LoadBench) -> Result<String> {
         pods.push(PodSpec::new(&format!("c{i:02}"), 1));
         pods.push(PodSpec::new(&format!("s{i:02}"), 2));
     }
-    let mut cluster = Cluster::build(ClusterSpec::new(2, pods))?;
+    let spec = ClusterSpec {
+        tunnel_args: vec![
+            "--pool-idle-timeout".into(),
+            format!("{}s", args.pool_idle_timeout),
+        ],
+        ..ClusterSpec::new(2, pods)
+    };
+    let mut cluster = Cluster::build(spec)?;
     for i in 0..args.pods {
         let port = ECHO_PORT.to_string();
         cluster.start_app(&format!("s{i:02}"), &["echo", "--port", &port], ECHO_PORT)?;
@@ -124,23 +135,39 @@ pub fn run(args: &LoadBench) -> Result<String> {
     // Everything closed: give the tunnels a moment to see the ends.
     std::thread::sleep(Duration::from_secs(3));
     let after = (usage(client_pid)?, usage(server_pid)?);
-    let pool = crate::metrics::sum(
-        &cluster.node(1).metrics()?,
-        "weft_hbone_pool_connections",
-        &[],
-    );
-    let per_connection =
-        |loaded: f64, idle: f64| (loaded - idle) * 1024.0 / args.connections as f64;
+    let pooled = || -> Result<f64> {
+        Ok(crate::metrics::sum(
+            &cluster.node(1).metrics()?,
+            "weft_hbone_pool_connections",
+            &[],
+        ))
+    };
+    let pool = pooled()?;
     eprintln!(
         "after close: client tunnel {:.1} MB, {} fds ({} pooled HBONE connections open); server tunnel {:.1} MB, {} fds",
         after.0.0, after.0.1, pool, after.1.0, after.1.1
     );
+    // Then once the pool reaped its idle connections (both ends close them).
+    let reap_deadline = Instant::now() + Duration::from_secs(args.pool_idle_timeout + 30);
+    while pooled()? > 0.0 && Instant::now() < reap_deadline {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let reaped = (usage(client_pid)?, usage(server_pid)?);
     eprintln!(
-        "per held connection: client tunnel {:.2} KiB, server tunnel {:.2} KiB (goal < 6); after/idle: {:.2} and {:.2} (goal <= 1.5)",
+        "pool reaped: client tunnel {:.1} MB, {} fds; server tunnel {:.1} MB, {} fds",
+        reaped.0.0, reaped.0.1, reaped.1.0, reaped.1.1
+    );
+    let per_connection =
+        |loaded: f64, idle: f64| (loaded - idle) * 1024.0 / args.connections as f64;
+    eprintln!(
+        "per held connection: client tunnel {:.2} KiB, server tunnel {:.2} KiB (goal < 6); RSS/idle with the pool's connections open: {:.2} and {:.2}, once reaped: {:.2} and {:.2} (goal <= 1.5)",
         per_connection(loaded_client.0, idle.0.0),
         per_connection(loaded_server.0, idle.1.0),
         after.0.0 / idle.0.0,
-        after.1.0 / idle.1.0
+        after.1.0 / idle.1.0,
+        reaped.0.0 / idle.0.0,
+        reaped.1.0 / idle.1.0
     );
     let json = serde_json::json!({
         "bench": "load",
@@ -156,6 +183,10 @@ pub fn run(args: &LoadBench) -> Result<String> {
         "tunnel_fds_loaded": loaded_client.1,
         "tunnel_fds_after": after.0.1,
         "pooled_connections_after": pool,
+        "tunnel_rss_pool_reaped_mb": round2(reaped.0.0),
+        "tunnel_fds_pool_reaped": reaped.0.1,
+        "server_tunnel_rss_pool_reaped_mb": round2(reaped.1.0),
+        "server_tunnel_fds_pool_reaped": reaped.1.1,
         "server_tunnel_rss_idle_mb": round2(idle.1.0),
         "server_tunnel_rss_loaded_mb": round2(loaded_server.0),
         "server_tunnel_rss_after_mb": round2(after.1.0),
