@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo build --locked --workspace --bins
+# Every fuzz target briefly, from its committed corpus (builds them; known crash inputs).
+bash scripts/fuzz.sh
 cargo nextest run --locked --workspace --no-fail-fast "$@"

@@ -3,8 +3,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::proxy::ProxyError;
 
@@ -50,7 +49,9 @@ async fn io<T>(result: std::io::Result<T>) -> Result<T, ProxyError> {
 
 /// Reads the greeting and the CONNECT request; returns the requested destination. The caller
 /// answers with [`reply`] once it knows whether the destination is reachable.
-pub async fn handshake(stream: &mut TcpStream) -> Result<SocketAddr, ProxyError> {
+pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+) -> Result<SocketAddr, ProxyError> {
     let mut head = [0u8; 2];
     io(stream.read_exact(&mut head).await).await?;
     if head[0] != VERSION {
@@ -110,7 +111,7 @@ pub async fn handshake(stream: &mut TcpStream) -> Result<SocketAddr, ProxyError>
 }
 
 /// Sends the reply to the CONNECT request; errors are ignored since the client may be gone.
-pub async fn reply(stream: &mut TcpStream, code: Reply) {
+pub async fn reply<S: AsyncWrite + Unpin>(stream: &mut S, code: Reply) {
     // Bound address: zeros, as most proxies answer.
     let msg = [VERSION, code as u8, 0, ATYP_V4, 0, 0, 0, 0, 0, 0];
     let _ = stream.write_all(&msg).await;
