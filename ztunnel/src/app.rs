@@ -14,6 +14,7 @@ use crate::config::RunConfig;
 use crate::identity::{CertificateManager, LocalCa};
 use crate::inbound_capture::InboundCapture;
 use crate::logging::SetLogFilter;
+use crate::netns::SocketOptions;
 use crate::pods::{PodsStatus, run_pods};
 use crate::proxy::admission::Admission;
 use crate::proxy::context::{Deadlines, LocalPods, Tunnel};
@@ -116,7 +117,10 @@ pub async fn run(config: RunConfig, set_log_filter: SetLogFilter) -> anyhow::Res
     let pods_task = tokio::spawn(run_pods(
         tunnel.clone(),
         config.node_name.clone(),
-        Some(config.socket_mark),
+        SocketOptions {
+            mark: Some(config.socket_mark),
+            keepalive: Some(config.tcp_keepalive),
+        },
         pods,
         config.capture_pin_dir.clone().map(InboundCapture::new),
         applied_tx,

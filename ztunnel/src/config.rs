@@ -113,6 +113,11 @@ pub struct RunConfig {
     #[arg(long, env = "WEFT_HBONE_IDLE_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
     pub hbone_idle_timeout: Duration,
+    /// Every proxied connection probes an idle peer after this long (TCP keepalive, then every
+    /// 10 s; 3 unanswered probes close it), so one whose peer vanished is not held for ever.
+    #[arg(long, env = "WEFT_TCP_KEEPALIVE", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub tcp_keepalive: Duration,
     /// A SOCKS5 client (15080) must complete its request within this, or it is closed.
     #[arg(long, env = "WEFT_SOCKS5_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]

@@ -60,37 +60,58 @@ fn annotate(e: io::Error, path: &Path, what: &str) -> io::Error {
     io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
 }
 
-/// Makes sockets in the tunnel's own namespace or in a pod's, with the tunnel's socket mark.
+/// What every socket the tunnel makes carries.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SocketOptions {
+    /// `SO_MARK`, so capture leaves the tunnel's own sockets alone.
+    pub mark: Option<u32>,
+    /// TCP keepalive: idle time before the first probe (then every 10 s, 3 unanswered probes
+    /// end the connection), so a peer that vanished without a FIN does not leave a proxied
+    /// connection half-open for ever. Accepted sockets inherit it from their listener.
+    pub keepalive: Option<std::time::Duration>,
+}
+
+/// Makes sockets in the tunnel's own namespace or in a pod's, with the tunnel's options.
 #[derive(Clone, Debug)]
 pub struct SocketFactory {
     netns: Option<Arc<PodNetns>>,
-    mark: Option<u32>,
+    options: SocketOptions,
 }
 
 impl SocketFactory {
     /// Sockets in the tunnel's own namespace.
-    pub fn host(mark: Option<u32>) -> Self {
-        SocketFactory { netns: None, mark }
+    pub fn host(options: SocketOptions) -> Self {
+        SocketFactory {
+            netns: None,
+            options,
+        }
     }
 
     /// Sockets inside a pod's namespace.
-    pub fn pod(netns: Arc<PodNetns>, mark: Option<u32>) -> Self {
+    pub fn pod(netns: Arc<PodNetns>, options: SocketOptions) -> Self {
         SocketFactory {
             netns: Some(netns),
-            mark,
+            options,
         }
     }
 
     fn socket(&self, addr: SocketAddr) -> io::Result<Socket> {
-        let mark = self.mark;
+        let options = self.options;
         let make = move || -> io::Result<Socket> {
             let socket = Socket::new(
                 Domain::for_address(addr),
                 Type::STREAM.nonblocking().cloexec(),
                 Some(Protocol::TCP),
             )?;
-            if let Some(mark) = mark {
+            if let Some(mark) = options.mark {
                 socket.set_mark(mark)?;
+            }
+            if let Some(idle) = options.keepalive {
+                let keepalive = socket2::TcpKeepalive::new()
+                    .with_time(idle)
+                    .with_interval(std::time::Duration::from_secs(10))
+                    .with_retries(3);
+                socket.set_tcp_keepalive(&keepalive)?;
             }
             Ok(socket)
         };
@@ -119,5 +140,41 @@ impl SocketFactory {
         let stream = socket.connect(addr).await?;
         stream.set_nodelay(true)?;
         Ok(stream)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn connected_and_accepted_sockets_probe_an_idle_peer() {
+        let sockets = SocketFactory::host(SocketOptions {
+            mark: None,
+            keepalive: Some(Duration::from_secs(42)),
+        });
+        let listener = sockets
+            .listen("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (connected, accepted) = tokio::join!(sockets.connect(addr), listener.accept());
+        let (accepted, _) = accepted.unwrap();
+        for (side, stream) in [("connected", &connected.unwrap()), ("accepted", &accepted)] {
+            let socket = socket2::SockRef::from(stream);
+            assert!(socket.keepalive().unwrap(), "{side}: keepalive on");
+            assert_eq!(
+                socket.tcp_keepalive_time().unwrap(),
+                Duration::from_secs(42),
+                "{side}"
+            );
+            assert_eq!(
+                socket.tcp_keepalive_interval().unwrap(),
+                Duration::from_secs(10),
+                "{side}"
+            );
+            assert_eq!(socket.tcp_keepalive_retries().unwrap(), 3, "{side}");
+        }
     }
 }

@@ -13,7 +13,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::identity::CertificateError;
 use crate::inbound_capture::{InboundCapture, InboundCaptureStatus, InboundListener};
-use crate::netns::{PodNetns, SocketFactory};
+use crate::netns::{PodNetns, SocketFactory, SocketOptions};
 use crate::proxy::context::{Pod, Tunnel};
 use crate::proxy::hbone::serve_hbone_connection;
 use crate::proxy::inbound_plaintext::{INBOUND_PLAINTEXT_PORT, serve_inbound_plaintext};
@@ -78,7 +78,7 @@ pub struct PodsStatus {
 pub async fn run_pods(
     tunnel: Arc<Tunnel>,
     node: String,
-    mark: Option<u32>,
+    sockets: SocketOptions,
     status: Arc<Mutex<PodsStatus>>,
     mut inbound_capture: Option<InboundCapture>,
     applied: tokio::sync::watch::Sender<usize>,
@@ -89,7 +89,7 @@ pub async fn run_pods(
     capture_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let state = state_rx.borrow_and_update().clone();
-        let failed = reconcile(&tunnel, &node, mark, &state, &mut running).await;
+        let failed = reconcile(&tunnel, &node, sockets, &state, &mut running).await;
         // Published before the state counts as applied: the agent follower hands new
         // listeners over before it acknowledges.
         tunnel.inbound_listeners.replace(
@@ -146,7 +146,7 @@ const CAPTURE_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_mil
 async fn reconcile(
     tunnel: &Arc<Tunnel>,
     node: &str,
-    mark: Option<u32>,
+    sockets: SocketOptions,
     state: &State,
     running: &mut HashMap<String, RunningPod>,
 ) -> BTreeMap<String, String> {
@@ -174,7 +174,7 @@ async fn reconcile(
         }
         let tunnel = tunnel.clone();
         starting.spawn(async move {
-            let started = start_pod(&tunnel, workload.clone(), mark).await;
+            let started = start_pod(&tunnel, workload.clone(), sockets).await;
             (key, workload, started)
         });
     }
@@ -213,7 +213,7 @@ async fn reconcile(
 async fn start_pod(
     tunnel: &Arc<Tunnel>,
     workload: Arc<Workload>,
-    mark: Option<u32>,
+    options: SocketOptions,
 ) -> Result<(CancellationToken, Vec<Arc<InboundListener>>), PodError> {
     let key = workload.key();
     let netns = match (tunnel.pod_namespaces.get(&key), workload.netns.as_ref()) {
@@ -225,7 +225,7 @@ async fn start_pod(
         pod: key.clone(),
         source,
     })?;
-    let sockets = SocketFactory::pod(netns, mark);
+    let sockets = SocketFactory::pod(netns, options);
     let identity = workload.identity(tunnel.trust_domain());
     let slot = tunnel
         .certs
