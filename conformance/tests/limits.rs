@@ -69,6 +69,47 @@ fn refused(cluster: &Cluster, node: usize, reason: &str) -> f64 {
     )
 }
 
+/// A mesh certificate of the client pod's identity.
+fn client_cert(
+    cluster: &Cluster,
+) -> (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+) {
+    TestCa::load(cluster.ca_dir())
+        .unwrap()
+        .issue(Some("spiffe://cluster.local/ns/default/sa/client"))
+        .unwrap()
+}
+
+/// From the client pod, opens mutual TLS (ALPN h2) to the server's 15008 with the client's
+/// certificate and runs `then` on it, on a runtime of that thread.
+fn over_mesh_tls<T, F, Fut>(cluster: &Cluster, then: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce(tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+{
+    let cert = client_cert(cluster);
+    let hbone = SocketAddr::from((cluster.pod("server").ip, 15008));
+    cluster
+        .pod("client")
+        .netns
+        .run_in(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let tls = conformance::hbone_client::tls(hbone, Some(cert))
+                    .await
+                    .unwrap();
+                then(tls).await
+            })
+        })
+        .unwrap()
+}
+
 #[test]
 fn silent_connections_to_15008_are_held_to_a_share_and_dropped_at_the_deadline() {
     conformance::load::raise_fd_limit();
@@ -123,31 +164,13 @@ fn silent_connections_to_15008_are_held_to_a_share_and_dropped_at_the_deadline()
 #[test]
 fn an_hbone_connection_without_streams_is_closed_when_idle() {
     let cluster = cluster(&["--hbone-idle-timeout", "1s"]);
-    let ca = TestCa::load(cluster.ca_dir()).unwrap();
-    let cert = ca
-        .issue(Some("spiffe://cluster.local/ns/default/sa/client"))
-        .unwrap();
-    let hbone = SocketAddr::from((cluster.pod("server").ip, 15008));
-    let lasted = cluster
-        .pod("client")
-        .netns
-        .run_in(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let tls = conformance::hbone_client::tls(hbone, Some(cert))
-                    .await
-                    .unwrap();
-                let (_sender, connection) = h2::client::handshake(tls).await.unwrap();
-                let started = Instant::now();
-                // Driving the connection ends when the server closes it.
-                let _ = tokio::time::timeout(Duration::from_secs(10), connection).await;
-                started.elapsed()
-            })
-        })
-        .unwrap();
+    let lasted = over_mesh_tls(&cluster, |tls| async move {
+        let (_sender, connection) = h2::client::handshake(tls).await.unwrap();
+        let started = Instant::now();
+        // Driving the connection ends when the server closes it.
+        let _ = tokio::time::timeout(Duration::from_secs(10), connection).await;
+        started.elapsed()
+    });
     assert!(
         lasted >= Duration::from_secs(1) && lasted < Duration::from_secs(4),
         "closed after {lasted:?}"
@@ -216,61 +239,43 @@ fn connect_block(authority: &str) -> Vec<u8> {
 /// connection: whether it did within 10 s, and whether a GOAWAY came first.
 fn abuse(cluster: &Cluster, abuse: Vec<u8>) -> (bool, bool) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let ca = TestCa::load(cluster.ca_dir()).unwrap();
-    let cert = ca
-        .issue(Some("spiffe://cluster.local/ns/default/sa/client"))
-        .unwrap();
-    let hbone = SocketAddr::from((cluster.pod("server").ip, 15008));
-    cluster
-        .pod("client")
-        .netns
-        .run_in(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let tls = conformance::hbone_client::tls(hbone, Some(cert))
-                    .await
-                    .unwrap();
-                let (mut read, mut write) = tokio::io::split(tls);
-                let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-                start.extend(frame(SETTINGS, 0, 0, &[]));
-                start.extend(abuse);
-                // The tunnel may close while this is still being written.
-                let writer = tokio::spawn(async move {
-                    let _ = write.write_all(&start).await;
-                    write
-                });
-                let mut saw_goaway = false;
-                let mut pending = Vec::new();
-                let ended = tokio::time::timeout(Duration::from_secs(10), async {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        match read.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => pending.extend_from_slice(&buf[..n]),
-                        }
-                        // Walk whole frames, noting a GOAWAY.
-                        while pending.len() >= 9 {
-                            let len = (usize::from(pending[0]) << 16)
-                                | (usize::from(pending[1]) << 8)
-                                | usize::from(pending[2]);
-                            if pending.len() < 9 + len {
-                                break;
-                            }
-                            saw_goaway |= pending[3] == GOAWAY;
-                            pending.drain(..9 + len);
-                        }
+    over_mesh_tls(cluster, move |tls| async move {
+        let (mut read, mut write) = tokio::io::split(tls);
+        let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        start.extend(frame(SETTINGS, 0, 0, &[]));
+        start.extend(abuse);
+        // The tunnel may close while this is still being written.
+        let writer = tokio::spawn(async move {
+            let _ = write.write_all(&start).await;
+            write
+        });
+        let mut saw_goaway = false;
+        let mut pending = Vec::new();
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match read.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => pending.extend_from_slice(&buf[..n]),
+                }
+                // Walk whole frames, noting a GOAWAY.
+                while pending.len() >= 9 {
+                    let len = (usize::from(pending[0]) << 16)
+                        | (usize::from(pending[1]) << 8)
+                        | usize::from(pending[2]);
+                    if pending.len() < 9 + len {
+                        break;
                     }
-                })
-                .await
-                .is_ok();
-                writer.abort();
-                (ended, saw_goaway)
-            })
+                    saw_goaway |= pending[3] == GOAWAY;
+                    pending.drain(..9 + len);
+                }
+            }
         })
-        .unwrap()
+        .await
+        .is_ok();
+        writer.abort();
+        (ended, saw_goaway)
+    })
 }
 
 /// HTTP/2 abuse ends the abusing connection and nothing else: PING and SETTINGS floods (cut
@@ -304,12 +309,7 @@ fn http2_abuse_ends_the_connection_not_the_tunnel() {
         let answer = conformance::hbone_client::connect_from(
             &cluster.pod("client").netns,
             SocketAddr::from((cluster.pod("server").ip, 15008)),
-            Some(
-                TestCa::load(cluster.ca_dir())
-                    .unwrap()
-                    .issue(Some("spiffe://cluster.local/ns/default/sa/client"))
-                    .unwrap(),
-            ),
+            Some(client_cert(&cluster)),
             &authority,
         )
         .unwrap();

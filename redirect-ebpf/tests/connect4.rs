@@ -5,11 +5,12 @@
 use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
+
 use std::time::Duration;
 
 mod common;
 
-use common::{Capture, Netns};
+use common::{Capture, Netns, so_original_dst};
 use redirect_ebpf::{Exclusions, OUTBOUND_PORT, Options, cgroup2_mount, netns_cookie};
 
 /// Connects to a destination with no route; the client's local address when captured.
@@ -78,27 +79,6 @@ fn captures_enrolled_namespaces_only_and_records_the_original_destination() {
         enrolled.run(|| connect(false)),
         Err(ErrorKind::NetworkUnreachable)
     );
-}
-
-/// What `getsockopt(SOL_IP, SO_ORIGINAL_DST)` answers on an accepted socket: the tunnel's call.
-fn so_original_dst(stream: &TcpStream) -> std::io::Result<SocketAddr> {
-    // SAFETY: sockaddr_in is plain data; the kernel (or the program) fills at most `len` bytes.
-    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_IP,
-            80,
-            (&mut sa as *mut libc::sockaddr_in).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let ip = std::net::Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
-    Ok(SocketAddr::from((ip, u16::from_be(sa.sin_port))))
 }
 
 #[test]

@@ -5,30 +5,13 @@
 //! connections (all the local ports one client address has) wait without a loss.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{Capture, Netns};
+use common::{Capture, Netns, so_original_dst};
 use redirect_ebpf::{Exclusions, OUTBOUND_PORT, Options};
-
-/// `getsockopt(SOL_IP, SO_ORIGINAL_DST)` on an accepted socket: whether it was answered.
-fn answered(stream: &TcpStream) -> bool {
-    // SAFETY: sockaddr_in is plain data; the kernel (or the program) fills at most `len` bytes.
-    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_IP,
-            80,
-            (&mut sa as *mut libc::sockaddr_in).cast(),
-            &mut len,
-        )
-    };
-    rc == 0
-}
 
 /// Opens `n` captured connections from the pod in batches, accepts each, asks its original
 /// destination if `ask`, and closes both ends with a reset (no TIME_WAIT, so local ports are
@@ -51,7 +34,10 @@ fn connections(pod: &Netns, listener: &TcpListener, n: usize, ask: bool) -> Vec<
             let (accepted, peer) = listener.accept().unwrap();
             assert_eq!(peer, client.local_addr().unwrap());
             if ask {
-                assert!(answered(&accepted), "an asked connection was answered");
+                assert!(
+                    so_original_dst(&accepted).is_ok(),
+                    "an asked connection was answered"
+                );
             }
             for stream in [client, accepted] {
                 socket2::SockRef::from(&stream)

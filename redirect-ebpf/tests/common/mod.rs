@@ -2,7 +2,9 @@
 //! directory (so tests run side by side), removed when dropped.
 #![allow(dead_code)]
 
+use std::net::{SocketAddr, TcpStream};
 use std::ops::{Deref, DerefMut};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -200,4 +202,25 @@ pub fn pins_under(dir: &std::path::Path) -> Vec<PathBuf> {
     }
     found.sort();
     found
+}
+
+/// What `getsockopt(SOL_IP, SO_ORIGINAL_DST)` answers on an accepted socket: the tunnel's call.
+pub fn so_original_dst(stream: &TcpStream) -> std::io::Result<SocketAddr> {
+    // SAFETY: sockaddr_in is plain data; the kernel (or the program) fills at most `len` bytes.
+    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_IP,
+            80,
+            (&mut sa as *mut libc::sockaddr_in).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let ip = std::net::Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
+    Ok(SocketAddr::from((ip, u16::from_be(sa.sin_port))))
 }
