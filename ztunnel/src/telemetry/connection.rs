@@ -23,8 +23,10 @@ pub struct Peer {
 pub struct ConnectionRecorder {
     metrics: Arc<Metrics>,
     labels: ConnectionLabels,
-    source: Peer,
-    destination: Peer,
+    /// The ends' addresses, for the access log (the rest of each end is in the labels; a
+    /// held connection keeps only what it needs).
+    source_addr: Option<SocketAddr>,
+    destination_addr: Option<SocketAddr>,
     /// Destination to source.
     pub sent: Counter,
     /// Source to destination.
@@ -70,8 +72,8 @@ impl ConnectionRecorder {
         ConnectionRecorder {
             metrics,
             labels,
-            source,
-            destination,
+            source_addr: source.addr,
+            destination_addr: destination.addr,
             sent,
             received,
             started: Instant::now(),
@@ -95,11 +97,11 @@ impl ConnectionRecorder {
         info!(
             target: "access",
             reporter = ?self.labels.reporter,
-            src.addr = ?self.source.addr,
+            src.addr = ?self.source_addr,
             src.workload = self.labels.source_workload,
             src.namespace = self.labels.source_workload_namespace,
             src.identity = self.labels.source_principal,
-            dst.addr = ?self.destination.addr,
+            dst.addr = ?self.destination_addr,
             dst.workload = self.labels.destination_workload,
             dst.namespace = self.labels.destination_workload_namespace,
             dst.identity = self.labels.destination_principal,
