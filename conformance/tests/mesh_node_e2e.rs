@@ -89,6 +89,14 @@ fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 }
 
 /// Sends `secret` from the client while capturing node 2's link: whether it crossed in clear.
+/// Waits until a request from the client reaches the server meshed.
+fn wait_until_meshed(cluster: &Cluster) {
+    eventually("the client is meshed", || {
+        let before = meshed(cluster, CLIENT);
+        echo(cluster, "client", "first") && meshed(cluster, CLIENT) == before + 1.0
+    });
+}
+
 fn crosses_in_clear(cluster: &Cluster, secret: &str) -> bool {
     let (mut tcpdump, pcap) = cluster.capture_link(2, secret).unwrap();
     assert!(echo(cluster, "client", secret));
@@ -159,10 +167,7 @@ fn labelling_a_namespace_enrolls_its_pods_and_unlabelling_or_opting_out_returns_
 #[test]
 fn a_pod_that_appears_later_in_a_labelled_namespace_is_enrolled() {
     let cluster = cluster(true);
-    eventually("the client is meshed", || {
-        let before = meshed(&cluster, CLIENT);
-        echo(&cluster, "client", "first") && meshed(&cluster, CLIENT) == before + 1.0
-    });
+    wait_until_meshed(&cluster);
     cluster
         .write_manifests(&Manifests {
             labelled: &["default"],
@@ -191,6 +196,18 @@ struct Outcome {
     successes: Vec<Duration>,
     failures: Vec<(Duration, String)>,
     long_failure: Option<(Duration, String)>,
+}
+
+impl Outcome {
+    /// How long after `t` the first request succeeded.
+    fn resumed_after(&self, t: Duration) -> Duration {
+        let resumed = self
+            .successes
+            .iter()
+            .find(|s| **s > t)
+            .expect("service resumes");
+        *resumed - t
+    }
 }
 
 impl Traffic {
@@ -274,10 +291,7 @@ impl Traffic {
 #[test]
 fn agent_and_tunnel_restarts_under_traffic_send_nothing_in_plaintext() {
     let mut cluster = cluster(true);
-    eventually("the client is meshed", || {
-        let before = meshed(&cluster, CLIENT);
-        echo(&cluster, "client", "first") && meshed(&cluster, CLIENT) == before + 1.0
-    });
+    wait_until_meshed(&cluster);
     let meshed_before = meshed(&cluster, CLIENT);
     let (mut tcpdump, pcap) = cluster.capture_link(2, "restarts").unwrap();
     let traffic = Traffic::start(&cluster);
@@ -322,12 +336,7 @@ fn agent_and_tunnel_restarts_under_traffic_send_nothing_in_plaintext() {
             "the long connection broke at {t:?} (before the tunnel restart): {e}"
         );
     }
-    let resumed = outcome
-        .successes
-        .iter()
-        .find(|t| **t > tunnel_started)
-        .expect("service resumes");
-    let resume = *resumed - tunnel_started;
+    let resume = outcome.resumed_after(tunnel_started);
     assert!(
         resume < Duration::from_secs(1),
         "service resumed {resume:?} after the new tunnel started"
@@ -353,10 +362,7 @@ fn agent_and_tunnel_restarts_under_traffic_send_nothing_in_plaintext() {
 #[test]
 fn a_killed_tunnel_fails_closed_until_a_new_one_serves() {
     let mut cluster = cluster(true);
-    eventually("the client is meshed", || {
-        let before = meshed(&cluster, CLIENT);
-        echo(&cluster, "client", "first") && meshed(&cluster, CLIENT) == before + 1.0
-    });
+    wait_until_meshed(&cluster);
     let (mut tcpdump, pcap) = cluster.capture_link(2, "kill9").unwrap();
     let traffic = Traffic::start(&cluster);
     traffic.wait_for(20);
@@ -406,15 +412,10 @@ fn a_killed_tunnel_fails_closed_until_a_new_one_serves() {
                 "node1: {refused:?}"
             );
         }
-        let resumed = outcome
-            .successes
-            .iter()
-            .find(|t| **t > started)
-            .expect("service resumes");
+        let resume = outcome.resumed_after(started);
         assert!(
-            *resumed - started < Duration::from_secs(1),
-            "node{node}: service resumed {:?} after the new tunnel started",
-            *resumed - started
+            resume < Duration::from_secs(1),
+            "node{node}: service resumed {resume:?} after the new tunnel started"
         );
     }
     eprintln!(

@@ -3,20 +3,13 @@
 #![no_main]
 
 use std::io::Write;
-use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use tunnel_proto::protocol::{AgentMessage, TunnelMessage, recv};
 
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RUNTIME.get_or_init(|| {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime")
-    })
-}
+#[path = "support/runtime.rs"]
+mod support;
+use support::runtime;
 
 /// Feeds `bytes` to a reader of `M` frames until it stops.
 fn read_all<M: serde::de::DeserializeOwned>(bytes: &[u8]) {
