@@ -136,7 +136,7 @@ impl Cluster {
 
 /// Appends one YAML document.
 fn push_yaml<T: serde::Serialize>(out: &mut String, object: &T) -> Result<()> {
-    out.push_str(&serde_yaml::to_string(object)?);
+    out.push_str(&serde_saphyr::to_string(object)?);
     out.push_str("---\n");
     Ok(())
 }

@@ -9,10 +9,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(policy) = serde_yaml::from_str::<MeshPolicy>(text) {
+    if let Ok(policy) = serde_saphyr::from_str::<MeshPolicy>(text) {
         let _ = validate_policy(&policy);
     }
-    if let Ok(authn) = serde_yaml::from_str::<MeshAuthentication>(text) {
+    if let Ok(authn) = serde_saphyr::from_str::<MeshAuthentication>(text) {
         let _ = validate_authentication(&authn);
     }
 });

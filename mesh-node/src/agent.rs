@@ -27,7 +27,7 @@ pub enum AgentError {
         source: std::io::Error,
     },
     #[error("cannot encode the tunnel's state: {0}")]
-    Encode(#[from] serde_yaml::Error),
+    Encode(#[from] serde_saphyr::ser_error::Error),
 }
 
 /// Where the agent looks for a pod's network namespace. Nothing a pod's author writes may
@@ -112,7 +112,7 @@ fn with_local_netns(state: &StateSpec, wanted: &BTreeMap<String, EnrolledPod>) -
 
 /// Writes the tunnel's state file atomically (a rename), so the tunnel never reads half.
 pub fn write_state(path: &Path, state: &StateSpec) -> Result<(), AgentError> {
-    let text = serde_yaml::to_string(state)?;
+    let text = serde_saphyr::to_string(state)?;
     let tmp = path.with_extension("tmp");
     let fail = |source| AgentError::WriteState {
         path: path.to_owned(),

@@ -93,7 +93,7 @@ mod tests {
     use super::*;
 
     fn pod(yaml: &str) -> Pod {
-        serde_yaml::from_str(yaml).unwrap()
+        serde_saphyr::from_str(yaml).unwrap()
     }
 
     fn namespaces(labelled: bool) -> BTreeMap<String, Arc<Namespace>> {
@@ -102,7 +102,7 @@ mod tests {
         } else {
             "{}"
         };
-        let ns: Namespace = serde_yaml::from_str(&format!(
+        let ns: Namespace = serde_saphyr::from_str(&format!(
             "apiVersion: v1\nkind: Namespace\nmetadata: {{name: apps, labels: {label}}}\n"
         ))
         .unwrap();

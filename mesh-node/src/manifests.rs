@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use tunnel_proto::file_trust::{Exposure, FileTrustError, check_file, read_trusted};
+use tunnel_proto::yaml::YamlFault;
 
 use crate::changes::Changes;
 use crate::cluster::{ClusterObjects, Object};
@@ -299,21 +300,22 @@ struct Chunk<'a> {
     first_line: usize,
 }
 
-/// Cuts a YAML stream at its `---` lines. A line that starts with `---` followed by a blank or
-/// its end is always a document marker in YAML (no scalar may contain one), so no document is
-/// ever cut in two; a piece holding more than one document (after `...`) is still parsed
-/// whole.
+/// Cuts a YAML stream into pieces of one document each: before its `---` lines and after its
+/// `...` lines. A line that starts with `---` or `...` followed by a blank or its end is always
+/// a marker in YAML (no scalar may contain one at the start of a line), so no document is ever
+/// cut in two.
 fn split_documents(text: &str) -> Vec<Chunk<'_>> {
     let mut chunks = Vec::new();
     let mut start = 0;
     let mut first_line = 0;
     let mut offset = 0;
+    let is_marker = |line: &str, marker: &str| {
+        line.trim_end_matches(['\n', '\r'])
+            .strip_prefix(marker)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(' ') || rest.starts_with('\t'))
+    };
     for (line_number, line) in text.split_inclusive('\n').enumerate() {
-        let bare = line.trim_end_matches(['\n', '\r']);
-        let marker = bare
-            .strip_prefix("---")
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with(' ') || rest.starts_with('\t'));
-        if marker && offset > start {
+        if is_marker(line, "---") && offset > start {
             chunks.push(Chunk {
                 text: &text[start..offset],
                 first_line,
@@ -322,6 +324,14 @@ fn split_documents(text: &str) -> Vec<Chunk<'_>> {
             first_line = line_number;
         }
         offset += line.len();
+        if is_marker(line, "...") {
+            chunks.push(Chunk {
+                text: &text[start..offset],
+                first_line,
+            });
+            start = offset;
+            first_line = line_number + 1;
+        }
     }
     if offset > start {
         chunks.push(Chunk {
@@ -332,98 +342,79 @@ fn split_documents(text: &str) -> Vec<Chunk<'_>> {
     chunks
 }
 
-/// `reason` with every `line N` in it moved down by `by` lines (from a piece to its file).
-fn shift_lines(reason: &str, by: usize) -> String {
-    let mut out = String::with_capacity(reason.len());
-    let mut rest = reason;
-    while let Some(at) = rest.find("line ") {
-        let (before, after) = rest.split_at(at + "line ".len());
-        out.push_str(before);
-        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
-        match after[..digits].parse::<usize>() {
-            Ok(line) => out.push_str(&(line + by).to_string()),
-            Err(_) => out.push_str(&after[..digits]),
-        }
-        rest = &after[digits..];
-    }
-    out.push_str(rest);
-    out
+/// What a document says it is.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TypeMeta {
+    kind: Option<String>,
+    api_version: Option<String>,
 }
 
-/// Parses the documents of one piece; `number` counts documents in the file so far.
+/// The document of one piece, if it holds one; `number` counts documents in the file so far.
 fn parse_chunk(
     path: &Path,
     chunk: &Chunk<'_>,
     number: &mut usize,
 ) -> Result<Vec<Object>, ManifestError> {
-    let mut objects = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(chunk.text) {
-        let fail = |location: String, reason: String| ManifestError::Document {
-            file: path.to_owned(),
-            document: *number + 1,
-            location,
-            reason,
-        };
-        let value = match serde_yaml::Value::deserialize(document) {
-            Ok(value) => value,
-            Err(e) => {
-                let location = e
-                    .location()
-                    .map(|l| {
-                        format!(
-                            " (line {}, column {})",
-                            l.line() + chunk.first_line,
-                            l.column()
-                        )
-                    })
-                    .unwrap_or_default();
+    let fail = |location: String, reason: String| ManifestError::Document {
+        file: path.to_owned(),
+        document: *number + 1,
+        location,
+        reason,
+    };
+    // Every error of the parser names the line of the piece: move it to the file's.
+    let parse_failed = |prefix: &str, error: serde_saphyr::Error| {
+        let fault = YamlFault::from(&error);
+        let location = fault
+            .at
+            .map(|(line, column)| format!(" (line {}, column {column})", line + chunk.first_line))
+            .unwrap_or_default();
+        fail(location, format!("{prefix}{}", fault.reason))
+    };
+    // Empty documents (a trailing `---`, only comments) are skipped, as kubectl does.
+    let metas: Vec<TypeMeta> =
+        serde_saphyr::from_multiple(chunk.text).map_err(|e| parse_failed("", e))?;
+    let Some(meta) = metas.into_iter().next() else {
+        return Ok(Vec::new());
+    };
+    let kind = meta
+        .kind
+        .ok_or_else(|| fail(String::new(), "no `kind`".to_owned()))?;
+    fn one<'a, T: Deserialize<'a>>(text: &'a str) -> Result<T, serde_saphyr::Error> {
+        let all: Vec<T> = serde_saphyr::from_multiple(text)?;
+        // The piece parsed to one document above, so the typed read finds the same one.
+        all.into_iter()
+            .next()
+            .ok_or_else(|| serde::de::Error::custom("the document vanished on a second read"))
+    }
+    let object = match kind.as_str() {
+        "Namespace" => one(chunk.text).map(|o| Object::Namespace(Arc::new(o))),
+        "Pod" => one(chunk.text).map(|o| Object::Pod(Arc::new(o))),
+        "Service" => one(chunk.text).map(|o| Object::Service(Arc::new(o))),
+        "EndpointSlice" => one(chunk.text).map(|o| Object::EndpointSlice(Arc::new(o))),
+        "MeshPolicy" | "MeshAuthentication" => {
+            let api_version = meta.api_version;
+            if api_version.as_deref() != Some(WEFT_API_VERSION) {
                 return Err(fail(
-                    location,
-                    shift_lines(&e.to_string(), chunk.first_line),
+                    String::new(),
+                    format!("{kind} of apiVersion {api_version:?}: Weft reads {WEFT_API_VERSION}"),
                 ));
             }
-        };
-        if value.is_null() {
-            continue; // an empty document (a trailing `---`)
+            if kind == "MeshPolicy" {
+                one(chunk.text).map(|o| Object::MeshPolicy(Arc::new(o)))
+            } else {
+                one(chunk.text).map(|o| Object::MeshAuthentication(Arc::new(o)))
+            }
         }
-        let kind = value
-            .get("kind")
-            .and_then(|k| k.as_str())
-            .ok_or_else(|| fail(String::new(), "no `kind`".to_owned()))?
-            .to_owned();
-        let object = match kind.as_str() {
-            "Namespace" => serde_yaml::from_value(value).map(|o| Object::Namespace(Arc::new(o))),
-            "Pod" => serde_yaml::from_value(value).map(|o| Object::Pod(Arc::new(o))),
-            "Service" => serde_yaml::from_value(value).map(|o| Object::Service(Arc::new(o))),
-            "EndpointSlice" => {
-                serde_yaml::from_value(value).map(|o| Object::EndpointSlice(Arc::new(o)))
-            }
-            "MeshPolicy" | "MeshAuthentication" => {
-                let api_version = value.get("apiVersion").and_then(|v| v.as_str());
-                if api_version != Some(WEFT_API_VERSION) {
-                    return Err(fail(
-                        String::new(),
-                        format!(
-                            "{kind} of apiVersion {api_version:?}: Weft reads {WEFT_API_VERSION}"
-                        ),
-                    ));
-                }
-                if kind == "MeshPolicy" {
-                    serde_yaml::from_value(value).map(|o| Object::MeshPolicy(Arc::new(o)))
-                } else {
-                    serde_yaml::from_value(value).map(|o| Object::MeshAuthentication(Arc::new(o)))
-                }
-            }
-            other => {
-                tracing::debug!(file = %path.display(), document = *number + 1, kind = other, "kind not followed; skipped");
-                *number += 1;
-                continue;
-            }
-        };
-        objects.push(object.map_err(|e| fail(String::new(), format!("{kind}: {e}")))?);
-        *number += 1;
-    }
-    Ok(objects)
+        other => {
+            tracing::debug!(file = %path.display(), document = *number + 1, kind = other, "kind not followed; skipped");
+            *number += 1;
+            return Ok(Vec::new());
+        }
+    };
+    let object = object.map_err(|e| parse_failed(&format!("{kind}: "), e))?;
+    *number += 1;
+    Ok(vec![object])
 }
 
 #[cfg(test)]
@@ -442,6 +433,18 @@ mod tests {
         assert!(
             matches!(&objects[1], Object::Pod(p) if p.metadata.namespace.as_deref() == Some("apps"))
         );
+    }
+
+    #[test]
+    fn scalars_are_read_as_the_type_asks() {
+        // No untyped value in between: a label `yes` or `0x10` is the string written.
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a, labels: {x: yes, y: 0x10}}\n";
+        let objects = parse_documents(Path::new("a.yaml"), text).unwrap();
+        let Object::Namespace(ns) = &objects[0] else {
+            panic!("{objects:?}")
+        };
+        let labels = ns.metadata.labels.as_ref().unwrap();
+        assert_eq!((labels["x"].as_str(), labels["y"].as_str()), ("yes", "0x10"));
     }
 
     #[test]
@@ -468,8 +471,8 @@ mod tests {
     #[test]
     fn documents_are_cut_only_at_markers_and_errors_name_the_line_of_the_file() {
         // `---` inside an indented block scalar is text, `--- {...}` starts a document with
-        // content on its own line, and `...` ends a document inside one piece.
-        let text = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: a\n  annotations:\n    note: |\n      ---\n      not a marker\n--- {apiVersion: v1, kind: Namespace, metadata: {name: b}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: c}\n...\n---\n# only a comment\n";
+        // content on its own line, and `...` ends a document (a bare one may follow).
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: a\n  annotations:\n    note: |\n      ---\n      not a marker\n--- {apiVersion: v1, kind: Namespace, metadata: {name: b}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: c}\n...\napiVersion: v1\nkind: Namespace\nmetadata: {name: d}\n---\n# only a comment\n";
         let objects = parse_documents(Path::new("m.yaml"), text).unwrap();
         let names: Vec<_> = objects
             .iter()
@@ -478,7 +481,7 @@ mod tests {
                 other => panic!("{other:?}"),
             })
             .collect();
-        assert_eq!(names, ["a", "b", "c"]);
+        assert_eq!(names, ["a", "b", "c", "d"]);
         let Object::Namespace(a) = &objects[0] else {
             unreachable!()
         };
@@ -491,10 +494,9 @@ mod tests {
         let error = parse_documents(Path::new("m.yaml"), broken)
             .unwrap_err()
             .to_string();
-        assert!(error.starts_with("m.yaml: document 3 (line 12,"), "{error}");
-        assert!(
-            error.contains("at line 12 column 1, while parsing a flow sequence at line 11"),
-            "serde_yaml's own locations are the file's too: {error}"
+        assert_eq!(
+            error, "m.yaml: document 3 (line 11, column 11): unclosed bracket '['",
+            "the parser's location is the file's, not the piece's"
         );
     }
 
@@ -546,7 +548,9 @@ mod tests {
             "same error as a fresh read"
         );
         assert!(
-            errors[0].to_string().contains("document 52 (line 257,"),
+            errors[0]
+                .to_string()
+                .contains("document 52 (line 256, column 11)"),
             "{}",
             errors[0]
         );

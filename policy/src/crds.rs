@@ -13,7 +13,7 @@ pub fn crds_yaml() -> String {
     for crd in [MeshPolicy::crd(), MeshAuthentication::crd()] {
         out.push_str("---\n");
         // Cannot fail: a CRD is plain strings, maps, lists and numbers.
-        let text = serde_yaml::to_string(&crd).expect("a CRD serializes to YAML");
+        let text = serde_saphyr::to_string(&crd).expect("a CRD serializes to YAML");
         out.push_str(&text);
     }
     out

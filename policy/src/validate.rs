@@ -268,7 +268,7 @@ mod tests {
     use super::*;
 
     fn policy(yaml: &str) -> MeshPolicy {
-        serde_yaml::from_str(yaml).unwrap()
+        serde_saphyr::from_str(yaml).unwrap()
     }
 
     #[test]
@@ -331,13 +331,13 @@ spec:
 
     #[test]
     fn authentication_needs_a_known_mode() {
-        let ok: MeshAuthentication = serde_yaml::from_str(
+        let ok: MeshAuthentication = serde_saphyr::from_str(
             "apiVersion: weft.dev/v1alpha1\nkind: MeshAuthentication\nmetadata: {name: strict, namespace: shop}\nspec: {mode: Strict}\n",
         )
         .unwrap();
         assert_eq!(validate_authentication(&ok), vec![]);
         assert_eq!(ok.spec.mode, crate::MtlsMode::Strict);
-        let bad = serde_yaml::from_str::<MeshAuthentication>(
+        let bad = serde_saphyr::from_str::<MeshAuthentication>(
             "apiVersion: weft.dev/v1alpha1\nkind: MeshAuthentication\nmetadata: {name: x}\nspec: {mode: STRICT}\n",
         )
         .unwrap_err()

@@ -6,6 +6,7 @@
 pub mod file_trust;
 pub mod peer;
 pub mod protocol;
+pub mod yaml;
 
 use std::net::IpAddr;
 use std::path::PathBuf;

@@ -120,13 +120,9 @@ impl ApiServer {
 
     /// Creates or replaces every object of a multi-document YAML text.
     pub fn apply(&self, yaml: &str) {
-        use serde::Deserialize;
         let mut state = self.state.lock().unwrap();
-        for document in serde_yaml::Deserializer::from_str(yaml) {
-            let mut object: Value = Value::deserialize(document).unwrap();
-            if object.is_null() {
-                continue;
-            }
+        let documents: Vec<Value> = serde_saphyr::from_multiple(yaml).unwrap();
+        for mut object in documents {
             let kind = object["kind"].as_str().unwrap().to_owned();
             let name = object["metadata"]["name"].as_str().unwrap().to_owned();
             let namespace = if kind == "Namespace" {

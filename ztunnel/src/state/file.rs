@@ -2,6 +2,8 @@
 
 use std::path::Path;
 
+use tunnel_proto::yaml::YamlFault;
+
 use super::{State, StateError, StateSpec};
 
 /// Parses and validates a state file's text.
@@ -9,28 +11,23 @@ pub fn parse_state_file(path: &Path, text: &str) -> Result<State, StateError> {
     let spec: StateSpec = if text.trim().is_empty() {
         StateSpec::default()
     } else {
-        serde_yaml::from_str(text).map_err(|e| match e.location() {
-            Some(loc) => StateError::Parse {
-                path: path.to_owned(),
-                line: loc.line(),
-                column: loc.column(),
-                reason: strip_location(&e.to_string()),
-            },
-            None => StateError::ParseNoLocation {
-                path: path.to_owned(),
-                reason: e.to_string(),
-            },
+        serde_saphyr::from_str(text).map_err(|e| {
+            let fault = YamlFault::from(&e);
+            match fault.at {
+                Some((line, column)) => StateError::Parse {
+                    path: path.to_owned(),
+                    line,
+                    column,
+                    reason: fault.reason,
+                },
+                None => StateError::ParseNoLocation {
+                    path: path.to_owned(),
+                    reason: fault.reason,
+                },
+            }
         })?
     };
     State::build(spec, &path.display().to_string())
-}
-
-/// serde_yaml appends " at line L column C"; we print the location first instead.
-fn strip_location(message: &str) -> String {
-    match message.find(" at line ") {
-        Some(i) => message[..i].to_owned(),
-        None => message.to_owned(),
-    }
 }
 
 #[cfg(test)]
@@ -83,5 +80,22 @@ services:
             .unwrap_err()
             .to_string();
         assert!(msg.contains("unknown field `nodee`"), "{msg}");
+    }
+
+    #[test]
+    fn alias_bombs_are_refused_by_the_parsers_budget() {
+        // A 1 MiB name anchored once and named by 100 workloads: 100 MiB of strings from a
+        // 1 MiB file, past the parser's 64 MiB budget of scalar bytes.
+        let big = "x".repeat(1 << 20);
+        let mut text =
+            format!("workloads:\n  - {{name: &s {big}, namespace: n, ips: [10.0.0.1], node: n}}\n");
+        for _ in 0..100 {
+            text.push_str("  - {name: *s, namespace: n, ips: [10.0.0.1], node: n}\n");
+        }
+        let msg = parse_state_file(Path::new("s.yaml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("s.yaml:"), "{msg}");
+        assert!(msg.contains("budget breached"), "{msg}");
     }
 }
