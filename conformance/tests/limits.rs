@@ -234,6 +234,24 @@ fn connect_block(authority: &str) -> Vec<u8> {
     block
 }
 
+/// Takes the whole frames off the front of `pending`: (type, stream, payload) of each.
+fn whole_frames(pending: &mut Vec<u8>) -> Vec<(u8, u32, Vec<u8>)> {
+    let mut frames = Vec::new();
+    while pending.len() >= 9 {
+        let len = (usize::from(pending[0]) << 16)
+            | (usize::from(pending[1]) << 8)
+            | usize::from(pending[2]);
+        if pending.len() < 9 + len {
+            break;
+        }
+        let stream =
+            u32::from_be_bytes([pending[5], pending[6], pending[7], pending[8]]) & 0x7fff_ffff;
+        frames.push((pending[3], stream, pending[9..9 + len].to_vec()));
+        pending.drain(..9 + len);
+    }
+    frames
+}
+
 /// Opens a mesh-authenticated TLS connection to the server's 15008 from the client pod, sends
 /// the HTTP/2 preface, a SETTINGS frame and `abuse`, and reads until the tunnel ends the
 /// connection: whether it did within 10 s, and whether a GOAWAY came first.
@@ -258,17 +276,9 @@ fn abuse(cluster: &Cluster, abuse: Vec<u8>) -> (bool, bool) {
                     Ok(0) | Err(_) => return,
                     Ok(n) => pending.extend_from_slice(&buf[..n]),
                 }
-                // Walk whole frames, noting a GOAWAY.
-                while pending.len() >= 9 {
-                    let len = (usize::from(pending[0]) << 16)
-                        | (usize::from(pending[1]) << 8)
-                        | usize::from(pending[2]);
-                    if pending.len() < 9 + len {
-                        break;
-                    }
-                    saw_goaway |= pending[3] == GOAWAY;
-                    pending.drain(..9 + len);
-                }
+                saw_goaway |= whole_frames(&mut pending)
+                    .iter()
+                    .any(|(kind, _, _)| *kind == GOAWAY);
             }
         })
         .await
@@ -320,4 +330,246 @@ fn http2_abuse_ends_the_connection_not_the_tunnel() {
         cluster.nodes[1].tunnel.as_mut().unwrap().exited().is_none(),
         "the tunnel runs"
     );
+}
+
+/// The increment of the first connection-level WINDOW_UPDATE the tunnel sends on a fresh
+/// HBONE connection (what it grants above HTTP/2's 65,535), or 0 if none comes within 2 s.
+/// The connection is kept open (returned) so that its window stays allotted.
+async fn granted_window(
+    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) -> (u32, tokio_rustls::client::TlsStream<tokio::net::TcpStream>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = tls;
+    let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    start.extend(frame(SETTINGS, 0, 0, &[]));
+    tls.write_all(&start).await.unwrap();
+    let mut pending = Vec::new();
+    let found = tokio::time::timeout(Duration::from_secs(2), async {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = tls.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the tunnel closed the connection");
+            pending.extend_from_slice(&buf[..n]);
+            for (kind, stream, payload) in whole_frames(&mut pending) {
+                if kind == WINDOW_UPDATE && stream == 0 {
+                    let p = &payload[..4];
+                    return u32::from_be_bytes([p[0], p[1], p[2], p[3]]) & 0x7fff_ffff;
+                }
+            }
+        }
+    })
+    .await
+    .unwrap_or(0);
+    (found, tls)
+}
+
+const WINDOW_UPDATE: u8 = 0x8;
+
+/// A peer's HTTP/2 receive window comes from its budget: with 20 MiB, its first connection
+/// gets the full 16 MiB, the second the 4 MiB left, the third only HTTP/2's 64 KiB; another
+/// peer has a budget of its own, and a closed connection gives its window back.
+#[test]
+fn receive_windows_are_allotted_from_the_peers_budget() {
+    let cluster = cluster(&["--hbone-receive-budget-per-peer-mib", "20"]);
+    const MIB: u32 = 1 << 20;
+    let mut certs: Vec<_> = (0..3).map(|_| client_cert(&cluster)).collect();
+    let grants = over_mesh_tls(&cluster, |first| async move {
+        let hbone = first.get_ref().0.peer_addr().unwrap();
+        let mut open = || conformance::hbone_client::tls(hbone, certs.pop());
+        let (a, first) = granted_window(first).await;
+        let (b, second) = granted_window(open().await.unwrap()).await;
+        let (c, _third) = granted_window(open().await.unwrap()).await;
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (d, _fourth) = granted_window(open().await.unwrap()).await;
+        drop(second);
+        [a, b, c, d]
+    });
+    eprintln!("connection windows granted above 65,535: {grants:?}");
+    assert_eq!(
+        grants[0],
+        16 * MIB - 65_535,
+        "the first gets the full window"
+    );
+    assert_eq!(grants[1], 4 * MIB - 65_535, "the second what is left");
+    assert_eq!(grants[2], 0, "the third only HTTP/2's minimum");
+    assert_eq!(
+        grants[3],
+        16 * MIB - 65_535,
+        "a closed connection gave its 16 MiB back"
+    );
+}
+
+/// A peer holds at most `--hbone-max-streams-per-peer` streams over all its connections: past
+/// it a CONNECT is answered 503 with the reason, counted, and a place that frees is taken again.
+#[test]
+fn a_peers_streams_are_held_to_its_limit_over_its_connections() {
+    let cluster = cluster(&["--hbone-max-streams-per-peer", "3"]);
+    let authority = format!("{}:8080", cluster.pod("server").ip);
+    let second_cert = client_cert(&cluster);
+    let statuses = over_mesh_tls(&cluster, move |first| async move {
+        let hbone = first.get_ref().0.peer_addr().unwrap();
+        let second = conformance::hbone_client::tls(hbone, Some(second_cert))
+            .await
+            .unwrap();
+        let mut senders = Vec::new();
+        for tls in [first, second] {
+            let (sender, connection) = h2::client::handshake(tls).await.unwrap();
+            tokio::spawn(connection);
+            senders.push(sender);
+        }
+        let mut held = Vec::new();
+        let mut statuses = Vec::new();
+        // Two streams on each connection, then one more once a stream closed.
+        for i in 0..5 {
+            if i == 4 {
+                drop(held.remove(0));
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            let request = http::Request::builder()
+                .method(http::Method::CONNECT)
+                .uri(authority.as_str())
+                .body(())
+                .unwrap();
+            let sender = senders[i % 2].clone().ready().await.unwrap();
+            let (response, send) = { sender }.send_request(request, false).unwrap();
+            let response = response.await.unwrap();
+            let reason = response
+                .headers()
+                .get("weft-error")
+                .map(|v| v.to_str().unwrap().to_owned());
+            statuses.push((response.status().as_u16(), reason));
+            held.push((send, response.into_body()));
+        }
+        statuses
+    });
+    eprintln!("{statuses:?}");
+    let codes: Vec<u16> = statuses.iter().map(|(code, _)| *code).collect();
+    assert_eq!(codes, [200, 200, 200, 503, 200]);
+    let reason = statuses[3].1.as_deref().unwrap_or_default();
+    assert!(reason.contains("limit of 3 HBONE streams"), "{reason}");
+    assert_eq!(refused(&cluster, 2, "streams_per_peer"), 1.0);
+}
+
+/// An IO that stops reading on demand: a peer that no longer takes what the tunnel sends.
+struct Gate<T> {
+    inner: T,
+    paused: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Gate<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.paused.load(std::sync::atomic::Ordering::Relaxed) {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Gate<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib / 1024.0
+}
+
+/// From the client pod, opens `streams` CONNECT streams to the server's HTTP app with windows
+/// as large as HTTP/2 allows, stops reading, asks each for a gigabyte, and returns how much
+/// the server's tunnel grew (MiB) while the bytes pile up.
+fn stalled_reader_growth(tunnel_args: &[&str], streams: usize) -> f64 {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut cluster = cluster(tunnel_args);
+    let authority = format!("{}:8080", cluster.pod("server").ip);
+    let pid = cluster.nodes[1].tunnel.as_mut().unwrap().pid().unwrap();
+    over_mesh_tls(&cluster, move |tls| async move {
+        let paused = std::sync::Arc::new(AtomicBool::new(false));
+        let gate = Gate {
+            inner: tls,
+            paused: paused.clone(),
+        };
+        let (sender, connection) = h2::client::Builder::new()
+            .initial_window_size(i32::MAX as u32)
+            .initial_connection_window_size(i32::MAX as u32)
+            .handshake::<_, bytes::Bytes>(gate)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let mut held = Vec::new();
+        for _ in 0..streams {
+            let request = http::Request::builder()
+                .method(http::Method::CONNECT)
+                .uri(authority.as_str())
+                .body(())
+                .unwrap();
+            let sender = sender.clone().ready().await.unwrap();
+            let (response, send) = { sender }.send_request(request, false).unwrap();
+            let response = response.await.unwrap();
+            assert_eq!(response.status(), 200);
+            held.push((send, response.into_body()));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = rss_mib(pid);
+        paused.store(true, Ordering::Relaxed);
+        for (send, _) in &mut held {
+            let ask = "GET /bytes/1000000000 HTTP/1.1\r\nHost: server\r\n\r\n";
+            send.send_data(bytes::Bytes::from(ask), false).unwrap();
+        }
+        // Let the tunnel read what it will (the app writes at memory speed).
+        let mut peak = before;
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            peak = peak.max(rss_mib(pid));
+        }
+        drop(held);
+        peak - before
+    })
+}
+
+/// A peer that stops reading cannot make the tunnel buffer more than its send budget: 48
+/// streams each asking for a gigabyte from an application that writes as fast as it can.
+/// Without a budget (baseline, same run) the tunnel holds a read chunk and h2's send buffer
+/// per stream, tens of MiB; with 4 MiB it grows by little more than that.
+#[test]
+fn a_peer_that_stops_reading_pins_no_more_than_its_send_budget() {
+    let streams = 48;
+    let unbounded = stalled_reader_growth(&["--hbone-send-budget-per-peer-mib", "100000"], streams);
+    let bounded = stalled_reader_growth(&["--hbone-send-budget-per-peer-mib", "4"], streams);
+    eprintln!(
+        "server tunnel growth with {streams} stalled streams: {unbounded:.1} MiB without a budget, {bounded:.1} MiB with 4 MiB"
+    );
+    assert!(
+        unbounded > 40.0,
+        "the baseline must pile bytes up for this test to mean anything: {unbounded:.1} MiB"
+    );
+    assert!(bounded < 16.0, "{bounded:.1} MiB past a 4 MiB budget");
 }

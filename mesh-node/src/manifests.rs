@@ -438,13 +438,17 @@ mod tests {
     #[test]
     fn scalars_are_read_as_the_type_asks() {
         // No untyped value in between: a label `yes` or `0x10` is the string written.
-        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a, labels: {x: yes, y: 0x10}}\n";
+        let text =
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a, labels: {x: yes, y: 0x10}}\n";
         let objects = parse_documents(Path::new("a.yaml"), text).unwrap();
         let Object::Namespace(ns) = &objects[0] else {
             panic!("{objects:?}")
         };
         let labels = ns.metadata.labels.as_ref().unwrap();
-        assert_eq!((labels["x"].as_str(), labels["y"].as_str()), ("yes", "0x10"));
+        assert_eq!(
+            (labels["x"].as_str(), labels["y"].as_str()),
+            ("yes", "0x10")
+        );
     }
 
     #[test]

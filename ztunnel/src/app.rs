@@ -16,7 +16,7 @@ use crate::inbound_capture::InboundCapture;
 use crate::logging::SetLogFilter;
 use crate::netns::SocketOptions;
 use crate::pods::{PodsStatus, run_pods};
-use crate::proxy::admission::Admission;
+use crate::proxy::admission::{Admission, AdmissionLimits};
 use crate::proxy::context::{Deadlines, LocalPods, Tunnel};
 use crate::proxy::hbone::{Pool, PoolSettings};
 use crate::state::{AgentFollower, PodNamespaces, State, watch_state_file};
@@ -79,10 +79,17 @@ pub async fn run(config: RunConfig, set_log_filter: SetLogFilter) -> anyhow::Res
         same_node_shortcut: config.same_node_shortcut,
         pod_namespaces: PodNamespaces::default(),
         inbound_listeners: Default::default(),
-        hbone_admission: Admission::new(
-            config.hbone_max_connections,
-            config.hbone_max_connections_per_peer,
-        ),
+        hbone_admission: Admission::new(AdmissionLimits {
+            total: config.hbone_max_connections,
+            per_peer: config.hbone_max_connections_per_peer,
+            streams_per_peer: config.hbone_max_streams_per_peer,
+            receive_budget: config
+                .hbone_receive_budget_per_peer_mib
+                .saturating_mul(1 << 20),
+            send_budget: config
+                .hbone_send_budget_per_peer_mib
+                .saturating_mul(1 << 20),
+        }),
         deadlines: Deadlines {
             hbone_handshake: config.hbone_handshake_timeout,
             hbone_idle: config.hbone_idle_timeout,

@@ -133,6 +133,32 @@ pub struct RunConfig {
         default_value_t = 512
     )]
     pub hbone_max_connections_per_peer: usize,
+    /// Most CONNECT streams one peer address may hold at once over all its HBONE connections;
+    /// past it a stream is refused (503, flag `UO`).
+    #[arg(
+        long,
+        env = "WEFT_HBONE_MAX_STREAMS_PER_PEER",
+        default_value_t = 10_000
+    )]
+    pub hbone_max_streams_per_peer: usize,
+    /// MiB of HTTP/2 receive window one peer address is given over all its HBONE connections:
+    /// the most it can make the tunnel buffer on the way in (each connection takes up to
+    /// 16 MiB of it; once it is spent, a connection gets HTTP/2's minimum of 64 KiB).
+    #[arg(
+        long,
+        env = "WEFT_HBONE_RECEIVE_BUDGET_PER_PEER_MIB",
+        default_value_t = 64
+    )]
+    pub hbone_receive_budget_per_peer_mib: u64,
+    /// MiB one peer address's streams may have read from applications and not yet written to
+    /// it, over all its HBONE connections: what a peer that stops reading can make the tunnel
+    /// hold on the way out (past it, streams stop reading from their applications).
+    #[arg(
+        long,
+        env = "WEFT_HBONE_SEND_BUDGET_PER_PEER_MIB",
+        default_value_t = 64
+    )]
+    pub hbone_send_budget_per_peer_mib: u64,
     /// Connections between two pods of this node skip HBONE: the tunnel hands them from one
     /// pod's namespace to the other's in process (both identities are its own; nothing crosses
     /// a network). `false` sends them through TLS and 15008 like any other.
@@ -158,9 +184,18 @@ impl RunConfig {
         if self.pool_max_streams == 0 {
             return Err("--pool-max-streams must be at least 1".into());
         }
-        if self.hbone_max_connections == 0 || self.hbone_max_connections_per_peer == 0 {
+        if self.hbone_max_connections == 0
+            || self.hbone_max_connections_per_peer == 0
+            || self.hbone_max_streams_per_peer == 0
+        {
             return Err(
-                "--hbone-max-connections and --hbone-max-connections-per-peer must be at least 1"
+                "--hbone-max-connections, --hbone-max-connections-per-peer and --hbone-max-streams-per-peer must be at least 1"
+                    .into(),
+            );
+        }
+        if self.hbone_receive_budget_per_peer_mib == 0 || self.hbone_send_budget_per_peer_mib == 0 {
+            return Err(
+                "--hbone-receive-budget-per-peer-mib and --hbone-send-budget-per-peer-mib must be at least 1"
                     .into(),
             );
         }

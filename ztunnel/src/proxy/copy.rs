@@ -4,6 +4,7 @@
 
 use std::future::poll_fn;
 use std::io;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
@@ -13,6 +14,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::ProxyError;
+use super::send_budget::{SendBudget, SendLedger};
 
 const MIN_READ: usize = 16 * 1024;
 const MAX_READ: usize = 1024 * 1024;
@@ -42,13 +44,16 @@ impl Totals {
 struct AdaptiveReader {
     size: usize,
     buf: BytesMut,
+    /// Where the chunks go counted in flight until written (HBONE server streams).
+    budget: Option<Arc<SendBudget>>,
 }
 
 impl AdaptiveReader {
-    fn new() -> Self {
+    fn new(budget: Option<Arc<SendBudget>>) -> Self {
         AdaptiveReader {
             size: MIN_READ,
             buf: BytesMut::new(),
+            budget,
         }
     }
 
@@ -57,8 +62,17 @@ impl AdaptiveReader {
         loop {
             rd.readable().await?;
             let want = self.size;
+            // Room in the budget before the buffer is taken; what is not read goes back.
+            if let Some(budget) = &self.budget {
+                budget.reserve(want as u64).await;
+            }
             self.buf.reserve(want);
-            match rd.try_read_buf(&mut bytes::BufMut::limit(&mut self.buf, want)) {
+            let read = rd.try_read_buf(&mut bytes::BufMut::limit(&mut self.buf, want));
+            if let Some(budget) = &self.budget {
+                let kept = read.as_ref().map_or(0, |n| *n);
+                budget.give_back((want - kept) as u64);
+            }
+            match read {
                 Ok(0) => return Ok(None),
                 Ok(n) => {
                     let filled = n == want;
@@ -110,7 +124,7 @@ async fn tcp_to_tcp(
     mut wr: OwnedWriteHalf,
     counters: &[Counter],
 ) -> io::Result<u64> {
-    let mut reader = AdaptiveReader::new();
+    let mut reader = AdaptiveReader::new(None);
     let mut total = 0u64;
     while let Some(chunk) = reader.next(&rd).await? {
         wr.write_all(&chunk).await?;
@@ -125,15 +139,20 @@ async fn tcp_to_tcp(
 
 /// Copies between a TCP socket and an HTTP/2 stream until both directions end. `forward`
 /// counts TCP to HTTP/2, `backward` HTTP/2 to TCP.
+/// On the HBONE server, `ledger` counts what the stream sends out of its peer's budget.
 pub async fn copy_tcp_h2(
     tcp: TcpStream,
     send: SendStream<Bytes>,
     recv: RecvStream,
     forward: &Counter,
     backward: &Counter,
+    ledger: Option<Arc<SendLedger>>,
 ) -> Result<Totals, ProxyError> {
     let (rd, wr) = tcp.into_split();
-    let (f, b) = tokio::try_join!(tcp_to_h2(rd, send, forward), h2_to_tcp(recv, wr, backward))?;
+    let (f, b) = tokio::try_join!(
+        tcp_to_h2(rd, send, forward, ledger),
+        h2_to_tcp(recv, wr, backward)
+    )?;
     Ok(Totals {
         forward: f,
         backward: b,
@@ -144,12 +163,13 @@ async fn tcp_to_h2(
     rd: OwnedReadHalf,
     mut send: SendStream<Bytes>,
     counter: &Counter,
+    ledger: Option<Arc<SendLedger>>,
 ) -> Result<u64, ProxyError> {
-    let mut reader = AdaptiveReader::new();
+    let mut reader = AdaptiveReader::new(ledger.as_ref().map(|l| l.budget().clone()));
     let mut total = 0u64;
     while let Some(chunk) = reader.next(&rd).await? {
         let len = chunk.len() as u64;
-        send_all(&mut send, chunk).await?;
+        send_all(&mut send, chunk, ledger.as_deref()).await?;
         counter.inc_by(len);
         total += len;
     }
@@ -157,8 +177,19 @@ async fn tcp_to_h2(
     Ok(total)
 }
 
-/// Sends `data` as HTTP/2 DATA frames as fast as flow control allows.
-async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), ProxyError> {
+/// Sends `data` as HTTP/2 DATA frames as fast as flow control allows. With a `ledger`, `data`
+/// was reserved from the peer's budget: each piece is charged to the stream as h2 takes it,
+/// and what h2 never takes is given back.
+async fn send_all(
+    send: &mut SendStream<Bytes>,
+    mut data: Bytes,
+    ledger: Option<&SendLedger>,
+) -> Result<(), ProxyError> {
+    let stream = u32::from(send.stream_id());
+    let mut unsent = Unsent {
+        ledger,
+        bytes: data.len() as u64,
+    };
     while !data.is_empty() {
         send.reserve_capacity(data.len());
         let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
@@ -174,9 +205,33 @@ async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), P
             continue;
         }
         let chunk = data.split_to(granted.min(data.len()));
-        send.send_data(chunk, false)?;
+        let len = chunk.len() as u64;
+        unsent.bytes -= len;
+        if let Some(ledger) = ledger {
+            ledger.charge(stream, len);
+        }
+        if let Err(error) = send.send_data(chunk, false) {
+            if let Some(ledger) = ledger {
+                ledger.uncharge(stream, len);
+            }
+            return Err(error.into());
+        }
     }
     Ok(())
+}
+
+/// Reserved bytes of a chunk not handed to h2 yet; given back if the send stops early.
+struct Unsent<'a> {
+    ledger: Option<&'a SendLedger>,
+    bytes: u64,
+}
+
+impl Drop for Unsent<'_> {
+    fn drop(&mut self) {
+        if let Some(ledger) = self.ledger {
+            ledger.budget().give_back(self.bytes);
+        }
+    }
 }
 
 async fn h2_to_tcp(
@@ -207,7 +262,7 @@ mod tests {
     async fn buffers_grow_for_bulk_and_are_released_when_the_socket_drains() {
         let (mut writer, reader_side) = crate::test_support::tcp_pair().await;
         let (rd, _wr) = reader_side.into_split();
-        let mut reader = AdaptiveReader::new();
+        let mut reader = AdaptiveReader::new(None);
         // A small message: one small read, and no buffer kept while waiting for more.
         writer.write_all(b"hello").await.unwrap();
         let chunk = reader.next(&rd).await.unwrap().unwrap();

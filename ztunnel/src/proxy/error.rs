@@ -53,6 +53,8 @@ pub enum ProxyError {
     BadMethod(http::Method),
     #[error("I/O error while copying: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}; the stream is refused")]
+    Overflow(#[from] crate::proxy::admission::AdmissionRefused),
 }
 
 impl ProxyError {
@@ -70,6 +72,8 @@ impl ProxyError {
             ProxyError::ConnectRefused { .. } => "URX",
             ProxyError::Misdirected { .. } => "NR",
             ProxyError::Io(_) => "IO",
+            // Envoy's flag for a limit reached (upstream overflow).
+            ProxyError::Overflow(_) => "UO",
         }
     }
 

@@ -7,6 +7,7 @@ mod error;
 pub mod hbone;
 pub mod inbound_plaintext;
 pub mod outbound;
+pub mod send_budget;
 
 pub use error::ProxyError;
 

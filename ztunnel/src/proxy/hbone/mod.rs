@@ -7,7 +7,7 @@ mod server;
 
 pub use client::{HboneStream, connect};
 pub use pool::{Checkout, Pool, PoolKey, PoolSettings};
-pub use server::serve_hbone_connection;
+pub use server::{Client, serve_hbone_connection, serve_http2};
 
 /// HTTP/2 flow-control windows: large enough for one stream to fill a fast link. Frames (and
 /// read chunks, see `copy.rs`) of up to 1 MiB: the tunnel bench measured 16 KiB frames at

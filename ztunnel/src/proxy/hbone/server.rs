@@ -9,6 +9,7 @@ use bytes::Bytes;
 use h2::server::SendResponse;
 use http::{Method, Request, Response};
 use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
@@ -16,8 +17,10 @@ use tracing::{debug, warn};
 use super::flood::FloodWatch;
 use super::{CONNECTION_WINDOW, ERROR_HEADER, MAX_FRAME_SIZE, SEND_BUFFER, STREAM_WINDOW};
 use crate::identity::Identity;
+use crate::proxy::admission::{AdmissionRefused, Admitted, StreamPlace};
 use crate::proxy::context::{Pod, Tunnel};
 use crate::proxy::copy::{self, Totals};
+use crate::proxy::send_budget::SendLedger;
 use crate::proxy::{ProxyError, fail, finish};
 use crate::state::WorkloadIdentity;
 use crate::telemetry::{Peer, RefusedLabels, Reporter};
@@ -43,96 +46,118 @@ pub async fn serve_hbone_connection(
     pod: Arc<Pod>,
     tunnel: Arc<Tunnel>,
 ) {
-    let refused = |reason: &'static str| {
-        tunnel
-            .metrics
-            .hbone_refused
-            .get_or_create(&RefusedLabels { reason })
-            .inc();
-    };
-    let _admitted = match tunnel.hbone_admission.admit(client_addr.ip()) {
+    let admitted = match tunnel.hbone_admission.admit(client_addr.ip()) {
         Ok(admitted) => admitted,
         Err(limit) => {
-            refused(limit.reason());
+            refused(&tunnel, limit.reason());
             debug!(client = %client_addr, pod = %pod.workload.key(), "refused HBONE connection: {limit}");
             return;
         }
     };
     let _ = tcp.set_nodelay(true);
-    let deadlines = tunnel.deadlines;
-    let handshakes = async {
+    let deadline = tokio::time::Instant::now() + tunnel.deadlines.hbone_handshake;
+    let tls = async {
         let tls = match TlsAcceptor::from(config).accept(tcp).await {
             Ok(tls) => tls,
             Err(error) => {
                 let error = describe_handshake_error(&error);
-                refused("tls");
+                refused(&tunnel, "tls");
                 warn!(client = %client_addr, pod = %pod.workload.key(), %error, "refused HBONE connection: TLS handshake failed");
                 return None;
             }
         };
         // The verifier accepted the chain and the SPIFFE ID, so both are present.
-        let client_identity = match tls
+        match tls
             .get_ref()
             .1
             .peer_certificates()
             .and_then(|c| c.first())
             .map(peer_identity)
         {
-            Some(Ok(id)) => id,
+            Some(Ok(id)) => Some((tls, id)),
             _ => {
-                refused("tls");
+                refused(&tunnel, "tls");
                 warn!(client = %client_addr, "refused HBONE connection: no client identity");
-                return None;
-            }
-        };
-        let connection = h2::server::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_frame_size(MAX_FRAME_SIZE)
-            .max_send_buffer_size(SEND_BUFFER)
-            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-            .max_header_list_size(MAX_HEADER_LIST_SIZE)
-            .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
-            .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
-            .handshake::<_, Bytes>(FloodWatch::new(tls))
-            .await;
-        match connection {
-            Ok(c) => Some((c, client_identity)),
-            Err(error) => {
-                refused("h2");
-                warn!(client = %client_addr, %error, "refused HBONE connection: HTTP/2 handshake failed");
                 None
             }
         }
     };
-    let (mut connection, client_identity) = match tokio::time::timeout(
-        deadlines.hbone_handshake,
-        // Boxed: the handshakes' state is large and over once they are.
-        Box::pin(handshakes),
-    )
-    .await
-    {
+    // Boxed: the handshake's state is large and over once it is.
+    let (tls, identity) = match tokio::time::timeout_at(deadline, Box::pin(tls)).await {
         Ok(Some(ready)) => ready,
         Ok(None) => return,
-        Err(_) => {
-            refused("handshake_timeout");
-            debug!(client = %client_addr, deadline = ?deadlines.hbone_handshake, "closed HBONE connection: handshakes not finished in time");
+        Err(_) => return handshake_timed_out(&tunnel, client_addr),
+    };
+    let client = Client {
+        addr: client_addr,
+        identity,
+    };
+    serve_http2(tls, client, admitted, deadline, pod, tunnel).await;
+}
+
+/// The authenticated client of one HBONE connection.
+#[derive(Clone, Debug)]
+pub struct Client {
+    pub addr: SocketAddr,
+    /// From its verified certificate.
+    pub identity: Identity,
+}
+
+/// Serves HTTP/2 on a connection whose client is authenticated (`io` is the TLS session; the
+/// fuzz target drives it in memory) and admitted: the HTTP/2 handshake by
+/// `handshake_deadline`, then every CONNECT stream, until the connection ends or stays idle
+/// too long. The connection's receive window, its streams and what they send are held to the
+/// peer's share ([`Admitted`]).
+pub async fn serve_http2<IO>(
+    io: IO,
+    client: Client,
+    mut admitted: Admitted,
+    handshake_deadline: tokio::time::Instant,
+    pod: Arc<Pod>,
+    tunnel: Arc<Tunnel>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let ledger = SendLedger::new(admitted.send_budget());
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(admitted.receive_window(CONNECTION_WINDOW))
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_send_buffer_size(SEND_BUFFER)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+        .handshake::<_, Bytes>(FloodWatch::new(io, ledger.clone()));
+    let mut connection = match tokio::time::timeout_at(handshake_deadline, Box::pin(handshake))
+        .await
+    {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(error)) => {
+            refused(&tunnel, "h2");
+            warn!(client = %client.addr, %error, "refused HBONE connection: HTTP/2 handshake failed");
             return;
         }
+        Err(_) => return handshake_timed_out(&tunnel, client.addr),
     };
-    debug!(client = %client_addr, identity = %client_identity, "accepted HBONE connection");
+    debug!(client = %client.addr, identity = %client.identity, "accepted HBONE connection");
     // Streams of this connection still running; with none, the idle deadline runs from the
     // end of the last one (or from the handshake).
     let streams = Arc::new(Streams::default());
     let mut idle_since = tokio::time::Instant::now();
     let mut draining = false;
+    let deadlines = tunnel.deadlines;
     loop {
         let idle = streams.open.load(Ordering::Relaxed) == 0;
         tokio::select! {
             next = connection.accept() => match next {
                 Some(Ok((request, respond))) => {
                     let open = StreamGuard::open(&streams);
-                    let stream = handle_stream(request, respond, client_addr, client_identity.clone(), pod.clone(), tunnel.clone());
+                    let place = admitted.open_stream();
+                    if let Err(limit) = &place {
+                        refused(&tunnel, limit.reason());
+                    }
+                    let stream = handle_stream(request, respond, client.clone(), place, ledger.clone(), pod.clone(), tunnel.clone());
                     tunnel.connections.spawn(async move {
                         stream.await;
                         drop(open);
@@ -143,17 +168,17 @@ pub async fn serve_hbone_connection(
                         .get_io()
                         .is_some_and(|e| e.kind() == std::io::ErrorKind::InvalidData);
                     if flooded {
-                        refused("flood");
+                        refused(&tunnel, "flood");
                     }
-                    warn!(client = %client_addr, %error, "HBONE connection failed");
+                    warn!(client = %client.addr, %error, "HBONE connection failed");
                     return;
                 }
                 None => return,
             },
             _ = streams.ended.notified() => idle_since = tokio::time::Instant::now(),
             _ = tokio::time::sleep_until(idle_since + deadlines.hbone_idle), if idle && !draining => {
-                refused("idle");
-                debug!(client = %client_addr, "closing an idle HBONE connection");
+                refused(&tunnel, "idle");
+                debug!(client = %client.addr, "closing an idle HBONE connection");
                 draining = true;
                 connection.graceful_shutdown();
             }
@@ -163,6 +188,20 @@ pub async fn serve_hbone_connection(
             }
         }
     }
+}
+
+/// Counts a connection ended before it served, by `reason`.
+fn refused(tunnel: &Tunnel, reason: &'static str) {
+    tunnel
+        .metrics
+        .hbone_refused
+        .get_or_create(&RefusedLabels { reason })
+        .inc();
+}
+
+fn handshake_timed_out(tunnel: &Tunnel, client_addr: SocketAddr) {
+    refused(tunnel, "handshake_timeout");
+    debug!(client = %client_addr, deadline = ?tunnel.deadlines.hbone_handshake, "closed HBONE connection: handshakes not finished in time");
 }
 
 /// The running streams of one connection, and a wake-up when one ends.
@@ -192,13 +231,18 @@ impl Drop for StreamGuard {
 async fn handle_stream(
     request: Request<h2::RecvStream>,
     mut respond: SendResponse<Bytes>,
-    client_addr: SocketAddr,
-    client_identity: Identity,
+    client: Client,
+    place: Result<StreamPlace, AdmissionRefused>,
+    ledger: Arc<SendLedger>,
     pod: Arc<Pod>,
     tunnel: Arc<Tunnel>,
 ) {
-    let source = source_peer(&tunnel, client_addr, client_identity);
-    let target = connect_target(&request, &pod);
+    let source = source_peer(&tunnel, client);
+    // Held while the stream runs; a stream past the peer's limit is refused (and recorded).
+    let (_place, target) = match place {
+        Ok(place) => (Some(place), connect_target(&request, &pod)),
+        Err(limit) => (None, Err(limit.into())),
+    };
     let destination = Peer {
         addr: target.as_ref().ok().copied(),
         ..tunnel.peer_of(&pod.workload, None)
@@ -221,11 +265,23 @@ async fn handle_stream(
     };
     // Forward on this side is application to client: the response direction (sent).
     let (sent, received) = (recorder.sent.clone(), recorder.received.clone());
-    let result = copy::copy_tcp_h2(app, send, request.into_body(), &sent, &received).await;
+    let result = copy::copy_tcp_h2(
+        app,
+        send,
+        request.into_body(),
+        &sent,
+        &received,
+        Some(ledger),
+    )
+    .await;
     finish(recorder, result.map(Totals::reversed));
 }
 
-fn source_peer(tunnel: &Tunnel, client_addr: SocketAddr, identity: Identity) -> Peer {
+fn source_peer(tunnel: &Tunnel, client: Client) -> Peer {
+    let Client {
+        addr: client_addr,
+        identity,
+    } = client;
     let state = tunnel.state.borrow().clone();
     match state.workload_by_ip(client_addr.ip()) {
         Some(w) if w.identity(tunnel.trust_domain()) == identity => Peer {

@@ -146,7 +146,8 @@ pub async fn serve_outbound(
             let (received, sent) = (recorder.received.clone(), recorder.sent.clone());
             let result = match upstream {
                 Upstream::Hbone(stream) => {
-                    copy::copy_tcp_h2(client, stream.send, stream.recv, &received, &sent).await
+                    copy::copy_tcp_h2(client, stream.send, stream.recv, &received, &sent, None)
+                        .await
                 }
                 Upstream::Tcp(stream) => {
                     let mut forward = vec![received];
