@@ -7,6 +7,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 
+use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -310,23 +311,40 @@ async fn start_pod(
         let tunnel_for_conn = tunnel.clone();
         let config = server_config.clone();
         let handler = move |stream: TcpStream, peer: SocketAddr| {
-            let pod = pod.clone();
-            let tunnel = tunnel_for_conn.clone();
-            let config = config.clone();
-            async move {
-                match kind {
-                    Kind::Hbone => serve_hbone_connection(stream, peer, config, pod, tunnel).await,
-                    Kind::InboundPlaintext => {
-                        serve_inbound_plaintext(stream, peer, pod, tunnel).await
-                    }
-                    Kind::Outbound(entry) => serve_outbound(stream, peer, entry, pod, tunnel).await,
-                }
-            }
+            serve_connection(
+                kind,
+                stream,
+                peer,
+                config.clone(),
+                pod.clone(),
+                tunnel_for_conn.clone(),
+            )
         };
         tokio::spawn(accept_loop(listener, stop.clone(), tunnel.clone(), handler));
     }
     tunnel.local_pods.insert(pod);
     Ok((stop, inbound))
+}
+
+/// One accepted connection of a pod's listener, for its whole life (a task of its own).
+async fn serve_connection(
+    kind: Kind,
+    stream: TcpStream,
+    peer: SocketAddr,
+    config: Arc<ServerConfig>,
+    pod: Arc<Pod>,
+    tunnel: Arc<Tunnel>,
+) {
+    // A task is as large as the largest of these: the HBONE and plaintext inbound connections
+    // (few: an HBONE one carries many streams) are boxed so that each held outbound
+    // connection carries only its own state.
+    match kind {
+        Kind::Hbone => Box::pin(serve_hbone_connection(stream, peer, config, pod, tunnel)).await,
+        Kind::InboundPlaintext => {
+            Box::pin(serve_inbound_plaintext(stream, peer, pod, tunnel)).await
+        }
+        Kind::Outbound(entry) => serve_outbound(stream, peer, entry, pod, tunnel).await,
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -364,5 +382,40 @@ async fn accept_loop<F, Fut>(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of what `f` returns, without calling it.
+    fn size_of_return<A, F>(_: impl Fn(A) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every held outbound connection is one task of `serve_connection`: it must not be sized
+    /// by the HBONE server's connection state (4.8 KiB), which it was before the boxing.
+    #[test]
+    fn a_held_connections_task_carries_only_the_outbound_path() {
+        type Accepted = (
+            TcpStream,
+            SocketAddr,
+            Arc<ServerConfig>,
+            Arc<Pod>,
+            Arc<Tunnel>,
+        );
+        let task = size_of_return(|a: Accepted| {
+            serve_connection(Kind::Outbound(Entry::Captured), a.0, a.1, a.2, a.3, a.4)
+        });
+        type Outbound = (TcpStream, SocketAddr, Entry, Arc<Pod>, Arc<Tunnel>);
+        let outbound = size_of_return(|a: Outbound| serve_outbound(a.0, a.1, a.2, a.3, a.4));
+        let hbone = size_of_return(|a: Accepted| serve_hbone_connection(a.0, a.1, a.2, a.3, a.4));
+        eprintln!("task {task} B, outbound path {outbound} B, HBONE server connection {hbone} B");
+        assert!(hbone > outbound, "the case this guards against");
+        assert!(
+            task <= outbound + 128,
+            "task {task} B for an outbound path of {outbound} B"
+        );
     }
 }
