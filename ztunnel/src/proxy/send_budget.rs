@@ -38,9 +38,13 @@ impl SendBudget {
     /// Waits until `n` more bytes fit (a chunk larger than the whole budget fits once nothing
     /// else is in flight), then counts them.
     pub async fn reserve(&self, n: u64) {
-        if self.try_reserve(n) {
-            return;
+        if !self.try_reserve(n) {
+            // Boxed: the waiting state is rare, and every stream's task would carry it.
+            Box::pin(self.wait_to_reserve(n)).await;
         }
+    }
+
+    async fn wait_to_reserve(&self, n: u64) {
         self.waiting.fetch_add(1, Ordering::AcqRel);
         let _waiting = Waiting(&self.waiting);
         loop {
