@@ -389,10 +389,7 @@ async fn accept_loop<F, Fut>(
 mod tests {
     use super::*;
 
-    /// The size of what `f` returns, without calling it.
-    fn size_of_return<A, F>(_: impl Fn(A) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
+    use crate::test_support::size_of_return;
 
     /// Every held outbound connection is one task of `serve_connection`: it must not be sized
     /// by the HBONE server's connection state (4.8 KiB), which it was before the boxing.

@@ -11,3 +11,9 @@ pub async fn tcp_pair() -> (TcpStream, TcpStream) {
     let (server, _) = listener.accept().await.unwrap();
     (client, server)
 }
+
+/// The size of what `f` returns (an async fn's future: what its task carries), without
+/// calling it.
+pub fn size_of_return<A, F>(_: impl Fn(A) -> F) -> usize {
+    std::mem::size_of::<F>()
+}

@@ -376,10 +376,7 @@ fn refuse(respond: &mut SendResponse<Bytes>, error: &ProxyError) {
 mod tests {
     use super::*;
 
-    /// The size of what `f` returns, without calling it.
-    fn size_of_return<A, F>(_: impl Fn(A) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
+    use crate::test_support::size_of_return;
 
     /// Each held HBONE stream is one task of `handle_stream` on the server: what it carries
     /// is memory per held connection (1,912 B before the per-peer budgets, which first made
