@@ -1,8 +1,10 @@
 //! Weft's mesh policy resources, group `weft.dev`, version `v1alpha1`: [`MeshPolicy`] (who may
 //! reach which workloads, shaped like Istio's AuthorizationPolicy so users can move over) and
 //! [`MeshAuthentication`] (whether plaintext may reach a workload). Types, validation with a
-//! reason per field, and the CustomResourceDefinitions generated from the types. No I/O.
+//! reason per field, the CustomResourceDefinitions generated from the types, and decisions
+//! ([`authorize`]). No I/O.
 
+pub mod authorize;
 mod crds;
 mod resources;
 mod validate;
