@@ -7,6 +7,7 @@
 pub mod authorize;
 mod crds;
 mod resources;
+pub mod scope;
 mod validate;
 
 pub use crds::crds_yaml;
@@ -15,6 +16,31 @@ pub use resources::{
     Operation, PolicyAction, Rule, RuleFrom, RuleTo, Source, WorkloadSelector,
 };
 pub use validate::{validate_authentication, validate_policy};
+
+/// A policy as the agent sends it to the tunnel: its `namespace/name` and spec.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NamedPolicy {
+    pub name: String,
+    pub spec: MeshPolicySpec,
+}
+
+impl From<&MeshPolicy> for NamedPolicy {
+    fn from(policy: &MeshPolicy) -> Self {
+        NamedPolicy {
+            name: name_of(&policy.metadata),
+            spec: policy.spec.clone(),
+        }
+    }
+}
+
+/// `namespace/name` of an object (`default` when it names no namespace).
+pub fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or("default"),
+        meta.name.as_deref().unwrap_or_default()
+    )
+}
 
 /// Why a policy object is refused; the object is ignored, the rest of the mesh keeps working.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

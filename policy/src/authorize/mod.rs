@@ -22,7 +22,10 @@ use std::sync::Arc;
 
 use matchers::{Cidrs, Ports, Strings, ascii_lowercase};
 
-use crate::{Condition, MeshPolicy, Operation, PolicyAction, Rule, Source};
+use crate::{
+    Condition, MeshPolicy, MeshPolicySpec, NamedPolicy, Operation, PolicyAction, Rule, Source,
+    name_of,
+};
 
 /// What a decision looks at.
 #[derive(Clone, Copy, Debug)]
@@ -187,23 +190,33 @@ impl Authorizer {
     /// Compiles `policies` (those that apply to one workload, valid ones, in the order their
     /// decisions should name them: by namespace and name).
     pub fn compile<'a>(policies: impl IntoIterator<Item = &'a MeshPolicy>) -> Self {
+        let named: Vec<(String, &MeshPolicySpec)> = policies
+            .into_iter()
+            .map(|p| (name_of(&p.metadata), &p.spec))
+            .collect();
+        Self::compile_specs(named.iter().map(|(name, spec)| (name.as_str(), *spec)))
+    }
+
+    /// Compiles policies as they travel to the tunnel.
+    pub fn compile_named<'a>(policies: impl IntoIterator<Item = &'a NamedPolicy>) -> Self {
+        Self::compile_specs(policies.into_iter().map(|p| (p.name.as_str(), &p.spec)))
+    }
+
+    fn compile_specs<'a>(
+        policies: impl IntoIterator<Item = (&'a str, &'a MeshPolicySpec)>,
+    ) -> Self {
         let mut authorizer = Authorizer::default();
-        for policy in policies {
-            let name = format!(
-                "{}/{}",
-                policy.metadata.namespace.as_deref().unwrap_or("default"),
-                policy.metadata.name.as_deref().unwrap_or_default()
-            );
+        for (name, spec) in policies {
+            let in_deny = spec.action == PolicyAction::Deny;
             let compiled = Compiled {
                 name: name.into(),
-                rules: policy
-                    .spec
+                rules: spec
                     .rules
                     .iter()
-                    .map(|rule| compile_rule(rule, policy.spec.action == PolicyAction::Deny))
+                    .map(|rule| compile_rule(rule, in_deny))
                     .collect(),
             };
-            match policy.spec.action {
+            match spec.action {
                 PolicyAction::Deny => authorizer.deny.push(compiled),
                 PolicyAction::Allow => authorizer.allow.push(compiled),
                 PolicyAction::Audit => authorizer.audit.push(compiled),

@@ -21,7 +21,7 @@ pub fn decide(
     let first_match = |list: &[&MeshPolicy]| -> Option<String> {
         list.iter()
             .find(|p| policy_matches(p, a))
-            .map(|p| name_of(p))
+            .map(|p| crate::name_of(&p.metadata))
     };
     let audited = first_match(&with(PolicyAction::Audit));
     if let Some(deny) = first_match(&with(PolicyAction::Deny)) {
@@ -35,14 +35,6 @@ pub fn decide(
         Some(allow) => (Verdict::Allow, Some(allow), audited),
         None => (Verdict::Deny, None, audited),
     }
-}
-
-fn name_of(p: &MeshPolicy) -> String {
-    format!(
-        "{}/{}",
-        p.metadata.namespace.as_deref().unwrap_or("default"),
-        p.metadata.name.as_deref().unwrap_or_default()
-    )
 }
 
 fn policy_matches(p: &MeshPolicy, a: &Attributes<'_>) -> bool {
