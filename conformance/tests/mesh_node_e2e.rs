@@ -512,3 +512,51 @@ fn the_example_manifests_mesh_the_labelled_namespace() {
         "still meshed"
     );
 }
+
+/// A pod whose listeners restart (its service account changed) gets them back on the same
+/// ports at once: the old ones, and the duplicates kept for capture, close first (before, the
+/// new 15008 and 15006 failed to bind, "Address already in use", and the pod stayed
+/// unreachable).
+#[test]
+fn a_pod_whose_service_account_changes_is_served_again_under_its_new_identity() {
+    let cluster = cluster(true);
+    wait_until_meshed(&cluster);
+    let manifests = |account: &str| {
+        cluster
+            .manifests_yaml(&Manifests {
+                labelled: &["default"],
+                opted_out: &["late"],
+                ..Manifests::default()
+            })
+            .replace(
+                "serviceAccountName: server\n",
+                &format!("serviceAccountName: {account}\n"),
+            )
+    };
+    cluster.replace_manifests(&manifests("server")).unwrap();
+    eventually("late (opted out) reaches the server in plaintext", || {
+        echo(&cluster, "late", "before")
+    });
+    cluster.replace_manifests(&manifests("server-v2")).unwrap();
+    let served_as_v2 = || {
+        sum(
+            &cluster.node(2).metrics().unwrap(),
+            "weft_tcp_connections_opened_total",
+            &[
+                ("reporter", "destination"),
+                (
+                    "destination_principal",
+                    "spiffe://cluster.local/ns/default/sa/server-v2",
+                ),
+            ],
+        )
+    };
+    eventually(
+        "served again under the new identity, meshed and in plaintext",
+        || {
+            echo(&cluster, "client", "after")
+                && echo(&cluster, "late", "after")
+                && served_as_v2() >= 2.0
+        },
+    );
+}

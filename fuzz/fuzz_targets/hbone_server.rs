@@ -137,6 +137,8 @@ impl Fixture {
             node: "node".into(),
             netns: None,
             protocol: Default::default(),
+            policies: Vec::new(),
+            mtls: Default::default(),
         };
         let pod = Arc::new(Pod {
             workload: Arc::new(workload),

@@ -14,7 +14,7 @@ use crate::enrollment::{exclusions_of, is_enrolled, netns_annotation, node_of};
 use crate::kube_source::KubeSource;
 use crate::manifests::ManifestFolder;
 use crate::pod_netns::PodNamespaces;
-use crate::policies::check_policies;
+use crate::policies::{attach_policies, check_policies};
 use crate::tunnel_link::TunnelLink;
 use crate::tunnel_state::tunnel_state;
 
@@ -207,10 +207,19 @@ fn folder_error(e: &crate::manifests::ManifestError) -> String {
     format!("{e}; ignored, its last good objects stay")
 }
 
+/// Where the agent stands in the mesh.
+#[derive(Clone, Debug)]
+pub struct AgentScope {
+    /// This node's name (the pods' `spec.nodeName`).
+    pub node: String,
+    /// Policies of this namespace apply to the whole mesh.
+    pub root_namespace: String,
+}
+
 /// Follows the cluster until `stop` resolves.
 pub async fn run_agent(
     mut source: ClusterSource,
-    node: &str,
+    scope: &AgentScope,
     mut output: TunnelOutput,
     poll: Duration,
     mut capture: Option<CaptureReconciler>,
@@ -265,15 +274,19 @@ pub async fn run_agent(
         }
         let objects = source.objects();
         let read = pass.elapsed();
-        let state = tunnel_state(&objects);
+        let mut state = tunnel_state(&objects);
+        let node = scope.node.as_str();
         let (wanted, mut problems) = local_enrolled(&objects, node, &source.netns_lookup());
         let policies = check_policies(&objects);
-        if (policies.policies, policies.authentications) != last_policy_counts {
-            last_policy_counts = (policies.policies, policies.authentications);
+        attach_policies(&mut state, &policies, &objects, node, &scope.root_namespace);
+        let counts = (policies.policies.len(), policies.authentications.len());
+        if counts != last_policy_counts {
+            last_policy_counts = counts;
             info!(
-                mesh_policies = policies.policies,
-                mesh_authentications = policies.authentications,
-                "policy objects followed (checked, not enforced yet)"
+                mesh_policies = counts.0,
+                mesh_authentications = counts.1,
+                in_force_here = state.policies.len(),
+                "policy objects followed"
             );
         }
         for r in policies

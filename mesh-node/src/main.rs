@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use mesh_node::agent::{AgentStatus, ClusterSource, TunnelOutput, run_agent};
+use mesh_node::agent::{AgentScope, AgentStatus, ClusterSource, TunnelOutput, run_agent};
 use mesh_node::capture::CaptureReconciler;
 use mesh_node::kube_source::KubeSource;
 use mesh_node::manifests::ManifestFolder;
@@ -31,6 +31,9 @@ struct RunArgs {
     /// This node's name (the pods' spec.nodeName).
     #[arg(long, env = "WEFT_NODE_NAME")]
     node_name: String,
+    /// MeshPolicies and MeshAuthentications of this namespace apply to the whole mesh.
+    #[arg(long, env = "WEFT_ROOT_NAMESPACE", default_value = "weft-system")]
+    root_namespace: String,
     /// Folder of Kubernetes YAML (Namespaces, Pods, Services) to follow (one machine, demos,
     /// tests).
     #[arg(
@@ -176,9 +179,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot serve readiness on {}", args.readiness_addr))?;
         info!(node = %args.node_name, source = %from, %readiness, "mesh-node running");
+        let scope = AgentScope {
+            node: args.node_name.clone(),
+            root_namespace: args.root_namespace.clone(),
+        };
         run_agent(
             source,
-            &args.node_name,
+            &scope,
             output,
             args.poll,
             capture,

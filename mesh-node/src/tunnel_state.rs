@@ -64,6 +64,9 @@ pub fn tunnel_state(objects: &ClusterObjects) -> StateSpec {
             } else {
                 Protocol::Tcp
             },
+            // A node's agent fills in its own workloads' (`policies::attach_policies`).
+            policies: Vec::new(),
+            mtls: Default::default(),
         });
     }
     let mut by_ip = HashMap::new();
@@ -106,6 +109,7 @@ pub fn tunnel_state(objects: &ClusterObjects) -> StateSpec {
     StateSpec {
         workloads,
         services,
+        policies: Vec::new(),
     }
 }
 

@@ -92,8 +92,11 @@ fn only_a_listener_of_the_pods_own_namespace_and_addresses_is_registered() {
             node: "node1".into(),
             netns: None,
             protocol: Protocol::Hbone,
+            policies: Vec::new(),
+            mtls: Default::default(),
         }],
         services: vec![],
+        policies: vec![],
     };
     let registered = |ip: &str| {
         InboundListeners::open(&pin_dir)

@@ -18,7 +18,7 @@ pub use resources::{
 pub use validate::{validate_authentication, validate_policy};
 
 /// A policy as the agent sends it to the tunnel: its `namespace/name` and spec.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NamedPolicy {
     pub name: String,
     pub spec: MeshPolicySpec,

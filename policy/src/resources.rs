@@ -18,7 +18,9 @@ pub struct WorkloadSelector {
 /// Who may reach the selected workloads, and how. Any matching `Deny` denies; with no `Allow`
 /// policy everything is allowed; else a connection or request must match an `Allow` rule.
 /// `Audit` matches are only reported.
-#[derive(CustomResource, Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[derive(
+    CustomResource, Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema,
+)]
 #[kube(
     group = "weft.dev",
     version = "v1alpha1",
@@ -146,8 +148,9 @@ pub struct MeshAuthenticationSpec {
     pub mode: MtlsMode,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 pub enum MtlsMode {
     Strict,
+    #[default]
     Permissive,
 }

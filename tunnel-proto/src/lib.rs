@@ -11,6 +11,7 @@ pub mod yaml;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
+pub use policy::{MtlsMode, NamedPolicy};
 use serde::{Deserialize, Serialize};
 
 /// How a workload accepts mesh traffic.
@@ -40,6 +41,17 @@ pub struct Workload {
     pub netns: Option<PathBuf>,
     #[serde(default)]
     pub protocol: Protocol,
+    /// The MeshPolicies in force for this workload (`namespace/name`, in [`StateSpec::policies`],
+    /// in the order decisions name them); filled in by a node's agent for its own workloads.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<String>,
+    /// Whether plaintext may reach this workload (its MeshAuthentication's mode).
+    #[serde(default, skip_serializing_if = "is_permissive")]
+    pub mtls: MtlsMode,
+}
+
+fn is_permissive(mode: &MtlsMode) -> bool {
+    *mode == MtlsMode::Permissive
 }
 
 fn default_service_account() -> String {
@@ -89,4 +101,7 @@ pub struct StateSpec {
     pub workloads: Vec<Workload>,
     #[serde(default)]
     pub services: Vec<Service>,
+    /// The MeshPolicies that workloads name (valid ones only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<NamedPolicy>,
 }

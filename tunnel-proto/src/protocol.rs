@@ -30,7 +30,8 @@ use crate::StateSpec;
 /// into its types instead of through serde's buffered form (version 1's internal tag).
 /// 3: the tunnel hands each local pod's plaintext inbound listener to the agent
 /// (`inbound_listener`), which registers it with capture: the tunnel needs no BPF access.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: the state carries the MeshPolicies of the node's workloads and each one's mTLS mode.
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Largest frame accepted (a state of tens of thousands of pods fits).
 pub const MAX_FRAME: usize = 64 << 20;
 /// A frame's body is read (and its memory taken) this much at a time.
@@ -311,9 +312,12 @@ mod tests {
                         node: "node1".into(),
                         netns: None,
                         protocol: crate::Protocol::Hbone,
+                        policies: Vec::new(),
+                        mtls: Default::default(),
                     })
                     .collect(),
                 services: vec![],
+                policies: vec![],
             },
         };
         let sender = tokio::spawn(async move {

@@ -59,6 +59,8 @@ struct RunningPod {
     /// Duplicates of the plaintext inbound listeners, for capture's registration (by the
     /// agent, or by the tunnel itself without one); closed with the pod.
     inbound: Vec<Arc<InboundListener>>,
+    /// The accept loops, which hold the listening sockets until they end.
+    accepting: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// Which local pods run and which failed, for readiness and `/config_dump`.
@@ -141,6 +143,9 @@ fn netns_id(tunnel: &Tunnel, key: &str) -> Option<u64> {
     tunnel.pod_namespaces.identity(key)
 }
 
+/// How long a stopped pod's accept loops may take to close their listeners.
+const LISTENERS_CLOSE_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// How often registration with capture is checked (a reinstalled capture is picked up within).
 const CAPTURE_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -156,16 +161,37 @@ async fn reconcile(
         .filter(|w| w.protocol == Protocol::Hbone)
         .map(|w| (w.key(), w.clone()))
         .collect();
+    let mut stopping = Vec::new();
     running.retain(|key, pod| {
-        let keep = wanted.get(key).is_some_and(|w| **w == *pod.workload)
+        let keep = wanted
+            .get(key)
+            .is_some_and(|w| same_listeners(w, &pod.workload))
             && netns_id(tunnel, key) == pod.netns;
         if !keep {
             info!(pod = %key, "stopping pod listeners");
             tunnel.local_pods.remove(key);
             pod.stop.cancel();
+            stopping.append(&mut pod.accepting);
         }
         keep
     });
+    // A pod that restarts (a new service account, say) listens on the same ports in the same
+    // namespace: its old listening sockets must be closed first, or the new ones would not
+    // bind. An accept loop ends as soon as it sees the stop; the duplicates of its inbound
+    // listeners kept for capture go with it.
+    tunnel.inbound_listeners.replace(
+        running
+            .iter()
+            .map(|(key, pod)| (key.clone(), pod.inbound.clone()))
+            .collect(),
+    );
+    let closed = futures_util::future::join_all(stopping);
+    if tokio::time::timeout(LISTENERS_CLOSE_WITHIN, closed)
+        .await
+        .is_err()
+    {
+        warn!("stopped pod listeners still open after {LISTENERS_CLOSE_WITHIN:?}");
+    }
     // New pods start together, each on its own task so they spread over the runtime's
     // threads: a start is a few socket calls in the pod's namespace and a certificate.
     let mut starting = tokio::task::JoinSet::new();
@@ -189,7 +215,7 @@ async fn reconcile(
             }
         };
         match started {
-            Ok((stop, inbound)) => {
+            Ok((stop, inbound, accepting)) => {
                 info!(pod = %key, identity = %workload.identity(tunnel.trust_domain()), "pod listeners running");
                 let netns = netns_id(tunnel, &key);
                 running.insert(
@@ -199,6 +225,7 @@ async fn reconcile(
                         workload,
                         stop,
                         inbound,
+                        accepting,
                     },
                 );
             }
@@ -211,11 +238,43 @@ async fn reconcile(
     failed
 }
 
+/// Whether two versions of a workload run the same listeners. Its policies and mTLS mode are
+/// not among what matters: each connection reads them from the state, so a policy change
+/// restarts nothing and drops no connection.
+fn same_listeners(a: &Workload, b: &Workload) -> bool {
+    let Workload {
+        name,
+        namespace,
+        service_account,
+        ips,
+        node,
+        netns,
+        protocol,
+        policies: _,
+        mtls: _,
+    } = a;
+    *name == b.name
+        && *namespace == b.namespace
+        && *service_account == b.service_account
+        && *ips == b.ips
+        && *node == b.node
+        && *netns == b.netns
+        && *protocol == b.protocol
+}
+
+/// A pod whose listeners run: their stop, the inbound listeners' duplicates for capture, the
+/// accept loops.
+type Started = (
+    CancellationToken,
+    Vec<Arc<InboundListener>>,
+    Vec<tokio::task::JoinHandle<()>>,
+);
+
 async fn start_pod(
     tunnel: &Arc<Tunnel>,
     workload: Arc<Workload>,
     options: SocketOptions,
-) -> Result<(CancellationToken, Vec<Arc<InboundListener>>), PodError> {
+) -> Result<Started, PodError> {
     let key = workload.key();
     let netns = match (tunnel.pod_namespaces.get(&key), workload.netns.as_ref()) {
         (Some(fd), _) => PodNetns::from_fd(&fd, &key),
@@ -306,6 +365,7 @@ async fn start_pod(
     }
 
     let stop = tunnel.shutdown.child_token();
+    let mut accepting = Vec::with_capacity(listeners.len());
     for (listener, kind) in listeners {
         let pod = pod.clone();
         let tunnel_for_conn = tunnel.clone();
@@ -320,10 +380,15 @@ async fn start_pod(
                 tunnel_for_conn.clone(),
             )
         };
-        tokio::spawn(accept_loop(listener, stop.clone(), tunnel.clone(), handler));
+        accepting.push(tokio::spawn(accept_loop(
+            listener,
+            stop.clone(),
+            tunnel.clone(),
+            handler,
+        )));
     }
     tunnel.local_pods.insert(pod);
-    Ok((stop, inbound))
+    Ok((stop, inbound, accepting))
 }
 
 /// One accepted connection of a pod's listener, for its whole life (a task of its own).

@@ -36,6 +36,16 @@ impl Identity {
     }
 }
 
+impl Identity {
+    /// The principal policies name: the SPIFFE ID without `spiffe://` (`td/ns/<ns>/sa/<sa>`).
+    pub fn principal(&self) -> String {
+        format!(
+            "{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+}
+
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

@@ -55,6 +55,8 @@ pub enum ProxyError {
     Io(#[from] std::io::Error),
     #[error("{0}; the stream is refused")]
     Overflow(#[from] crate::proxy::admission::AdmissionRefused),
+    #[error("denied: {0}")]
+    Denied(String),
 }
 
 impl ProxyError {
@@ -74,6 +76,7 @@ impl ProxyError {
             ProxyError::Io(_) => "IO",
             // Envoy's flag for a limit reached (upstream overflow).
             ProxyError::Overflow(_) => "UO",
+            ProxyError::Denied(_) => "DENY",
         }
     }
 
@@ -84,6 +87,7 @@ impl ProxyError {
             ProxyError::BadMethod(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Denied(_) => StatusCode::FORBIDDEN,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         }
     }

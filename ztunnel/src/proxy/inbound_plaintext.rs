@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use super::authorize::{Caller, authorize};
 use super::context::{Pod, Tunnel};
 use super::{copy, fail, finish};
 use crate::telemetry::{Peer, Reporter};
@@ -50,6 +51,14 @@ pub async fn serve_inbound_plaintext(
         ..tunnel.peer_of(&pod.workload, None)
     };
     let recorder = tunnel.record(Reporter::destination, source, destination, None, false);
+    let caller = Caller {
+        identity: None,
+        ip: client_addr.ip(),
+    };
+    if let Err(error) = authorize(&tunnel, &pod, caller, target) {
+        // Closed before a byte reaches the application.
+        return fail(recorder, &error);
+    }
     match pod.connect(target, tunnel.deadlines.connect).await {
         Ok(app) => {
             let (received, sent) = (recorder.received.clone(), recorder.sent.clone());

@@ -1,6 +1,7 @@
 //! The tunnel's proxy paths: outbound from local pods, inbound HBONE and plaintext to them.
 
 pub mod admission;
+pub mod authorize;
 pub mod context;
 mod copy;
 mod error;

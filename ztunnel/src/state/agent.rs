@@ -334,6 +334,8 @@ mod tests {
             node: "node1".into(),
             netns: netns.map(PathBuf::from),
             protocol: Protocol::Hbone,
+            policies: Vec::new(),
+            mtls: Default::default(),
         }
     }
 
@@ -360,6 +362,7 @@ mod tests {
             state: StateSpec {
                 workloads: vec![workload(netns)],
                 services: vec![],
+                policies: vec![],
             },
         };
         send(&agent_end, 1, &state(None), None).await.unwrap();

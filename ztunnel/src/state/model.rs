@@ -7,6 +7,9 @@ use std::sync::Arc;
 
 pub use tunnel_proto::{Protocol, Service, ServicePort, StateSpec, Workload};
 
+use policy::authorize::Authorizer;
+use policy::{MeshPolicy, NamedPolicy};
+
 use super::StateError;
 use crate::identity::Identity;
 
@@ -29,6 +32,8 @@ pub struct State {
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     by_key: HashMap<String, Arc<Workload>>,
     by_vip: HashMap<SocketAddr, (Arc<Service>, u16)>,
+    /// The compiled policies of each workload that names any, by `namespace/name`.
+    authorizers: HashMap<String, Arc<Authorizer>>,
 }
 
 impl State {
@@ -110,11 +115,13 @@ impl State {
                 }
             }
         }
+        let authorizers = compile_policies(&spec, &invalid)?;
         Ok(State {
             spec,
             by_ip,
             by_key,
             by_vip,
+            authorizers,
         })
     }
 
@@ -141,10 +148,61 @@ impl State {
         self.by_key.values().filter(move |w| w.node == node)
     }
 
+    /// The policies in force for workload `key`; `None`: no policy applies.
+    pub fn authorizer(&self, key: &str) -> Option<&Arc<Authorizer>> {
+        self.authorizers.get(key)
+    }
+
     /// The tables as given, for `/config_dump`.
     pub fn spec(&self) -> &StateSpec {
         &self.spec
     }
+}
+
+/// Checks the state's policies (each valid, each name once, each a workload names listed)
+/// and compiles each workload's.
+fn compile_policies(
+    spec: &StateSpec,
+    invalid: &dyn Fn(String, String) -> StateError,
+) -> Result<HashMap<String, Arc<Authorizer>>, StateError> {
+    let mut by_name: HashMap<&str, &NamedPolicy> = HashMap::new();
+    for (i, named) in spec.policies.iter().enumerate() {
+        let what = format!("policies[{i}] ({})", named.name);
+        let Some((namespace, name)) = named.name.split_once('/') else {
+            return Err(invalid(what, "a policy's name is namespace/name".into()));
+        };
+        let mut object = MeshPolicy::new(name, named.spec.clone());
+        object.metadata.namespace = Some(namespace.to_owned());
+        if let Some(problem) = policy::validate_policy(&object).first() {
+            return Err(invalid(what, problem.to_string()));
+        }
+        if by_name.insert(&named.name, named).is_some() {
+            return Err(invalid(
+                what,
+                "a policy of that name is already listed".into(),
+            ));
+        }
+    }
+    let mut authorizers = HashMap::new();
+    for (i, w) in spec.workloads.iter().enumerate() {
+        if w.policies.is_empty() {
+            continue;
+        }
+        let mut policies = Vec::with_capacity(w.policies.len());
+        for name in &w.policies {
+            match by_name.get(name.as_str()) {
+                Some(named) => policies.push(*named),
+                None => {
+                    return Err(invalid(
+                        format!("workloads[{i}] ({})", w.key()),
+                        format!("names policy {name:?}, which `policies` does not list"),
+                    ));
+                }
+            }
+        }
+        authorizers.insert(w.key(), Arc::new(Authorizer::compile_named(policies)));
+    }
+    Ok(authorizers)
 }
 
 #[cfg(test)]
@@ -160,6 +218,8 @@ mod tests {
             node: "node1".into(),
             netns: None,
             protocol: Protocol::Hbone,
+            policies: Vec::new(),
+            mtls: Default::default(),
         }
     }
 
@@ -177,6 +237,7 @@ mod tests {
                 }],
                 endpoints: vec!["default/b".into()],
             }],
+            policies: vec![],
         };
         let state = State::build(spec, "test").unwrap();
         assert_eq!(
@@ -203,6 +264,7 @@ mod tests {
         let dup = StateSpec {
             workloads: vec![workload("a", "10.0.0.1"), workload("b", "10.0.0.1")],
             services: vec![],
+            policies: vec![],
         };
         let err = State::build(dup, "f.yaml").unwrap_err().to_string();
         assert!(
@@ -221,6 +283,7 @@ mod tests {
                 }],
                 endpoints: vec!["default/zz".into()],
             }],
+            policies: vec![],
         };
         let err = State::build(unknown, "f.yaml").unwrap_err().to_string();
         assert!(err.contains("default/zz"), "{err}");

@@ -18,6 +18,7 @@ use super::flood::FloodWatch;
 use super::{CONNECTION_WINDOW, ERROR_HEADER, MAX_FRAME_SIZE, SEND_BUFFER, STREAM_WINDOW};
 use crate::identity::Identity;
 use crate::proxy::admission::{AdmissionRefused, Admitted, StreamPlace};
+use crate::proxy::authorize::{Caller, authorize};
 use crate::proxy::context::{Pod, Tunnel};
 use crate::proxy::copy::{self, Totals};
 use crate::proxy::send_budget::SendLedger;
@@ -277,8 +278,13 @@ fn open_stream(
     Result<SocketAddr, ProxyError>,
     h2::RecvStream,
 ) {
+    let caller = Caller {
+        identity: Some(&client.identity),
+        ip: client.addr.ip(),
+    };
+    let target = connect_target(&request, pod)
+        .and_then(|target| authorize(tunnel, pod, caller, target).map(|()| target));
     let source = source_peer(tunnel, client);
-    let target = connect_target(&request, pod);
     let destination = Peer {
         addr: target.as_ref().ok().copied(),
         ..tunnel.peer_of(&pod.workload, None)

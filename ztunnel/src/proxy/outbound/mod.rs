@@ -14,6 +14,7 @@ use tracing::warn;
 pub use original_dst::original_destination;
 pub use route::{HBONE_PORT, Route, route};
 
+use super::authorize::{Caller, authorize};
 use super::context::{Pod, Tunnel};
 use super::hbone::{self, HboneStream, PoolKey};
 use super::{ProxyError, copy, fail, finish};
@@ -129,10 +130,22 @@ pub async fn serve_outbound(
         _ => None,
     };
     let upstream = match &local {
-        Some((dest, target, _)) => dest
-            .connect(*target, tunnel.deadlines.connect)
-            .await
-            .map(Upstream::Tcp),
+        // Decided as the destination's HBONE listener would, with the source pod's identity.
+        Some((dest, target, _)) => match authorize(
+            &tunnel,
+            dest,
+            Caller {
+                identity: Some(&pod.identity),
+                ip: client_addr.ip(),
+            },
+            *target,
+        ) {
+            Ok(()) => dest
+                .connect(*target, tunnel.deadlines.connect)
+                .await
+                .map(Upstream::Tcp),
+            Err(denied) => Err(denied),
+        },
         // Boxed: connecting (a pool checkout, maybe TLS and HTTP/2 handshakes) is a large
         // state that would otherwise stay in every held connection's task for its life.
         None => Box::pin(connect_upstream(decision, &pod, &tunnel)).await,
