@@ -121,29 +121,6 @@ fn policies_written_while_traffic_runs_decide_who_reaches_the_server() {
         "server",
         &[("client", true), ("other", false), ("outsider", false)],
     );
-    let metrics = cluster.node(2).metrics().unwrap();
-    for sample in &metrics {
-        let text = format!("{sample:?}");
-        if text.contains("closed") {
-            eprintln!("METRIC {text}");
-        }
-    }
-    let url = format!("http://{}:8080/echo/hi", cluster.pod("server").ip);
-    let out = cluster
-        .run_in("outsider", "curl", &["-sS", "-v", "--max-time", "3", &url])
-        .unwrap();
-    eprintln!(
-        "LOG curl {:?} {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let log = cluster.nodes[1].tunnel.as_ref().unwrap().output();
-    for line in log
-        .lines()
-        .filter(|l| l.contains("denied") || l.contains("10.1.1.3") || l.contains("outsider"))
-    {
-        eprintln!("LOG {line}");
-    }
     assert!(denied(&cluster) >= 2.0, "refusals counted with DENY");
 
     // Deny by namespace beats any allow.
@@ -201,5 +178,56 @@ fn policies_written_while_traffic_runs_decide_who_reaches_the_server() {
     assert!(
         node1_denied >= 1.0,
         "the shortcut's refusal is counted on node 1"
+    );
+}
+
+/// A policy change closes a live connection it now refuses within a second (the request on it
+/// went through before), and the refusal names the policy in the server tunnel's log.
+#[test]
+fn a_policy_change_closes_a_connection_it_now_refuses_within_a_second() {
+    use std::io::Read;
+    let cluster = cluster();
+    settles(&cluster, "server", &[("client", true)]);
+    let server = std::net::SocketAddr::from((cluster.pod("server").ip, 8080));
+    let refusing = cluster.manifests_yaml(&Manifests {
+        labelled: &["default"],
+        opted_out: &["outsider"],
+        extra: &policy(
+            "no-client",
+            "{selector: {matchLabels: {app: server}}, action: Deny, rules: [{from: [{source: {principals: [\"*/sa/client\"]}}]}]}",
+        ),
+        ..Manifests::default()
+    });
+    let dir = cluster.manifest_dir();
+    let (first, ended, after) = cluster
+        .pod("client")
+        .netns
+        .run_in(move || {
+            let mut stream = std::net::TcpStream::connect(server).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let first = conformance::load::http_echo(&mut stream, "before").unwrap();
+            let tmp = dir.join(".policy.tmp");
+            std::fs::write(&tmp, &refusing).unwrap();
+            std::fs::rename(&tmp, dir.join("cluster.yaml")).unwrap();
+            let changed = Instant::now();
+            let mut byte = [0u8; 1];
+            let ended = stream.read(&mut byte);
+            (first, format!("{ended:?}"), changed.elapsed())
+        })
+        .unwrap();
+    assert_eq!(first, "server saw before\n");
+    eprintln!("the connection ended ({ended}) {after:?} after the policy was written");
+    assert!(
+        ended == "Ok(0)" || ended.contains("ConnectionReset"),
+        "closed, not timed out: {ended}"
+    );
+    assert!(after < Duration::from_secs(1), "{after:?}");
+    let log = cluster.nodes[1].tunnel.as_ref().unwrap().output();
+    assert!(
+        log.contains("closing a connection the new policy refuses")
+            && log.contains("MeshPolicy default/no-client denies it"),
+        "the revocation is logged with its policy"
     );
 }

@@ -231,7 +231,7 @@ fuzz_target!(|input: Input| {
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
         let client = Client {
             addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)), 40000),
-            identity: Identity::new(TRUST_DOMAIN, "apps", "client"),
+            identity: Arc::new(Identity::new(TRUST_DOMAIN, "apps", "client")),
         };
         let peer = client.addr.ip();
         let admitted = tunnel

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use policy::MtlsMode;
 use policy::authorize::{Attributes, PeerIdentity, Verdict};
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::ProxyError;
 use super::context::{Pod, Tunnel};
@@ -65,5 +65,36 @@ pub fn authorize(
         (Verdict::Deny, None) => Err(ProxyError::Denied(format!(
             "no Allow MeshPolicy of {key} matches"
         ))),
+    }
+}
+
+/// What a connection was allowed as: decided again whenever the state changes.
+#[derive(Clone, Debug)]
+pub struct Allowed {
+    pub identity: Option<std::sync::Arc<Identity>>,
+    pub ip: IpAddr,
+    pub target: SocketAddr,
+}
+
+/// Resolves, with the refusal, once the state's policies and mode for `pod` no longer allow
+/// this connection (a policy change revokes live connections, not only new ones); never
+/// resolves while they do.
+pub async fn revoked(tunnel: &Tunnel, pod: &Pod, allowed: &Allowed) -> ProxyError {
+    let mut state = tunnel.state.clone();
+    // Changes from now on: the connection was allowed by the state of its start.
+    state.borrow_and_update();
+    loop {
+        if state.changed().await.is_err() {
+            // The tunnel is going away; its shutdown ends the connection.
+            return std::future::pending().await;
+        }
+        let caller = Caller {
+            identity: allowed.identity.as_deref(),
+            ip: allowed.ip,
+        };
+        if let Err(refused) = authorize(tunnel, pod, caller, allowed.target) {
+            info!(pod = %pod.workload.key(), client = %allowed.ip, target = %allowed.target, reason = %refused, "closing a connection the new policy refuses");
+            return refused;
+        }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::authorize::{Caller, authorize};
+use super::authorize::{Allowed, Caller, authorize, revoked};
 use super::context::{Pod, Tunnel};
 use super::{copy, fail, finish};
 use crate::telemetry::{Peer, Reporter};
@@ -59,10 +59,18 @@ pub async fn serve_inbound_plaintext(
         // Closed before a byte reaches the application.
         return fail(recorder, &error);
     }
-    match pod.connect(target, tunnel.deadlines.connect).await {
+    let allowed = Allowed {
+        identity: None,
+        ip: client_addr.ip(),
+        target,
+    };
+    match Box::pin(pod.connect(target, tunnel.deadlines.connect)).await {
         Ok(app) => {
-            let (received, sent) = (recorder.received.clone(), recorder.sent.clone());
-            let result = copy::copy_tcp(client, app, &[received], &[sent]).await;
+            let (received, sent) = ([recorder.received.clone()], [recorder.sent.clone()]);
+            let result = tokio::select! {
+                result = copy::copy_tcp(client, app, &received, &sent) => result,
+                refused = revoked(&tunnel, &pod, &allowed) => Err(refused),
+            };
             finish(recorder, result);
         }
         Err(error) => fail(recorder, &error),

@@ -14,7 +14,7 @@ use tracing::warn;
 pub use original_dst::original_destination;
 pub use route::{HBONE_PORT, Route, route};
 
-use super::authorize::{Caller, authorize};
+use super::authorize::{Allowed, Caller, authorize, revoked};
 use super::context::{Pod, Tunnel};
 use super::hbone::{self, HboneStream, PoolKey};
 use super::{ProxyError, copy, fail, finish};
@@ -150,6 +150,15 @@ pub async fn serve_outbound(
         // state that would otherwise stay in every held connection's task for its life.
         None => Box::pin(connect_upstream(decision, &pod, &tunnel)).await,
     };
+    // A shortcut connection is revoked like an HBONE stream when a policy change refuses it.
+    let shortcut = local.as_ref().map(|(dest, target, _)| {
+        let allowed = Allowed {
+            identity: Some(Arc::new(pod.identity.clone())),
+            ip: client_addr.ip(),
+            target: *target,
+        };
+        (dest.clone(), allowed)
+    });
     let destination_recorder = local.map(|(_, _, recorder)| recorder);
     match upstream {
         Ok(upstream) => {
@@ -169,7 +178,20 @@ pub async fn serve_outbound(
                         forward.push(other.received.clone());
                         backward.push(other.sent.clone());
                     }
-                    copy::copy_tcp(client, stream, &forward, &backward).await
+                    let copy = copy::copy_tcp(client, stream, &forward, &backward);
+                    match &shortcut {
+                        // Boxed: only shortcut connections carry the wait.
+                        Some((dest, allowed)) => {
+                            Box::pin(async {
+                                tokio::select! {
+                                    result = copy => result,
+                                    refused = revoked(&tunnel, dest, allowed) => Err(refused),
+                                }
+                            })
+                            .await
+                        }
+                        None => copy.await,
+                    }
                 }
             };
             match (result, destination_recorder) {
