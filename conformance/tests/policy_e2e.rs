@@ -122,6 +122,22 @@ fn policies_written_while_traffic_runs_decide_who_reaches_the_server() {
         &[("client", true), ("other", false), ("outsider", false)],
     );
     assert!(denied(&cluster) >= 2.0, "refusals counted with DENY");
+    let decided = |decision: &str| {
+        sum(
+            &cluster.node(2).metrics().unwrap(),
+            "weft_policy_decisions_total",
+            &[("policy", "default/client-only"), ("decision", decision)],
+        )
+    };
+    assert!(decided("allow") >= 1.0, "the policy's allows are counted");
+    let (status, dump) = cluster.node(2).http_get(15000, "/config_dump").unwrap();
+    assert_eq!(status, 200);
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(
+        dump["policies"]["default/server"]["policies"],
+        serde_json::json!(["default/client-only"]),
+        "/config_dump lists the policies in force per local workload"
+    );
 
     // Deny by namespace beats any allow.
     let deny_default = policy(

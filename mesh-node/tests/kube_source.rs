@@ -11,7 +11,7 @@ use mesh_node::agent::{NetnsLookup, local_enrolled};
 use mesh_node::cluster::ClusterObjects;
 use mesh_node::kube_source::KubeSource;
 use mesh_node::manifests::parse_documents;
-use mesh_node::policies::check_policies;
+use mesh_node::policies::{attach_policies, check_policies};
 use mesh_node::tunnel_state::tunnel_state;
 use support::apiserver::ApiServer;
 
@@ -111,10 +111,23 @@ fn uid_only(proc: &tempfile::TempDir) -> NetnsLookup {
 /// What the agent derives: node1's enrolled pods and the tunnel tables.
 fn results(objects: &ClusterObjects, lookup: &NetnsLookup) -> String {
     let (enrolled, problems) = local_enrolled(objects, "node1", lookup);
+    let report = check_policies(objects);
+    let mut state = tunnel_state(objects);
+    attach_policies(&mut state, &report, objects, "node1", "weft-system");
+    // By name: the API server's copies carry metadata (uid, resourceVersion) the folder's lack.
+    let policies: Vec<String> = report
+        .policies
+        .iter()
+        .map(|p| policy::name_of(&p.metadata))
+        .collect();
+    let authentications: Vec<String> = report
+        .authentications
+        .iter()
+        .map(|a| policy::name_of(&a.metadata))
+        .collect();
     format!(
-        "{enrolled:?}\n{problems:?}\n{:?}\n{:?}",
-        tunnel_state(objects),
-        check_policies(objects)
+        "{enrolled:?}\n{problems:?}\n{state:?}\n{policies:?}\n{authentications:?}\n{:?}",
+        report.refused
     )
 }
 

@@ -381,7 +381,7 @@ mod tests {
         .to_string();
         let _b = peer.await.unwrap();
         assert!(
-            error.contains("version 9") && error.contains("this build 3"),
+            error.contains("version 9") && error.contains("this build 4"),
             "{error}"
         );
     }
@@ -406,7 +406,7 @@ mod tests {
         .to_string();
         assert_eq!(
             error,
-            "agent socket: the peer speaks protocol version 1, this build 3"
+            "agent socket: the peer speaks protocol version 1, this build 4"
         );
         let ours: serde_json::Value = serde_json::from_slice(
             &serde_json::to_vec(&AgentMessage::State {

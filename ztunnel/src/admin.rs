@@ -160,11 +160,20 @@ fn readiness(state: &AdminState) -> Response<Full<Bytes>> {
 fn config_dump(state: &AdminState) -> serde_json::Value {
     let cluster = state.tunnel.state.borrow().clone();
     let pods = state.pods.lock().map(|p| p.clone()).unwrap_or_default();
+    // Per local workload, the MeshPolicies in force and its mTLS mode.
+    let policies: serde_json::Map<String, serde_json::Value> = cluster
+        .local_workloads(&state.node)
+        .map(|w| {
+            let in_force = serde_json::json!({ "mtls": w.mtls, "policies": w.policies });
+            (w.key(), in_force)
+        })
+        .collect();
     serde_json::json!({
         "node": state.node,
         "trustDomain": state.tunnel.trust_domain(),
         "config": state.config,
         "pods": pods,
+        "policies": policies,
         "state": cluster.spec(),
     })
 }

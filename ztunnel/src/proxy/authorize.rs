@@ -11,6 +11,7 @@ use tracing::{debug, info};
 use super::ProxyError;
 use super::context::{Pod, Tunnel};
 use crate::identity::Identity;
+use crate::telemetry::PolicyDecisionLabels;
 
 /// Who is connecting: its verified identity (none in plaintext) and address.
 #[derive(Clone, Copy, Debug)]
@@ -54,8 +55,28 @@ pub fn authorize(
         http: None,
     };
     let decision = authorizer.decide(&attributes);
+    let count = |policy: &str, decision: &'static str| {
+        tunnel
+            .metrics
+            .policy_decisions
+            .get_or_create(&PolicyDecisionLabels {
+                policy: policy.to_owned(),
+                decision,
+            })
+            .inc();
+    };
     if let Some(audit) = decision.audited {
         debug!(policy = audit, verdict = ?decision.verdict, to = %key, "audited");
+        count(audit, "audit");
+    }
+    if let Some(policy) = decision.policy {
+        count(
+            policy,
+            match decision.verdict {
+                Verdict::Allow => "allow",
+                Verdict::Deny => "deny",
+            },
+        );
     }
     match (decision.verdict, decision.policy) {
         (Verdict::Allow, _) => Ok(()),

@@ -46,6 +46,15 @@ pub struct Metrics {
     pub hbone_pool_connections: Gauge,
     /// Connections to the HBONE listeners closed before or instead of serving them, by reason.
     pub hbone_refused: Family<RefusedLabels, Counter>,
+    /// Decisions a MeshPolicy took (allow, deny) or audited, by policy.
+    pub policy_decisions: Family<PolicyDecisionLabels, Counter>,
+}
+
+/// A policy that decided (`namespace/name`) and what: `allow`, `deny` or `audit`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyDecisionLabels {
+    pub policy: String,
+    pub decision: &'static str,
 }
 
 /// Why an HBONE connection was turned away (`reason`).
@@ -66,6 +75,7 @@ impl Metrics {
         let received_bytes = Family::default();
         let hbone_pool_connections = Gauge::default();
         let hbone_refused = Family::default();
+        let policy_decisions = Family::default();
         registry.register(
             "tcp_connections_opened",
             "TCP connections opened",
@@ -96,6 +106,11 @@ impl Metrics {
             "Connections to HBONE listeners closed without being served: over a limit (total, per_peer), handshake not finished in time (handshake_timeout), failed handshakes (tls, h2), idle with no stream (idle), or ended for a control-frame flood (flood)",
             hbone_refused.clone(),
         );
+        registry.register(
+            "policy_decisions",
+            "Connections a MeshPolicy allowed or denied (the policy that decided), or matched as an Audit policy",
+            policy_decisions.clone(),
+        );
         Arc::new(Metrics {
             registry,
             opened,
@@ -104,6 +119,7 @@ impl Metrics {
             received_bytes,
             hbone_pool_connections,
             hbone_refused,
+            policy_decisions,
         })
     }
 

@@ -4,4 +4,4 @@ mod connection;
 mod metrics;
 
 pub use connection::{ConnectionRecorder, Peer};
-pub use metrics::{ConnectionLabels, Metrics, RefusedLabels, Reporter};
+pub use metrics::{ConnectionLabels, Metrics, PolicyDecisionLabels, RefusedLabels, Reporter};
