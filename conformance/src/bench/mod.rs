@@ -5,6 +5,7 @@ pub mod capture;
 pub mod client;
 pub mod enroll;
 pub mod load;
+pub mod policy;
 pub mod stunnel;
 pub mod tunnel;
 

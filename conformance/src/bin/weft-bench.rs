@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use conformance::bench::capture::{self, CaptureBench};
 use conformance::bench::enroll::{self, EnrollBench};
 use conformance::bench::load::{self, LoadBench};
+use conformance::bench::policy::{self, PolicyBench};
 use conformance::bench::tunnel::{self, TunnelBench};
 
 #[derive(Parser)]
@@ -25,6 +26,8 @@ enum Bench {
     Enroll(EnrollBench),
     /// 10,000 long-lived connections through both tunnels: memory idle, loaded and after.
     Load(LoadBench),
+    /// Policy decisions with 10,000 MeshPolicies in the mesh against only the workload's own.
+    Policy(PolicyBench),
 }
 
 fn main() -> Result<()> {
@@ -36,6 +39,7 @@ fn main() -> Result<()> {
         Bench::Capture(args) => capture::run(&args)?,
         Bench::Enroll(args) => enroll::run(&args)?,
         Bench::Load(args) => load::run(&args)?,
+        Bench::Policy(args) => policy::run(&args)?,
     };
     println!("{line}");
     Ok(())
