@@ -460,10 +460,13 @@ impl Cluster {
 
     /// The pod named `name`.
     pub fn pod(&self, name: &str) -> &Pod {
-        self.pods
-            .iter()
-            .find(|p| p.spec.name == name)
+        self.find_pod(name)
             .unwrap_or_else(|| panic!("no pod {name} in this cluster"))
+    }
+
+    /// Pod `name`, if the cluster has one.
+    pub fn find_pod(&self, name: &str) -> Option<&Pod> {
+        self.pods.iter().find(|p| p.spec.name == name)
     }
 
     /// Node `i` (1-based).

@@ -16,6 +16,7 @@ pub mod pcap;
 pub mod pki;
 pub mod process;
 pub mod prometheus;
+pub mod tour;
 
 pub use cluster::{Cluster, ClusterSpec, Node, Pod, PodSpec};
 
