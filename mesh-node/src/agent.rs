@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 use tunnel_proto::StateSpec;
+use tunnel_proto::last_failure::LastFailure;
 
 use crate::capture::{CaptureReconciler, EnrolledPod};
 use crate::cluster::ClusterObjects;
@@ -233,6 +234,7 @@ pub async fn run_agent(
     // Refused policy objects: reported once each, kept in readiness, not retried (only a
     // change to the object can fix it, and a change brings a pass).
     let mut last_refused: Vec<String> = Vec::new();
+    let mut link_failure = LastFailure::default();
     let mut ticker = tokio::time::interval(poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(stop);
@@ -330,6 +332,7 @@ pub async fn run_agent(
                     // The listeners of pods the tunnel started go into capture before those
                     // pods are enrolled below, so their inbound connections find them.
                     Ok(offers) => {
+                        link_failure.clear();
                         if let Some(capture) = capture.as_mut() {
                             // Not retried: the tunnel offers each listener once per connection.
                             for refused in capture.register_inbound(offers, &wanted, &state) {
@@ -337,7 +340,14 @@ pub async fn run_agent(
                             }
                         }
                     }
-                    Err(e) => warn!("{e}; waiting for the tunnel to reconnect"),
+                    // Once while it repeats: a tunnel that refuses this agent (another socket
+                    // mark, say) retries every second.
+                    Err(e) => {
+                        let text = format!("{e}; waiting for the tunnel to reconnect");
+                        if link_failure.is_new(&text) {
+                            warn!("{text}");
+                        }
+                    }
                 }
             }
         }

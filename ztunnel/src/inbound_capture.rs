@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use redirect_ebpf::InboundListeners;
 use tracing::{info, warn};
 
-use crate::last_failure::LastFailure;
+use tunnel_proto::last_failure::LastFailure;
 
 /// One plaintext inbound listener and the pod addresses (of its family) it serves.
 pub struct InboundListener {

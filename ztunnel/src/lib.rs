@@ -7,7 +7,6 @@ pub mod app;
 pub mod config;
 pub mod identity;
 pub mod inbound_capture;
-pub mod last_failure;
 pub mod logging;
 pub mod netns;
 pub mod pods;

@@ -22,7 +22,7 @@ use tunnel_proto::protocol::{
 
 use super::State;
 use crate::inbound_capture::LocalInboundListeners;
-use crate::last_failure::LastFailure;
+use tunnel_proto::last_failure::LastFailure;
 
 /// Local pods' network namespaces as the agent sent them, by `namespace/name`, with each
 /// namespace's identity (its nsfs inode: a new descriptor for the same namespace, as a

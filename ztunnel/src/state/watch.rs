@@ -10,7 +10,7 @@ use tracing::{error, info};
 use tunnel_proto::file_trust::read_trusted;
 
 use super::{State, StateError, parse_state_file};
-use crate::last_failure::LastFailure;
+use tunnel_proto::last_failure::LastFailure;
 
 /// The current state; cheap to clone, and `changed()` wakes on every accepted update.
 pub type StateHandle = watch::Receiver<Arc<State>>;
