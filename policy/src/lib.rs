@@ -13,7 +13,8 @@ mod validate;
 pub use crds::crds_yaml;
 pub use resources::{
     Condition, MeshAuthentication, MeshAuthenticationSpec, MeshPolicy, MeshPolicySpec, MtlsMode,
-    Operation, PolicyAction, Rule, RuleFrom, RuleTo, Source, WorkloadSelector,
+    ObjectStatus, Operation, PolicyAction, Rule, RuleFrom, RuleTo, Source, StatusCondition,
+    WorkloadSelector,
 };
 pub use validate::{validate_authentication, validate_policy};
 

@@ -29,7 +29,9 @@ pub struct WorkloadSelector {
     plural = "meshpolicies",
     shortname = "mp",
     namespaced,
-    printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#
+    status = "ObjectStatus",
+    printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MeshPolicySpec {
@@ -139,7 +141,9 @@ pub struct Condition {
     plural = "meshauthentications",
     shortname = "mauthn",
     namespaced,
-    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#
+    status = "ObjectStatus",
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MeshAuthenticationSpec {
@@ -153,4 +157,60 @@ pub enum MtlsMode {
     Strict,
     #[default]
     Permissive,
+}
+
+/// What the mesh made of a policy object, written by the controller through the status
+/// subresource.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<StatusCondition>,
+}
+
+/// One condition, shaped like Kubernetes' own (`type` `Accepted`: `True`, or `False` with the
+/// reason and a message naming the field).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusCondition {
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `True` or `False`.
+    pub status: String,
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// The object's `metadata.generation` this condition was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+impl StatusCondition {
+    /// The `Accepted` condition of an object whose validation found `problems`.
+    pub fn accepted(problems: &[crate::PolicyError], generation: Option<i64>) -> Self {
+        match problems {
+            [] => StatusCondition {
+                kind: "Accepted".to_owned(),
+                status: "True".to_owned(),
+                reason: "Valid".to_owned(),
+                message: String::new(),
+                observed_generation: generation,
+            },
+            problems => StatusCondition {
+                kind: "Accepted".to_owned(),
+                status: "False".to_owned(),
+                reason: "Invalid".to_owned(),
+                message: problems
+                    .iter()
+                    .map(|p| match p {
+                        crate::PolicyError::Invalid { field, reason, .. } => {
+                            format!("{field}: {reason}")
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                observed_generation: generation,
+            },
+        }
+    }
 }

@@ -344,4 +344,36 @@ spec:
         .to_string();
         assert!(bad.contains("unknown variant `STRICT`"), "{bad}");
     }
+
+    #[test]
+    fn the_accepted_condition_names_each_problem_field() {
+        let ok = crate::StatusCondition::accepted(&[], Some(3));
+        assert_eq!(
+            (
+                ok.kind.as_str(),
+                ok.status.as_str(),
+                ok.reason.as_str(),
+                ok.observed_generation
+            ),
+            ("Accepted", "True", "Valid", Some(3))
+        );
+        let p = policy(
+            "apiVersion: weft.dev/v1alpha1\nkind: MeshPolicy\nmetadata: {name: b, namespace: s}\nspec: {rules: [{to: [{operation: {ports: [\"0\"], methods: [get]}}]}]}\n",
+        );
+        let refused = crate::StatusCondition::accepted(&validate_policy(&p), None);
+        assert_eq!(
+            (refused.status.as_str(), refused.reason.as_str()),
+            ("False", "Invalid")
+        );
+        assert!(
+            refused
+                .message
+                .starts_with("spec.rules[0].to[0].operation.ports[0]: \"0\" is not a port")
+                && refused
+                    .message
+                    .contains("; spec.rules[0].to[0].operation.methods[0]:"),
+            "{}",
+            refused.message
+        );
+    }
 }

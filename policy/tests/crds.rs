@@ -31,5 +31,20 @@ fn install_crds_match_the_types() {
         let version = &doc["spec"]["versions"][0];
         assert_eq!(version["name"].as_str(), Some("v1alpha1"));
         assert!(version["schema"]["openAPIV3Schema"]["properties"]["spec"].is_object());
+        // The controller writes `status.conditions` through the status subresource, and
+        // `kubectl get` shows whether the object was accepted.
+        assert!(version["subresources"]["status"].is_object());
+        assert!(
+            version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+                ["conditions"]
+                .is_object()
+        );
+        let columns: Vec<&str> = version["additionalPrinterColumns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert!(columns.contains(&"Accepted"), "{columns:?}");
     }
 }
