@@ -61,12 +61,18 @@ pub fn attach_policies(
             .clone()
             .unwrap_or_else(|| "default".to_owned())
     };
-    let mut policies_by_namespace: BTreeMap<String, Vec<&MeshPolicy>> = BTreeMap::new();
-    for p in &report.policies {
+    // Each valid policy's name, made once; by index in the report's order.
+    let names: Vec<String> = report
+        .policies
+        .iter()
+        .map(|p| policy::name_of(&p.metadata))
+        .collect();
+    let mut policies_by_namespace: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (i, p) in report.policies.iter().enumerate() {
         policies_by_namespace
             .entry(namespace_of(&p.metadata))
             .or_default()
-            .push(p);
+            .push(i);
     }
     let mut authns_by_namespace: BTreeMap<String, Vec<&MeshAuthentication>> = BTreeMap::new();
     for a in &report.authentications {
@@ -92,27 +98,28 @@ pub fn attach_policies(
         let mut namespaces = vec![workload.namespace.as_str(), root_namespace];
         namespaces.sort_unstable();
         namespaces.dedup();
-        let mut names = Vec::new();
+        let mut in_force = Vec::new();
         for namespace in &namespaces {
-            for p in policies_by_namespace.get(*namespace).into_iter().flatten() {
-                if applies(namespace, p.spec.selector.as_ref(), root_namespace, scoped) {
-                    let name = policy::name_of(&p.metadata);
-                    used.insert(name.clone());
-                    names.push(name);
+            for &i in policies_by_namespace.get(*namespace).into_iter().flatten() {
+                let selector = report.policies[i].spec.selector.as_ref();
+                if applies(namespace, selector, root_namespace, scoped) {
+                    used.insert(i);
+                    in_force.push(names[i].clone());
                 }
             }
         }
-        workload.policies = names;
+        workload.policies = in_force;
         let authns = namespaces
             .iter()
             .flat_map(|ns| authns_by_namespace.get(*ns).into_iter().flatten().copied());
         workload.mtls = mtls_mode(authns, root_namespace, scoped).0;
     }
-    state.policies = report
-        .policies
-        .iter()
-        .filter(|p| used.contains(&policy::name_of(&p.metadata)))
-        .map(|p| NamedPolicy::from(&**p))
+    state.policies = used
+        .into_iter()
+        .map(|i| NamedPolicy {
+            name: names[i].clone(),
+            spec: report.policies[i].spec.clone(),
+        })
         .collect();
 }
 

@@ -95,12 +95,7 @@ pub async fn run_pods(
         let failed = reconcile(&tunnel, &node, sockets, &state, &mut running).await;
         // Published before the state counts as applied: the agent follower hands new
         // listeners over before it acknowledges.
-        tunnel.inbound_listeners.replace(
-            running
-                .iter()
-                .map(|(key, pod)| (key.clone(), pod.inbound.clone()))
-                .collect(),
-        );
+        publish_inbound(&tunnel, &running);
         applied.send_replace(state_id(&state));
         let in_use = running
             .values()
@@ -179,12 +174,7 @@ async fn reconcile(
     // namespace: its old listening sockets must be closed first, or the new ones would not
     // bind. An accept loop ends as soon as it sees the stop; the duplicates of its inbound
     // listeners kept for capture go with it.
-    tunnel.inbound_listeners.replace(
-        running
-            .iter()
-            .map(|(key, pod)| (key.clone(), pod.inbound.clone()))
-            .collect(),
-    );
+    publish_inbound(tunnel, running);
     let closed = futures_util::future::join_all(stopping);
     if tokio::time::timeout(LISTENERS_CLOSE_WITHIN, closed)
         .await
@@ -236,6 +226,17 @@ async fn reconcile(
         }
     }
     failed
+}
+
+/// Publishes the running pods' inbound listeners (their duplicates) for capture's registration;
+/// a stopped pod's are let go.
+fn publish_inbound(tunnel: &Tunnel, running: &HashMap<String, RunningPod>) {
+    tunnel.inbound_listeners.replace(
+        running
+            .iter()
+            .map(|(key, pod)| (key.clone(), pod.inbound.clone()))
+            .collect(),
+    );
 }
 
 /// Whether two versions of a workload run the same listeners. Its policies and mTLS mode are

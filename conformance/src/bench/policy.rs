@@ -34,8 +34,11 @@ pub struct PolicyBench {
 
 const NAMESPACES: usize = 100;
 const PER_NAMESPACE: usize = 10;
-/// The workload whose decisions are timed.
-const TARGET: (&str, &str) = ("ns7", "w3");
+/// The workload whose decisions are timed: `w3` of `ns7`. Policy `p` lives in namespace
+/// `p % 100` and selects app `(p / 100) % 10`, so the target's are `p = 307 + 1000 k`.
+const TARGET_NAMESPACE: usize = 7;
+const TARGET_APP: usize = 3;
+const TARGET_FIRST_POLICY: usize = TARGET_NAMESPACE + NAMESPACES * TARGET_APP;
 
 /// The cluster's YAML: namespaces, pods (the first namespaces' on node1, the rest on node2)
 /// and `policies` MeshPolicies; with `only_own`, only those that select the target.
@@ -55,9 +58,7 @@ fn cluster_yaml(policies: usize, only_own: bool) -> String {
     for p in 0..policies {
         let namespace = p % NAMESPACES;
         let app = (p / NAMESPACES) % PER_NAMESPACE;
-        if only_own
-            && (format!("ns{namespace}"), format!("w{app}")) != (TARGET.0.into(), TARGET.1.into())
-        {
+        if only_own && (namespace, app) != (TARGET_NAMESPACE, TARGET_APP) {
             continue;
         }
         let action = if (p / 1000) % 5 == 0 { "Deny" } else { "Allow" };
@@ -88,7 +89,9 @@ fn authorizer_for(yaml: &str) -> Result<(Authorizer, usize, f64)> {
     let target = state
         .workloads
         .iter()
-        .find(|w| (w.namespace.as_str(), w.name.as_str()) == TARGET)
+        .find(|w| {
+            w.namespace == format!("ns{TARGET_NAMESPACE}") && w.name == format!("w{TARGET_APP}")
+        })
         .context("the target workload")?;
     let own: Vec<_> = state
         .policies
@@ -108,7 +111,7 @@ fn callers() -> Vec<(String, String, IpAddr, u16)> {
     (0..64usize)
         .map(|i| {
             if i % 2 == 0 {
-                let p = 307 + 1000 * ((i / 2) % 10);
+                let p = TARGET_FIRST_POLICY + NAMESPACES * PER_NAMESPACE * ((i / 2) % 10);
                 let namespace = format!("ns{}", p % 37);
                 let principal = format!("cluster.local/ns/{namespace}/sa/admin{}", p % 7);
                 let ip = IpAddr::V4(Ipv4Addr::new(10, (p % 200) as u8, 1, 2));

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::authorize::{Allowed, Caller, authorize, revoked};
+use super::authorize::{Inbound, authorize, revoked};
 use super::context::{Pod, Tunnel};
 use super::{copy, fail, finish};
 use crate::telemetry::{Peer, Reporter};
@@ -51,25 +51,21 @@ pub async fn serve_inbound_plaintext(
         ..tunnel.peer_of(&pod.workload, None)
     };
     let recorder = tunnel.record(Reporter::destination, source, destination, None, false);
-    let caller = Caller {
-        identity: None,
-        ip: client_addr.ip(),
-    };
-    if let Err(error) = authorize(&tunnel, &pod, caller, target) {
-        // Closed before a byte reaches the application.
-        return fail(recorder, &error);
-    }
-    let allowed = Allowed {
+    let inbound = Inbound {
         identity: None,
         ip: client_addr.ip(),
         target,
     };
+    if let Err(error) = authorize(&tunnel, &pod, &inbound) {
+        // Closed before a byte reaches the application.
+        return fail(recorder, &error);
+    }
     match Box::pin(pod.connect(target, tunnel.deadlines.connect)).await {
         Ok(app) => {
             let (received, sent) = ([recorder.received.clone()], [recorder.sent.clone()]);
             let result = tokio::select! {
                 result = copy::copy_tcp(client, app, &received, &sent) => result,
-                refused = revoked(&tunnel, &pod, &allowed) => Err(refused),
+                refused = revoked(&tunnel, &pod, &inbound) => Err(refused),
             };
             finish(recorder, result);
         }

@@ -18,7 +18,7 @@ use super::flood::FloodWatch;
 use super::{CONNECTION_WINDOW, ERROR_HEADER, MAX_FRAME_SIZE, SEND_BUFFER, STREAM_WINDOW};
 use crate::identity::Identity;
 use crate::proxy::admission::{AdmissionRefused, Admitted, StreamPlace};
-use crate::proxy::authorize::{Allowed, Caller, authorize, revoked};
+use crate::proxy::authorize::{Inbound, authorize, revoked};
 use crate::proxy::context::{Pod, Tunnel};
 use crate::proxy::copy::{self, Totals};
 use crate::proxy::send_budget::SendLedger;
@@ -282,19 +282,16 @@ fn open_stream(
     tunnel: &Tunnel,
 ) -> (
     ConnectionRecorder,
-    Result<Allowed, ProxyError>,
+    Result<Inbound, ProxyError>,
     h2::RecvStream,
 ) {
-    let caller = Caller {
-        identity: Some(&client.identity),
-        ip: client.addr.ip(),
-    };
-    let target = connect_target(&request, pod)
-        .and_then(|target| authorize(tunnel, pod, caller, target).map(|()| target));
-    let allowed = target.map(|target| Allowed {
-        identity: Some(client.identity.clone()),
-        ip: client.addr.ip(),
-        target,
+    let allowed = connect_target(&request, pod).and_then(|target| {
+        let inbound = Inbound {
+            identity: Some(client.identity.clone()),
+            ip: client.addr.ip(),
+            target,
+        };
+        authorize(tunnel, pod, &inbound).map(|()| inbound)
     });
     let source = source_peer(tunnel, client);
     let destination = Peer {

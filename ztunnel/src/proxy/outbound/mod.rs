@@ -14,7 +14,7 @@ use tracing::warn;
 pub use original_dst::original_destination;
 pub use route::{HBONE_PORT, Route, route};
 
-use super::authorize::{Allowed, Caller, authorize, revoked};
+use super::authorize::{Inbound, authorize, revoked};
 use super::context::{Pod, Tunnel};
 use super::hbone::{self, HboneStream, PoolKey};
 use super::{ProxyError, copy, fail, finish};
@@ -125,23 +125,21 @@ pub async fn serve_outbound(
             };
             let recorder =
                 tunnel.record(Reporter::destination, source, peer, service.clone(), true);
-            (dest, *target, recorder)
+            // Decided (and revoked) as the destination's HBONE listener would, with the
+            // source pod's identity.
+            let inbound = Inbound {
+                identity: Some(Arc::new(pod.identity.clone())),
+                ip: client_addr.ip(),
+                target: *target,
+            };
+            (dest, inbound, recorder)
         }),
         _ => None,
     };
     let upstream = match &local {
-        // Decided as the destination's HBONE listener would, with the source pod's identity.
-        Some((dest, target, _)) => match authorize(
-            &tunnel,
-            dest,
-            Caller {
-                identity: Some(&pod.identity),
-                ip: client_addr.ip(),
-            },
-            *target,
-        ) {
+        Some((dest, inbound, _)) => match authorize(&tunnel, dest, inbound) {
             Ok(()) => dest
-                .connect(*target, tunnel.deadlines.connect)
+                .connect(inbound.target, tunnel.deadlines.connect)
                 .await
                 .map(Upstream::Tcp),
             Err(denied) => Err(denied),
@@ -150,16 +148,10 @@ pub async fn serve_outbound(
         // state that would otherwise stay in every held connection's task for its life.
         None => Box::pin(connect_upstream(decision, &pod, &tunnel)).await,
     };
-    // A shortcut connection is revoked like an HBONE stream when a policy change refuses it.
-    let shortcut = local.as_ref().map(|(dest, target, _)| {
-        let allowed = Allowed {
-            identity: Some(Arc::new(pod.identity.clone())),
-            ip: client_addr.ip(),
-            target: *target,
-        };
-        (dest.clone(), allowed)
-    });
-    let destination_recorder = local.map(|(_, _, recorder)| recorder);
+    let (shortcut, destination_recorder) = match local {
+        Some((dest, inbound, recorder)) => (Some((dest, inbound)), Some(recorder)),
+        None => (None, None),
+    };
     match upstream {
         Ok(upstream) => {
             if let Entry::Socks5 = entry {
@@ -181,11 +173,11 @@ pub async fn serve_outbound(
                     let copy = copy::copy_tcp(client, stream, &forward, &backward);
                     match &shortcut {
                         // Boxed: only shortcut connections carry the wait.
-                        Some((dest, allowed)) => {
+                        Some((dest, inbound)) => {
                             Box::pin(async {
                                 tokio::select! {
                                     result = copy => result,
-                                    refused = revoked(&tunnel, dest, allowed) => Err(refused),
+                                    refused = revoked(&tunnel, dest, inbound) => Err(refused),
                                 }
                             })
                             .await
