@@ -119,11 +119,6 @@ pub fn connect_from(
 ) -> Result<ConnectAnswer> {
     let target = target.to_owned();
     netns
-        .run_in(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(connect(addr, client_cert, &target))
-        })?
+        .block_on(move || async move { connect(addr, client_cert, &target).await })?
         .map_err(|e| anyhow!("{e:#}"))
 }

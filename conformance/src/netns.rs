@@ -79,6 +79,23 @@ impl Netns {
             .map_err(|_| anyhow::anyhow!("thread in namespace {} panicked", self.name))?
     }
 
+    /// Runs the future `make` returns to completion on a current-thread runtime of a thread
+    /// inside the namespace (sockets it opens live there).
+    pub fn block_on<F, Fut>(&self, make: F) -> Result<Fut::Output>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future,
+        Fut::Output: Send + 'static,
+    {
+        self.run_in(move || -> Result<Fut::Output> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("a runtime")?;
+            Ok(runtime.block_on(make()))
+        })?
+    }
+
     /// Starts a closure on a thread inside the namespace; join it for its result.
     pub fn spawn_in<T: Send + 'static>(
         &self,

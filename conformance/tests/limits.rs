@@ -95,17 +95,11 @@ where
     cluster
         .pod("client")
         .netns
-        .run_in(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
+        .block_on(move || async move {
+            let tls = conformance::hbone_client::tls(hbone, Some(cert))
+                .await
                 .unwrap();
-            runtime.block_on(async move {
-                let tls = conformance::hbone_client::tls(hbone, Some(cert))
-                    .await
-                    .unwrap();
-                then(tls).await
-            })
+            then(tls).await
         })
         .unwrap()
 }

@@ -345,28 +345,23 @@ fn certificates_renew_at_half_life_without_dropping_connections() {
     let result = cluster
         .pod("client")
         .netns
-        .run_in(move || -> anyhow::Result<()> {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let mut long = conformance::load::socks_connect(target).await?;
-                for i in 0..14 {
-                    let msg = format!("tick {i:02}");
-                    long.write_all(msg.as_bytes()).await?;
-                    let mut back = vec![0u8; msg.len()];
-                    long.read_exact(&mut back).await?;
-                    anyhow::ensure!(back == msg.as_bytes());
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                let mut fresh = conformance::load::socks_connect(target).await?;
-                fresh.write_all(b"fresh").await?;
-                let mut back = [0u8; 5];
-                fresh.read_exact(&mut back).await?;
-                anyhow::ensure!(&back == b"fresh");
-                Ok(())
-            })
+        .block_on(move || async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut long = conformance::load::socks_connect(target).await?;
+            for i in 0..14 {
+                let msg = format!("tick {i:02}");
+                long.write_all(msg.as_bytes()).await?;
+                let mut back = vec![0u8; msg.len()];
+                long.read_exact(&mut back).await?;
+                anyhow::ensure!(back == msg.as_bytes());
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let mut fresh = conformance::load::socks_connect(target).await?;
+            fresh.write_all(b"fresh").await?;
+            let mut back = [0u8; 5];
+            fresh.read_exact(&mut back).await?;
+            anyhow::ensure!(&back == b"fresh");
+            anyhow::Ok(())
         })
         .unwrap();
     result.unwrap_or_else(|e| panic!("{e:#}\nnode1:\n{}", cluster.node(1).log()));
