@@ -1,7 +1,8 @@
-//! Mesh policy enforced end to end at L4, real binaries on two simulated nodes: the agents
-//! follow a manifest folder, and policies written to it while traffic runs decide who reaches
-//! the server: allow by principal, deny by namespace, port rules, `Strict` refusing a
-//! plaintext client, and the same-node shortcut held to the destination's policies like HBONE.
+//! Mesh policy enforced end to end, real binaries on two simulated nodes: the agents follow a
+//! manifest folder, and policies written to it while traffic runs decide who reaches the
+//! server: allow by principal, deny by namespace, port rules, `Strict` refusing a plaintext
+//! client, the same-node shortcut held to the destination's policies like HBONE; and HTTP
+//! rules decided per request (HTTP/1.1 and HTTP/2), with what cannot be parsed refused.
 
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,7 @@ use conformance::metrics::sum;
 use conformance::{Cluster, ClusterSpec, PodSpec};
 
 /// client and other (mesh) and outsider (opted out) on node 1, with neighbour (HTTP, mesh);
-/// server (HTTP) on node 2; all in `default`, labelled.
+/// server (HTTP) and db (TCP echo on 5432) on node 2; all in `default`, labelled.
 fn cluster() -> Cluster {
     let spec = ClusterSpec {
         agents: true,
@@ -22,6 +23,7 @@ fn cluster() -> Cluster {
                 PodSpec::new("outsider", 1),
                 PodSpec::new("neighbour", 1),
                 PodSpec::new("server", 2),
+                PodSpec::new("db", 2),
             ],
         )
     };
@@ -31,6 +33,9 @@ fn cluster() -> Cluster {
             .start_app(pod, &["http", "--port", "8080", "--name", pod], 8080)
             .unwrap();
     }
+    cluster
+        .start_app("db", &["echo", "--port", "5432"], 5432)
+        .unwrap();
     apply(&cluster, "");
     cluster.start_agents().expect("agents start");
     cluster
@@ -246,4 +251,224 @@ fn a_policy_change_closes_a_connection_it_now_refuses_within_a_second() {
             && log.contains("MeshPolicy default/no-client denies it"),
         "the revocation is logged with its policy"
     );
+}
+
+/// The Service of db, whose port name says it is not HTTP.
+const DB_SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: default}\nspec: {clusterIP: 10.96.7.7, selector: {app: db}, ports: [{name: tcp-db, port: 5432}]}\n---\n";
+
+/// HTTP rules: who may GET /public and /upgrade on `app`.
+fn public_only(name: &str, app: &str) -> String {
+    policy(
+        name,
+        &format!(
+            "{{selector: {{matchLabels: {{app: {app}}}}}, action: Allow, rules: [{{to: [{{operation: {{methods: [GET], paths: [\"/public*\", /upgrade]}}}}]}}]}}"
+        ),
+    )
+}
+
+/// `GET /public` then `POST /admin` on one connection: "<code> <connects>" per request (curl
+/// reports no new connect when it reuses the connection). HTTP/2 with prior knowledge is
+/// spoken by [`h2_get_then_post`] (curl 7.88 fails to reuse such a connection, with or
+/// without Weft).
+fn get_then_post(cluster: &Cluster, from: &str, to: &str) -> String {
+    let base = format!("http://{}:8080", cluster.pod(to).ip);
+    let write_out = "%{http_code} %{num_connects}\n";
+    let (public, admin) = (format!("{base}/public"), format!("{base}/admin"));
+    let one = ["-sS", "--max-time", "5", "-o", "/dev/null", "-w", write_out];
+    let mut args = one.to_vec();
+    args.extend([public.as_str(), "--next"]);
+    args.extend(one);
+    args.extend(["-d", "x=1", admin.as_str()]);
+    let out = cluster.run_in(from, "curl", &args).unwrap();
+    let mut got = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        got.push_str(&String::from_utf8_lossy(&out.stderr));
+    }
+    got
+}
+
+/// [`get_then_post`] over HTTP/2 with prior knowledge, on one connection: "<code> <code>".
+fn h2_get_then_post(cluster: &Cluster, from: &str, to: &str) -> String {
+    use http_body_util::{BodyExt, Full};
+    let server = std::net::SocketAddr::from((cluster.pod(to).ip, 8080));
+    let exchange = async move {
+        let tcp = tokio::net::TcpStream::connect(server).await?;
+        let io = hyper_util::rt::TokioIo::new(tcp);
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await?;
+        tokio::spawn(connection);
+        let mut codes = Vec::new();
+        for (method, path, body) in [("GET", "/public", ""), ("POST", "/admin", "x=1")] {
+            let request = http::Request::builder()
+                .method(method)
+                .uri(format!("http://{server}{path}"))
+                .body(Full::new(bytes::Bytes::from_static(body.as_bytes())))?;
+            let response = sender.send_request(request).await?;
+            codes.push(response.status().as_u16().to_string());
+            response.into_body().collect().await?;
+        }
+        anyhow::Ok(codes.join(" "))
+    };
+    let exchange = async move {
+        tokio::time::timeout(Duration::from_secs(5), exchange)
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")))
+    };
+    match cluster.pod(from).netns.block_on(move || exchange).unwrap() {
+        Ok(codes) => codes,
+        Err(error) => format!("{error:#}"),
+    }
+}
+
+/// Waits until `check` holds, for up to ten seconds (the agents and tunnels follow a change
+/// within a few hundred ms); `what` says what was awaited.
+fn eventually(what: &str, mut check: impl FnMut() -> Option<String>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let Some(got) = check() else { return };
+        assert!(Instant::now() < deadline, "{what}: still {got}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Requests on the server's tunnel with `code`.
+fn requests(cluster: &Cluster, node: usize, code: &str) -> f64 {
+    sum(
+        &cluster.node(node).metrics().unwrap(),
+        "weft_requests_total",
+        &[("reporter", "destination"), ("response_code", code)],
+    )
+}
+
+#[test]
+fn http_rules_decide_each_request_and_what_cannot_be_parsed_is_refused() {
+    use std::io::{Read, Write};
+    let cluster = cluster();
+    settles(&cluster, "server", &[("client", true)]);
+    let policies = format!(
+        "{}{}{DB_SERVICE}",
+        public_only("server-public", "server"),
+        public_only("neighbour-public", "neighbour")
+    );
+    apply(&cluster, &policies);
+
+    // One keep-alive connection: GET /public allowed, POST /admin refused with 403; the same
+    // over HTTP/2; through HBONE (server, node 2) and the same-node shortcut (neighbour).
+    for to in ["server", "neighbour"] {
+        eventually(&format!("GET then POST to {to}"), || {
+            let got = get_then_post(&cluster, "client", to);
+            (got != "200 1\n403 0\n").then_some(got)
+        });
+        eventually(&format!("GET then POST to {to} over HTTP/2"), || {
+            let got = h2_get_then_post(&cluster, "client", to);
+            (got != "200 403").then_some(got)
+        });
+    }
+    let body = cluster
+        .run_in(
+            "client",
+            "curl",
+            &[
+                "-sS",
+                "-X",
+                "POST",
+                &format!("http://{}:8080/admin", cluster.pod("server").ip),
+            ],
+        )
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&body.stdout),
+        "access denied by mesh policy\n"
+    );
+    assert!(
+        requests(&cluster, 2, "200") >= 2.0,
+        "allowed requests counted"
+    );
+    assert!(
+        requests(&cluster, 2, "403") >= 3.0,
+        "refused requests counted"
+    );
+    assert!(
+        requests(&cluster, 1, "403") >= 2.0,
+        "the shortcut's requests too"
+    );
+    let log = cluster.nodes[1].tunnel.as_ref().unwrap().output();
+    assert!(
+        log.contains("request complete")
+            && log.contains("\"path\":\"/admin\"")
+            && log.contains("\"verdict\":\"deny\""),
+        "one access-log event per request, with its verdict"
+    );
+
+    // A path spelled to slip past the rule is decided, and reaches the application, as what
+    // it names; an upgrade allowed by the rules carries bytes both ways.
+    let server = std::net::SocketAddr::from((cluster.pod("server").ip, 8080));
+    let (sneaky, upgraded, garbage) = cluster
+        .pod("client")
+        .netns
+        .run_in(move || {
+            let exchange = |request: &[u8]| {
+                let mut stream = std::net::TcpStream::connect(server).unwrap();
+                stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                stream.write_all(request).unwrap();
+                let mut got = vec![0u8; 4096];
+                let n = stream.read(&mut got).unwrap_or(0);
+                (stream, String::from_utf8_lossy(&got[..n]).into_owned())
+            };
+            let (_, sneaky) =
+                exchange(b"GET /public/../admin HTTP/1.1\r\nHost: server\r\n\r\n");
+            let (mut stream, head) = exchange(
+                b"GET /upgrade HTTP/1.1\r\nHost: server\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+            );
+            stream.write_all(b"ping").unwrap();
+            let mut echoed = [0u8; 4];
+            stream.read_exact(&mut echoed).unwrap();
+            let upgraded = format!("{} then {}", head.lines().next().unwrap_or_default(), String::from_utf8_lossy(&echoed));
+            let (_, garbage) = exchange(b"\x16\x03\x01 not http at all\r\n\r\n");
+            (sneaky, upgraded, garbage)
+        })
+        .unwrap();
+    assert!(sneaky.starts_with("HTTP/1.1 403"), "{sneaky}");
+    assert_eq!(upgraded, "HTTP/1.1 101 Switching Protocols then ping");
+    assert!(
+        !garbage.contains("server:"),
+        "the application saw nothing: {garbage}"
+    );
+    eventually("the refusal of bytes that are not HTTP", || {
+        let refused = sum(
+            &cluster.node(2).metrics().unwrap(),
+            "weft_tcp_connections_closed_total",
+            &[("reporter", "destination"), ("response_flags", "DPE")],
+        );
+        (refused < 1.0).then(|| format!("{refused} connections closed with DPE"))
+    });
+
+    // db's port is declared TCP (its Service's port name): a Deny made only of HTTP fields
+    // cannot be decided per request there, so it denies the whole connection.
+    let echo_db = || {
+        let db = std::net::SocketAddr::from((cluster.pod("db").ip, 5432));
+        cluster
+            .pod("client")
+            .netns
+            .run_in(move || {
+                let mut stream = std::net::TcpStream::connect(db).ok()?;
+                stream.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+                stream.write_all(b"select").ok()?;
+                let mut got = [0u8; 6];
+                stream.read_exact(&mut got).ok()?;
+                Some(got)
+            })
+            .unwrap()
+    };
+    assert_eq!(
+        echo_db().as_ref(),
+        Some(b"select"),
+        "db answers before the policy"
+    );
+    let deny_admin = policy(
+        "db-no-admin",
+        "{selector: {matchLabels: {app: db}}, action: Deny, rules: [{to: [{operation: {paths: [\"/admin*\"]}}]}]}",
+    );
+    apply(&cluster, &format!("{policies}{deny_admin}"));
+    eventually("db refused", || echo_db().map(|got| format!("{got:?}")));
 }

@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{Pod, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tracing::warn;
-use tunnel_proto::{Protocol, Service, ServicePort, StateSpec, Workload};
+use tunnel_proto::{AppProtocol, Protocol, Service, ServicePort, StateSpec, Workload};
 
 use crate::cluster::{ClusterObjects, ObjectKey};
 use crate::enrollment::{ips_of, is_enrolled, is_host_network, node_of};
@@ -175,7 +175,12 @@ fn service(
                 (None, Some(IntOrString::Int(n))) => u16::try_from(*n).ok()?,
                 (None, Some(IntOrString::String(named))) => named_port(&member_pods, named)?,
             };
-            Some(ServicePort { port, target_port })
+            let app_protocol = AppProtocol::declared(p.app_protocol.as_deref(), p.name.as_deref());
+            Some(ServicePort {
+                port,
+                target_port,
+                app_protocol,
+            })
         })
         .collect();
     Some(Service {
@@ -368,11 +373,13 @@ spec: {clusterIP: None, selector: {app: web}}
             vec![
                 ServicePort {
                     port: 80,
-                    target_port: 8080
+                    target_port: 8080,
+                    app_protocol: AppProtocol::Unspecified,
                 },
                 ServicePort {
                     port: 8443,
-                    target_port: 8443
+                    target_port: 8443,
+                    app_protocol: AppProtocol::Unspecified,
                 }
             ]
         );
@@ -433,14 +440,16 @@ endpoints:
             vec![
                 ServicePort {
                     port: 80,
-                    target_port: 9090
+                    target_port: 9090,
+                    app_protocol: AppProtocol::Http,
                 },
                 ServicePort {
                     port: 8443,
-                    target_port: 8443
+                    target_port: 8443,
+                    app_protocol: AppProtocol::Opaque,
                 }
             ],
-            "the slice's resolution of the named port wins"
+            "the slice's resolution of the named port wins; the names say HTTP and TLS"
         );
         let manual = by_name["manual"];
         assert_eq!(
@@ -452,7 +461,8 @@ endpoints:
             manual.ports,
             vec![ServicePort {
                 port: 9000,
-                target_port: 9001
+                target_port: 9001,
+                app_protocol: AppProtocol::Unspecified,
             }]
         );
     }

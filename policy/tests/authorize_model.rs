@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use policy::authorize::{Attributes, Authorizer, HttpAttributes, PeerIdentity, reference};
+use policy::authorize::{Attributes, Authorizer, Http, HttpAttributes, PeerIdentity, reference};
 use policy::{
     Condition, MeshPolicy, MeshPolicySpec, Operation, PolicyAction, Rule, RuleFrom, RuleTo, Source,
 };
@@ -158,6 +158,8 @@ struct Case {
         &'static str,
         Option<&'static str>,
     )>,
+    /// Without a request: a connection whose requests are parsed (else traffic not parsed).
+    connection: bool,
 }
 
 fn case() -> impl Strategy<Value = Case> {
@@ -195,14 +197,18 @@ fn case() -> impl Strategy<Value = Case> {
         ip(&["10.9.0.1", "fd00::9"]),
         prop::sample::select(&[80u16, 8080, 443][..]),
         http,
+        any::<bool>(),
     )
-        .prop_map(|(peer, source_ip, destination_ip, port, http)| Case {
-            peer,
-            source_ip,
-            destination_ip,
-            port,
-            http,
-        })
+        .prop_map(
+            |(peer, source_ip, destination_ip, port, http, connection)| Case {
+                peer,
+                source_ip,
+                destination_ip,
+                port,
+                http,
+                connection,
+            },
+        )
 }
 
 proptest! {
@@ -223,7 +229,11 @@ proptest! {
             source_ip: case.source_ip,
             destination_ip: case.destination_ip,
             destination_port: case.port,
-            http: http.as_ref(),
+            http: match (&http, case.connection) {
+                (Some(request), _) => Http::Request(request),
+                (None, true) => Http::Connection,
+                (None, false) => Http::Unparsed,
+            },
         };
         let authorizer = Authorizer::compile(&policies);
         let decision = authorizer.decide(&attributes);

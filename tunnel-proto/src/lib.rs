@@ -72,6 +72,84 @@ impl Workload {
 pub struct ServicePort {
     pub port: u16,
     pub target_port: u16,
+    /// What the port speaks, as the Service declares it.
+    #[serde(default, skip_serializing_if = "AppProtocol::is_unspecified")]
+    pub app_protocol: AppProtocol,
+}
+
+/// What a Service declares one of its ports speaks: by its `appProtocol`, else by its name.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// Not declared: parsed as HTTP only where policies name HTTP fields for the port.
+    #[default]
+    Unspecified,
+    /// HTTP/1.1, or HTTP/2 with prior knowledge (gRPC, h2c): parsed, each request decided and
+    /// counted.
+    Http,
+    /// Something else (TCP, TLS, a database's protocol): never parsed; HTTP fields of
+    /// policies for it are enforced more strictly than written.
+    Opaque,
+}
+
+/// Port name prefixes (`<protocol>` or `<protocol>-<suffix>`) that say HTTP, and that say
+/// something else, as Istio reads them.
+const HTTP_NAMES: &[&str] = &["http", "http2", "grpc", "grpc-web", "h2c"];
+const OPAQUE_NAMES: &[&str] = &[
+    "tcp", "tls", "https", "mongo", "mysql", "redis", "udp", "sctp",
+];
+
+impl AppProtocol {
+    /// What a Service port declares: its `appProtocol` when set (`http`, `http2`, `grpc`,
+    /// `grpc-web`, `kubernetes.io/h2c`, `kubernetes.io/ws`: HTTP; anything else opaque), else
+    /// its name's protocol part (`http`, `http-web`, `grpc-api`: HTTP; `tcp-db`, `tls`,
+    /// `mysql`: opaque; anything else undeclared).
+    pub fn declared(app_protocol: Option<&str>, port_name: Option<&str>) -> Self {
+        if let Some(declared) = app_protocol.filter(|p| !p.is_empty()) {
+            let declared = declared.to_ascii_lowercase();
+            let http = HTTP_NAMES.contains(&declared.as_str())
+                || matches!(declared.as_str(), "kubernetes.io/h2c" | "kubernetes.io/ws");
+            return if http {
+                AppProtocol::Http
+            } else {
+                AppProtocol::Opaque
+            };
+        }
+        let Some(name) = port_name else {
+            return AppProtocol::Unspecified;
+        };
+        let name = name.to_ascii_lowercase();
+        let named = |list: &[&str]| {
+            list.iter().any(|p| {
+                name == *p
+                    || name
+                        .strip_prefix(p)
+                        .is_some_and(|rest| rest.starts_with('-'))
+            })
+        };
+        if named(HTTP_NAMES) {
+            AppProtocol::Http
+        } else if named(OPAQUE_NAMES) {
+            AppProtocol::Opaque
+        } else {
+            AppProtocol::Unspecified
+        }
+    }
+
+    pub fn is_unspecified(&self) -> bool {
+        *self == AppProtocol::Unspecified
+    }
+
+    /// Two services declare the same workload port: opaque wins (never parse what one of them
+    /// says is not HTTP; HTTP rules are then enforced more strictly, never less), then HTTP.
+    pub fn merge(self, other: AppProtocol) -> AppProtocol {
+        use AppProtocol::*;
+        match (self, other) {
+            (Opaque, _) | (_, Opaque) => Opaque,
+            (Http, _) | (_, Http) => Http,
+            (Unspecified, Unspecified) => Unspecified,
+        }
+    }
 }
 
 /// A service VIP and the workloads behind it.
@@ -105,4 +183,38 @@ pub struct StateSpec {
     /// The MeshPolicies that workloads name (valid ones only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<NamedPolicy>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AppProtocol::{self, *};
+
+    #[test]
+    fn what_a_service_port_declares() {
+        let cases: &[(Option<&str>, Option<&str>, AppProtocol)] = &[
+            (Some("http"), Some("tcp-x"), Http),
+            (Some("HTTP2"), None, Http),
+            (Some("kubernetes.io/h2c"), None, Http),
+            (Some("grpc"), None, Http),
+            (Some("https"), Some("http"), Opaque),
+            (Some("mysql"), None, Opaque),
+            (Some(""), Some("http-web"), Http),
+            (None, Some("http"), Http),
+            (None, Some("grpc-api"), Http),
+            (None, Some("httpbin"), Unspecified),
+            (None, Some("tcp-db"), Opaque),
+            (None, Some("https"), Opaque),
+            (None, Some("metrics"), Unspecified),
+            (None, None, Unspecified),
+        ];
+        for (app_protocol, name, want) in cases {
+            assert_eq!(
+                AppProtocol::declared(*app_protocol, *name),
+                *want,
+                "{app_protocol:?} {name:?}"
+            );
+        }
+        assert_eq!(Http.merge(Opaque), Opaque);
+        assert_eq!(Unspecified.merge(Http), Http);
+    }
 }

@@ -31,7 +31,8 @@ use crate::StateSpec;
 /// 3: the tunnel hands each local pod's plaintext inbound listener to the agent
 /// (`inbound_listener`), which registers it with capture: the tunnel needs no BPF access.
 /// 4: the state carries the MeshPolicies of the node's workloads and each one's mTLS mode.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: service ports carry what they speak (`appProtocol`), which decides what is parsed.
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Largest frame accepted (a state of tens of thousands of pods fits).
 pub const MAX_FRAME: usize = 64 << 20;
 /// A frame's body is read (and its memory taken) this much at a time.

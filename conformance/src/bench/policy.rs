@@ -14,7 +14,7 @@ use mesh_node::cluster::ClusterObjects;
 use mesh_node::manifests::parse_documents;
 use mesh_node::policies::{attach_policies, check_policies};
 use mesh_node::tunnel_state::tunnel_state;
-use policy::authorize::{Attributes, Authorizer, PeerIdentity, Verdict};
+use policy::authorize::{Attributes, Authorizer, Http, PeerIdentity, Verdict};
 
 use super::{median, quantile, round2};
 
@@ -142,7 +142,7 @@ fn time_decisions(authorizer: &Authorizer, decisions: usize) -> (Vec<f64>, usize
             source_ip: *ip,
             destination_ip: destination,
             destination_port: *port,
-            http: None,
+            http: Http::Unparsed,
         };
         let started = Instant::now();
         let decision = std::hint::black_box(authorizer.decide(std::hint::black_box(&attributes)));

@@ -13,7 +13,8 @@ use http_body_util::combinators::BoxBody;
 use hyper::body::{Body, Frame, Incoming};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -25,8 +26,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Mode {
-    /// HTTP/1.1: `/echo/<text>` answers "<name> saw <text>", `/bytes/<n>?seed=<s>` streams n
-    /// bytes of the deterministic pattern.
+    /// HTTP/1.1 and HTTP/2 with prior knowledge: `/echo/<text>` answers "<name> saw <text>",
+    /// `/bytes/<n>?seed=<s>` streams n bytes of the deterministic pattern, `/upgrade` with an
+    /// `Upgrade` header switches protocols (101) and echoes bytes; any other path answers
+    /// "<name>: <method> <path>".
     Http {
         #[arg(long)]
         port: u16,
@@ -65,14 +68,34 @@ async fn serve_http(port: u16, name: String) -> anyhow::Result<()> {
                 let name = name.clone();
                 async move { Ok::<_, Infallible>(respond(&name, req)) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .await;
         });
     }
 }
 
-fn respond(name: &str, req: Request<Incoming>) -> Response<BoxBody<Bytes, Infallible>> {
+fn respond(name: &str, mut req: Request<Incoming>) -> Response<BoxBody<Bytes, Infallible>> {
+    if req.uri().path() == "/upgrade" && req.headers().contains_key(hyper::header::UPGRADE) {
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                let (mut rd, mut wr) = tokio::io::split(TokioIo::new(upgraded));
+                let _ = tokio::io::copy(&mut rd, &mut wr).await;
+            }
+        });
+        let mut response = Response::new(Full::new(Bytes::new()).boxed());
+        *response.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+        response.headers_mut().insert(
+            hyper::header::UPGRADE,
+            hyper::header::HeaderValue::from_static("echo"),
+        );
+        response.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("upgrade"),
+        );
+        return response;
+    }
     let path = req.uri().path();
     if let Some(text) = path.strip_prefix("/echo/") {
         return Response::new(Full::new(Bytes::from(format!("{name} saw {text}\n"))).boxed());
@@ -93,14 +116,7 @@ fn respond(name: &str, req: Request<Incoming>) -> Response<BoxBody<Bytes, Infall
             .insert(hyper::header::CONTENT_LENGTH, n.into());
         return response;
     }
-    let mut response = Response::new(
-        Full::new(Bytes::from_static(
-            b"routes: /echo/<text>, /bytes/<n>?seed=<s>\n",
-        ))
-        .boxed(),
-    );
-    *response.status_mut() = hyper::StatusCode::NOT_FOUND;
-    response
+    Response::new(Full::new(Bytes::from(format!("{name}: {} {path}\n", req.method()))).boxed())
 }
 
 /// Streams the deterministic pattern without holding it in memory.

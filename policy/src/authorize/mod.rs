@@ -12,7 +12,9 @@
 //!
 //! HTTP fields (`methods`, `paths`, `hosts`, `request.headers[...]`) on traffic that is not
 //! parsed as HTTP are never weaker than written: a `Deny` rule counts them as matching (it
-//! denies the whole connection), an `Allow` or `Audit` rule does not match.
+//! denies the whole connection), an `Allow` or `Audit` rule does not match. On a port whose
+//! requests are parsed, the connection is decided first on what no request can change
+//! ([`Http::Connection`]), then each request.
 
 mod matchers;
 pub mod reference;
@@ -35,9 +37,23 @@ pub struct Attributes<'a> {
     pub source_ip: IpAddr,
     pub destination_ip: IpAddr,
     pub destination_port: u16,
-    /// The request, on a port whose traffic the tunnel parses as HTTP; `None` for a connection
-    /// it does not parse.
-    pub http: Option<&'a HttpAttributes<'a>>,
+    /// The request, or how HTTP fields count when there is none.
+    pub http: Http<'a>,
+}
+
+/// What a decision knows of HTTP.
+#[derive(Clone, Copy, Debug)]
+pub enum Http<'a> {
+    /// Traffic the tunnel does not parse: HTTP fields are never weaker than written (a `Deny`
+    /// rule counts them as matching and denies the whole connection; an `Allow` or `Audit`
+    /// rule does not match).
+    Unparsed,
+    /// A connection whose requests are each decided as they come: decided on what no request
+    /// can change (a `Deny` rule's HTTP fields do not match here, an `Allow` rule's may), so it
+    /// is refused only when every request on it would be.
+    Connection,
+    /// One parsed request.
+    Request(&'a HttpAttributes<'a>),
 }
 
 /// A verified peer: its SPIFFE ID without `spiffe://` (`td/ns/<ns>/sa/<sa>`) and namespace.
@@ -55,8 +71,21 @@ pub struct HttpAttributes<'a> {
     pub path: &'a str,
     /// The authority (`Host`), maybe with a port.
     pub host: &'a str,
-    /// A header's value by lower-case name (the first, if there are several).
-    pub header: &'a dyn Fn(&str) -> Option<&'a str>,
+    /// The request's headers.
+    pub header: &'a dyn Headers,
+}
+
+/// A request's headers, looked up by lower-case name (the first value, if there are several;
+/// none if it is not text).
+pub trait Headers {
+    fn get(&self, name: &str) -> Option<&str>;
+}
+
+/// A lookup function (tests, benchmarks).
+impl<F: Fn(&str) -> Option<&'static str>> Headers for F {
+    fn get(&self, name: &str) -> Option<&str> {
+        self(name)
+    }
 }
 
 impl std::fmt::Debug for HttpAttributes<'_> {
@@ -180,9 +209,10 @@ enum CompiledCondition {
 enum HttpFields<'a> {
     /// Parsed: compared.
     Request(&'a HttpAttributes<'a>),
-    /// Not parsed, in a Deny rule: counted as matching (the whole connection is denied).
+    /// No request: counted as matching (unparsed in a Deny rule; a connection's decision in
+    /// an Allow rule).
     AssumeMatch,
-    /// Not parsed, in an Allow or Audit rule: the rule does not match.
+    /// No request: counted as not matching.
     AssumeMismatch,
 }
 
@@ -230,10 +260,33 @@ impl Authorizer {
         self.deny.is_empty() && self.allow.is_empty() && self.audit.is_empty()
     }
 
+    /// Whether a rule that names HTTP fields may apply to connections to `port`: the tunnel
+    /// then parses that port's traffic as HTTP to decide each request.
+    pub fn uses_http_on(&self, port: u16) -> bool {
+        self.rules_using_http_on(port).next().is_some()
+    }
+
+    /// The rules that name HTTP fields and may apply to `port`: the policy (`namespace/name`)
+    /// and the rule's index in it.
+    pub fn rules_using_http_on(&self, port: u16) -> impl Iterator<Item = (&str, usize)> {
+        self.deny
+            .iter()
+            .chain(&self.allow)
+            .chain(&self.audit)
+            .flat_map(move |policy| {
+                policy
+                    .rules
+                    .iter()
+                    .enumerate()
+                    .filter(move |(_, rule)| rule.uses_http_on(port))
+                    .map(|(i, _)| (&*policy.name, i))
+            })
+    }
+
     /// Decides one connection or request.
     pub fn decide(&self, attributes: &Attributes<'_>) -> Decision<'_> {
-        let audited = first_match(&self.audit, attributes, HttpFields::AssumeMismatch);
-        if let Some(policy) = first_match(&self.deny, attributes, HttpFields::AssumeMatch) {
+        let audited = first_match(&self.audit, attributes, Action::AllowOrAudit);
+        if let Some(policy) = first_match(&self.deny, attributes, Action::Deny) {
             return Decision {
                 verdict: Verdict::Deny,
                 policy: Some(policy),
@@ -247,7 +300,7 @@ impl Authorizer {
                 audited,
             };
         }
-        match first_match(&self.allow, attributes, HttpFields::AssumeMismatch) {
+        match first_match(&self.allow, attributes, Action::AllowOrAudit) {
             Some(policy) => Decision {
                 verdict: Verdict::Allow,
                 policy: Some(policy),
@@ -262,16 +315,27 @@ impl Authorizer {
     }
 }
 
-/// The first of `policies` that matches; `unparsed` says how their HTTP fields count when the
-/// traffic is not parsed.
+/// Which side of a decision a policy is on: it says how HTTP fields count without a request.
+#[derive(Clone, Copy)]
+enum Action {
+    Deny,
+    AllowOrAudit,
+}
+
+/// The first of `policies` (all with the same `action`) that matches.
 fn first_match<'p, 'a>(
     policies: &'p [Compiled],
     attributes: &Attributes<'a>,
-    unparsed: HttpFields<'a>,
+    action: Action,
 ) -> Option<&'p str> {
-    let http = match attributes.http {
-        Some(request) => HttpFields::Request(request),
-        None => unparsed,
+    let http = match (attributes.http, action) {
+        (Http::Request(request), _) => HttpFields::Request(request),
+        (Http::Unparsed, Action::Deny) | (Http::Connection, Action::AllowOrAudit) => {
+            HttpFields::AssumeMatch
+        }
+        (Http::Unparsed, Action::AllowOrAudit) | (Http::Connection, Action::Deny) => {
+            HttpFields::AssumeMismatch
+        }
     };
     policies
         .iter()
@@ -290,6 +354,24 @@ impl CompiledRule {
         (self.from.is_empty() || self.from.iter().any(|s| s.matches(a)))
             && (self.to.is_empty() || self.to.iter().any(|o| o.matches(a, http)))
             && self.when.iter().all(|c| c.matches(a, http))
+    }
+}
+
+impl CompiledRule {
+    /// Whether one of the rule's HTTP fields may take part in deciding a connection to `port`.
+    fn uses_http_on(&self, port: u16) -> bool {
+        let on_port = |ports: &Field<Ports>| ports.matches(Some(port), Ports::contains);
+        let port_conditions_hold = self.when.iter().all(|c| match c {
+            CompiledCondition::DestinationPort(ports) => on_port(ports),
+            _ => true,
+        });
+        let headers = self
+            .when
+            .iter()
+            .any(|c| matches!(c, CompiledCondition::Header(..)));
+        let operation_on_port = self.to.is_empty() || self.to.iter().any(|o| on_port(&o.ports));
+        let http_operation_on_port = self.to.iter().any(|o| o.uses_http() && on_port(&o.ports));
+        port_conditions_hold && ((headers && operation_on_port) || http_operation_on_port)
     }
 }
 
@@ -364,7 +446,9 @@ impl CompiledCondition {
             CompiledCondition::Header(name, f) => match http {
                 HttpFields::AssumeMatch => true,
                 HttpFields::AssumeMismatch => false,
-                HttpFields::Request(request) => f.matches((request.header)(name), Strings::matches),
+                HttpFields::Request(request) => {
+                    f.matches(request.header.get(name), Strings::matches)
+                }
             },
             CompiledCondition::Unknown { in_deny } => *in_deny,
         }

@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-use super::{Attributes, Verdict};
+use super::{Attributes, Http, Verdict};
 use crate::{Condition, MeshPolicy, Operation, PolicyAction, Rule, Source};
 
 /// The verdict, the deciding policy and the first matching Audit policy (`namespace/name`).
@@ -161,8 +161,9 @@ fn operation_matches(o: &Operation, a: &Attributes<'_>, deny: bool) -> bool {
         return true;
     }
     match a.http {
-        None => deny,
-        Some(r) => {
+        Http::Unparsed => deny,
+        Http::Connection => !deny,
+        Http::Request(r) => {
             field(&o.methods, &o.not_methods, Some(r.method), wildcard)
                 && field(&o.paths, &o.not_paths, Some(r.path), wildcard)
                 && field(&o.hosts, &o.not_hosts, Some(r.host), host_wildcard)
@@ -180,8 +181,9 @@ fn condition_matches(c: &Condition, a: &Attributes<'_>, deny: bool) -> bool {
         "source.principal" => field(v, nv, a.peer.map(|p| p.principal), wildcard),
         key => match super::header_name(key) {
             Some(name) => match a.http {
-                None => deny,
-                Some(r) => field(v, nv, (r.header)(&name.to_lowercase()), wildcard),
+                Http::Unparsed => deny,
+                Http::Connection => !deny,
+                Http::Request(r) => field(v, nv, r.header.get(&name.to_lowercase()), wildcard),
             },
             None => deny,
         },

@@ -36,7 +36,7 @@ fn request(peer: bool, http: Option<&'static HttpAttributes<'static>>) -> Attrib
         source_ip: "10.1.2.3".parse().unwrap(),
         destination_ip: "10.9.0.1".parse().unwrap(),
         destination_port: 8080,
-        http,
+        http: http.map_or(Http::Unparsed, Http::Request),
     }
 }
 
@@ -329,4 +329,88 @@ fn http_fields_on_traffic_not_parsed_are_never_weaker_than_written() {
         Verdict::Allow,
         "parsed, the same Deny compares the path"
     );
+}
+
+#[test]
+fn a_connection_whose_requests_are_parsed_is_refused_only_when_every_request_would_be() {
+    let connection = Attributes {
+        http: Http::Connection,
+        ..request(true, None)
+    };
+    let deny_admin = [policy(
+        "no-admin",
+        "Deny",
+        "[{to: [{operation: {paths: [/admin/*]}}]}]",
+    )];
+    assert_eq!(
+        Authorizer::compile(&deny_admin).decide(&connection).verdict,
+        Verdict::Allow,
+        "a Deny of paths waits for the requests"
+    );
+    let deny_shop = [policy(
+        "no-shop",
+        "Deny",
+        "[{from: [{source: {namespaces: [shop]}}], to: [{operation: {ports: [\"8080\"]}}, {operation: {methods: [POST]}}]}]",
+    )];
+    assert_eq!(
+        Authorizer::compile(&deny_shop).decide(&connection).policy,
+        Some("shop/no-shop"),
+        "a Deny whose L4 part alone matches refuses the connection"
+    );
+    assert!(
+        allows("[{to: [{operation: {methods: [GET]}}]}]", &connection),
+        "an Allow of HTTP fields may allow a request: the connection is let in"
+    );
+    assert!(
+        !allows(
+            "[{from: [{source: {namespaces: [other]}}], to: [{operation: {methods: [GET]}}]}]",
+            &connection
+        ),
+        "an Allow whose L4 part cannot match refuses it"
+    );
+}
+
+#[test]
+fn the_ports_whose_traffic_http_rules_need_parsed() {
+    let on = |rules: &str, port: u16| {
+        Authorizer::compile(&[policy("p", "Allow", rules)]).uses_http_on(port)
+    };
+    assert!(
+        on("[{to: [{operation: {methods: [GET]}}]}]", 5432),
+        "no port named: every port"
+    );
+    assert!(on(
+        "[{to: [{operation: {ports: [\"80\"], paths: [/a]}}]}]",
+        80
+    ));
+    assert!(!on(
+        "[{to: [{operation: {ports: [\"80\"], paths: [/a]}}]}]",
+        81
+    ));
+    assert!(
+        !on(
+            "[{to: [{operation: {ports: [\"80\"]}}, {operation: {ports: [\"81\"], hosts: [a]}}]}]",
+            80
+        ),
+        "the HTTP operation is another port's"
+    );
+    assert!(on(
+        "[{to: [{operation: {ports: [\"80\"]}}], when: [{key: \"request.headers[x-team]\", values: [a]}]}]",
+        80
+    ));
+    assert!(!on(
+        "[{when: [{key: destination.port, values: [\"80\"]}, {key: \"request.headers[x-team]\", values: [a]}]}]",
+        81
+    ));
+    assert!(
+        !on("[{to: [{operation: {ports: [\"80\"]}}]}]", 80),
+        "no HTTP field"
+    );
+    let policies = [
+        policy("a", "Deny", "[{}, {to: [{operation: {notPaths: [/x]}}]}]"),
+        policy("b", "Audit", "[{to: [{operation: {methods: [GET]}}]}]"),
+    ];
+    let authorizer = Authorizer::compile(&policies);
+    let rules: Vec<_> = authorizer.rules_using_http_on(1).collect();
+    assert_eq!(rules, [("shop/a", 1), ("shop/b", 0)]);
 }

@@ -57,6 +57,12 @@ pub enum ProxyError {
     Overflow(#[from] crate::proxy::admission::AdmissionRefused),
     #[error("denied: {0}")]
     Denied(String),
+    #[error(
+        "bytes that are not HTTP on port {port}, which is served as HTTP: {reason}; the connection is refused"
+    )]
+    NotHttp { port: u16, reason: String },
+    #[error("HTTP connection failed: {0}")]
+    HttpConnection(String),
 }
 
 impl ProxyError {
@@ -77,6 +83,8 @@ impl ProxyError {
             // Envoy's flag for a limit reached (upstream overflow).
             ProxyError::Overflow(_) => "UO",
             ProxyError::Denied(_) => "DENY",
+            ProxyError::NotHttp { .. } => "DPE",
+            ProxyError::HttpConnection(_) => "IO",
         }
     }
 

@@ -9,7 +9,9 @@ use tracing::debug;
 
 use super::authorize::{Inbound, authorize, revoked};
 use super::context::{Pod, Tunnel};
+use super::http::{HttpConnection, serve_until_revoked};
 use super::{copy, fail, finish};
+use crate::state::PortHandling;
 use crate::telemetry::{Peer, Reporter};
 
 /// Port of the plaintext inbound listener.
@@ -56,16 +58,29 @@ pub async fn serve_inbound_plaintext(
         ip: client_addr.ip(),
         target,
     };
-    if let Err(error) = authorize(&tunnel, &pod, &inbound) {
+    let handling = match authorize(&tunnel, &pod, &inbound) {
+        Ok(handling) => handling,
         // Closed before a byte reaches the application.
-        return fail(recorder, &error);
-    }
+        Err(error) => return fail(recorder, &error),
+    };
     match Box::pin(pod.connect(target, tunnel.deadlines.connect)).await {
         Ok(app) => {
             let (received, sent) = ([recorder.received.clone()], [recorder.sent.clone()]);
-            let result = tokio::select! {
-                result = copy::copy_tcp(client, app, &received, &sent) => result,
-                refused = revoked(&tunnel, &pod, &inbound) => Err(refused),
+            let result = match handling {
+                PortHandling::Tcp => tokio::select! {
+                    result = copy::copy_tcp(client, app, &received, &sent) => result,
+                    refused = revoked(&tunnel, &pod, &inbound, handling) => Err(refused),
+                },
+                PortHandling::Http => {
+                    let connection = HttpConnection {
+                        tunnel: tunnel.clone(),
+                        pod: pod.clone(),
+                        inbound,
+                        labels: recorder.labels().clone(),
+                    };
+                    let (read, written) = (received.to_vec(), sent.to_vec());
+                    Box::pin(serve_until_revoked(client, app, connection, read, written)).await
+                }
             };
             finish(recorder, result);
         }

@@ -7,7 +7,10 @@ mod watch;
 
 pub use agent::{AgentFollower, PodNamespaces, state_id};
 pub use file::parse_state_file;
-pub use model::{Protocol, Service, ServicePort, State, StateSpec, Workload, WorkloadIdentity};
+pub use model::{
+    AppProtocol, PortHandling, Protocol, Service, ServicePort, State, StateSpec, Workload,
+    WorkloadIdentity,
+};
 pub use watch::{StateHandle, watch_state_file};
 
 /// Why a state update was refused; the previous state stays in force.

@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use std::sync::Arc;
 
-pub use tunnel_proto::{Protocol, Service, ServicePort, StateSpec, Workload};
+pub use tunnel_proto::{AppProtocol, Protocol, Service, ServicePort, StateSpec, Workload};
 
 use policy::authorize::Authorizer;
 use policy::{MeshPolicy, NamedPolicy};
@@ -34,6 +34,19 @@ pub struct State {
     by_vip: HashMap<SocketAddr, (Arc<Service>, u16)>,
     /// The compiled policies of each workload that names any, by `namespace/name`.
     authorizers: HashMap<String, Arc<Authorizer>>,
+    /// What the services of a workload (`namespace/name`) declare its ports speak, where any
+    /// declares it.
+    declared: HashMap<(String, u16), AppProtocol>,
+}
+
+/// How the tunnel serving a workload carries connections to one of its ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortHandling {
+    /// Bytes copied as they come; HTTP fields of the policies are enforced more strictly than
+    /// written (a Deny rule with them denies the connection, an Allow rule does not match).
+    Tcp,
+    /// Parsed as HTTP: each request decided, answered 403 when denied, and counted.
+    Http,
 }
 
 impl State {
@@ -81,6 +94,7 @@ impl State {
             }
         }
         let mut by_vip = HashMap::new();
+        let mut declared: HashMap<(String, u16), AppProtocol> = HashMap::new();
         for (i, s) in spec.services.iter().enumerate() {
             let what = format!("services[{i}] ({})", s.key());
             if s.addresses.is_empty() || s.ports.is_empty() {
@@ -95,6 +109,14 @@ impl State {
                         what,
                         format!("endpoint {endpoint:?} is not a listed workload (namespace/name)"),
                     ));
+                }
+            }
+            for port in s.ports.iter().filter(|p| !p.app_protocol.is_unspecified()) {
+                for endpoint in &s.endpoints {
+                    declared
+                        .entry((endpoint.clone(), port.target_port))
+                        .and_modify(|d| *d = d.merge(port.app_protocol))
+                        .or_insert(port.app_protocol);
                 }
             }
             let service = Arc::new(s.clone());
@@ -122,6 +144,7 @@ impl State {
             by_key,
             by_vip,
             authorizers,
+            declared,
         })
     }
 
@@ -151,6 +174,22 @@ impl State {
     /// The policies in force for workload `key`; `None`: no policy applies.
     pub fn authorizer(&self, key: &str) -> Option<&Arc<Authorizer>> {
         self.authorizers.get(key)
+    }
+
+    /// How connections to `port` of workload `key` are carried: parsed as HTTP where a
+    /// service declares the port HTTP, or where no service declares what it speaks and a
+    /// policy of the workload names HTTP fields for it; else copied as bytes.
+    pub fn port_handling(&self, key: &str, port: u16) -> PortHandling {
+        match self.declared.get(&(key.to_owned(), port)) {
+            Some(AppProtocol::Http) => PortHandling::Http,
+            Some(AppProtocol::Opaque) => PortHandling::Tcp,
+            Some(AppProtocol::Unspecified) | None => {
+                match self.authorizer(key).is_some_and(|a| a.uses_http_on(port)) {
+                    true => PortHandling::Http,
+                    false => PortHandling::Tcp,
+                }
+            }
+        }
     }
 
     /// The tables as given, for `/config_dump`.
@@ -234,6 +273,7 @@ mod tests {
                 ports: vec![ServicePort {
                     port: 80,
                     target_port: 8080,
+                    app_protocol: AppProtocol::Unspecified,
                 }],
                 endpoints: vec!["default/b".into()],
             }],
@@ -280,6 +320,7 @@ mod tests {
                 ports: vec![ServicePort {
                     port: 80,
                     target_port: 80,
+                    app_protocol: AppProtocol::Unspecified,
                 }],
                 endpoints: vec!["default/zz".into()],
             }],

@@ -80,6 +80,11 @@ impl ConnectionRecorder {
         }
     }
 
+    /// The connection's metric labels (its requests' carry them too).
+    pub fn labels(&self) -> &ConnectionLabels {
+        &self.labels
+    }
+
     /// Counts the connection as closed and writes its access-log event. `received` and `sent`
     /// are this connection's bytes towards the destination and back; `response_flags` is
     /// `None` for a clean close.

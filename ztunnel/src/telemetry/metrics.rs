@@ -6,6 +6,7 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// Which side of the connection reports: Istio's `reporter` label.
@@ -48,6 +49,36 @@ pub struct Metrics {
     pub hbone_refused: Family<RefusedLabels, Counter>,
     /// Decisions a MeshPolicy took (allow, deny) or audited, by policy.
     pub policy_decisions: Family<PolicyDecisionLabels, Counter>,
+    /// HTTP requests on parsed ports, reported by the destination's tunnel.
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    pub request_bytes: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    pub response_bytes: Family<RequestLabels, Histogram, fn() -> Histogram>,
+}
+
+/// Labels of the request metrics, as Istio names them: the connection's, then the response
+/// code and the protocol (`http` or `grpc`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    #[prometheus(flatten)]
+    pub connection: ConnectionLabels,
+    pub response_code: u16,
+    pub request_protocol: &'static str,
+}
+
+/// Istio's request duration buckets, in milliseconds.
+const DURATION_BUCKETS_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS_MS)
+}
+
+/// 1 B to 1 GB by powers of ten, as Istio's size buckets.
+fn size_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 10.0, 10))
 }
 
 /// A policy that decided (`namespace/name`) and what: `allow`, `deny` or `audit`.
@@ -76,6 +107,13 @@ impl Metrics {
         let hbone_pool_connections = Gauge::default();
         let hbone_refused = Family::default();
         let policy_decisions = Family::default();
+        let requests = Family::default();
+        let request_duration: Family<RequestLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(duration_histogram);
+        let request_bytes: Family<RequestLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(size_histogram);
+        let response_bytes: Family<RequestLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(size_histogram);
         registry.register(
             "tcp_connections_opened",
             "TCP connections opened",
@@ -111,6 +149,26 @@ impl Metrics {
             "Connections a MeshPolicy allowed or denied (the policy that decided), or matched as an Audit policy",
             policy_decisions.clone(),
         );
+        registry.register(
+            "requests",
+            "HTTP requests on ports the tunnel parses, by response code (403: refused by a policy)",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_milliseconds",
+            "Time from a request's head to the end of its response",
+            request_duration.clone(),
+        );
+        registry.register(
+            "request_bytes",
+            "Size of HTTP request bodies",
+            request_bytes.clone(),
+        );
+        registry.register(
+            "response_bytes",
+            "Size of HTTP response bodies",
+            response_bytes.clone(),
+        );
         Arc::new(Metrics {
             registry,
             opened,
@@ -120,6 +178,10 @@ impl Metrics {
             hbone_pool_connections,
             hbone_refused,
             policy_decisions,
+            requests,
+            request_duration,
+            request_bytes,
+            response_bytes,
         })
     }
 

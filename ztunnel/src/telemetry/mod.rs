@@ -4,4 +4,6 @@ mod connection;
 mod metrics;
 
 pub use connection::{ConnectionRecorder, Peer};
-pub use metrics::{ConnectionLabels, Metrics, PolicyDecisionLabels, RefusedLabels, Reporter};
+pub use metrics::{
+    ConnectionLabels, Metrics, PolicyDecisionLabels, RefusedLabels, Reporter, RequestLabels,
+};

@@ -4,10 +4,12 @@ mod client;
 mod flood;
 mod pool;
 mod server;
+mod stream_io;
 
 pub use client::{HboneStream, connect};
 pub use pool::{Checkout, Pool, PoolKey, PoolSettings};
 pub use server::{Client, serve_hbone_connection, serve_http2};
+pub use stream_io::StreamIo;
 
 /// HTTP/2 flow-control windows: large enough for one stream to fill a fast link. Frames (and
 /// read chunks, see `copy.rs`) of up to 1 MiB: the tunnel bench measured 16 KiB frames at

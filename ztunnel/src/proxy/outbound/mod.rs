@@ -17,7 +17,9 @@ pub use route::{HBONE_PORT, Route, route};
 use super::authorize::{Inbound, authorize, revoked};
 use super::context::{Pod, Tunnel};
 use super::hbone::{self, HboneStream, PoolKey};
+use super::http::{HttpConnection, serve_until_revoked};
 use super::{ProxyError, copy, fail, finish};
+use crate::state::PortHandling;
 use crate::telemetry::{Peer, Reporter};
 use socks5::Reply;
 
@@ -138,10 +140,10 @@ pub async fn serve_outbound(
     };
     let upstream = match &local {
         Some((dest, inbound, _)) => match authorize(&tunnel, dest, inbound) {
-            Ok(()) => dest
+            Ok(handling) => dest
                 .connect(inbound.target, tunnel.deadlines.connect)
                 .await
-                .map(Upstream::Tcp),
+                .map(|app| Upstream::Local(app, handling)),
             Err(denied) => Err(denied),
         },
         // Boxed: connecting (a pool checkout, maybe TLS and HTTP/2 handshakes) is a large
@@ -163,26 +165,40 @@ pub async fn serve_outbound(
                     copy::copy_tcp_h2(client, stream.send, stream.recv, &received, &sent, None)
                         .await
                 }
-                Upstream::Tcp(stream) => {
+                Upstream::Tcp(stream) => copy::copy_tcp(client, stream, &[received], &[sent]).await,
+                Upstream::Local(app, handling) => {
                     let mut forward = vec![received];
                     let mut backward = vec![sent];
                     if let Some(other) = &destination_recorder {
                         forward.push(other.received.clone());
                         backward.push(other.sent.clone());
                     }
-                    let copy = copy::copy_tcp(client, stream, &forward, &backward);
-                    match &shortcut {
+                    match (&shortcut, &destination_recorder) {
+                        // Parsed as the destination's HBONE listener would.
+                        (Some((dest, inbound)), Some(other)) if handling == PortHandling::Http => {
+                            let connection = HttpConnection {
+                                tunnel: tunnel.clone(),
+                                pod: (*dest).clone(),
+                                inbound: inbound.clone(),
+                                labels: other.labels().clone(),
+                            };
+                            Box::pin(serve_until_revoked(
+                                client, app, connection, forward, backward,
+                            ))
+                            .await
+                        }
                         // Boxed: only shortcut connections carry the wait.
-                        Some((dest, inbound)) => {
+                        (Some((dest, inbound)), _) => {
+                            let copy = copy::copy_tcp(client, app, &forward, &backward);
                             Box::pin(async {
                                 tokio::select! {
                                     result = copy => result,
-                                    refused = revoked(&tunnel, dest, inbound) => Err(refused),
+                                    refused = revoked(&tunnel, dest, inbound, handling) => Err(refused),
                                 }
                             })
                             .await
                         }
-                        None => copy.await,
+                        (None, _) => copy::copy_tcp(client, app, &forward, &backward).await,
                     }
                 }
             };
@@ -213,7 +229,10 @@ pub async fn serve_outbound(
 /// An established connection towards the destination.
 enum Upstream {
     Hbone(HboneStream),
+    /// Outside the mesh.
     Tcp(TcpStream),
+    /// A pod of this node (the shortcut), carried as its port's handling says.
+    Local(TcpStream, PortHandling),
 }
 
 /// Executes the routing decision.
