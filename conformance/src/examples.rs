@@ -130,6 +130,15 @@ impl Cluster {
         for svc in objects.services.values() {
             push_yaml(&mut out, &**svc)?;
         }
+        for slice in objects.endpoint_slices.values() {
+            push_yaml(&mut out, &**slice)?;
+        }
+        for policy in objects.mesh_policies.values() {
+            push_yaml(&mut out, &**policy)?;
+        }
+        for authentication in objects.mesh_authentications.values() {
+            push_yaml(&mut out, &**authentication)?;
+        }
         self.replace_manifests(&out)
     }
 }

@@ -471,4 +471,13 @@ fn http_rules_decide_each_request_and_what_cannot_be_parsed_is_refused() {
     );
     apply(&cluster, &format!("{policies}{deny_admin}"));
     eventually("db refused", || echo_db().map(|got| format!("{got:?}")));
+    let tightened = "MeshPolicy default/db-no-admin: spec.rules[0] names HTTP fields, but Service default/db declares port 5432 is not HTTP";
+    eventually("the tightened rule in node 2's agent's readiness", || {
+        let (status, body) = conformance::agents::agent_readiness(&cluster.agents[1]).unwrap();
+        (status != 200 || !body.contains(tightened)).then(|| format!("{status} {body}"))
+    });
+    assert!(
+        cluster.agents[1].output().contains(tightened),
+        "and in its log"
+    );
 }

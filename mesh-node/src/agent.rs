@@ -15,7 +15,7 @@ use crate::enrollment::{exclusions_of, is_enrolled, netns_annotation, node_of};
 use crate::kube_source::KubeSource;
 use crate::manifests::ManifestFolder;
 use crate::pod_netns::PodNamespaces;
-use crate::policies::{attach_policies, check_policies};
+use crate::policies::{attach_policies, check_policies, tightened};
 use crate::tunnel_link::TunnelLink;
 use crate::tunnel_state::tunnel_state;
 
@@ -140,6 +140,8 @@ pub struct AgentStatus {
     pub problems: Vec<String>,
     /// Source errors now (e.g. the API server unreachable: the last good objects are served).
     pub source_errors: Vec<String>,
+    /// Policy objects refused, and rules enforced more strictly than written.
+    pub policies: Vec<String>,
 }
 
 /// Where the cluster comes from.
@@ -231,9 +233,9 @@ pub async fn run_agent(
     let mut last_written: Option<StateSpec> = None;
     let mut last_problems: Vec<String> = Vec::new();
     let mut last_policy_counts = (0, 0);
-    // Refused policy objects: reported once each, kept in readiness, not retried (only a
-    // change to the object can fix it, and a change brings a pass).
-    let mut last_refused: Vec<String> = Vec::new();
+    // Refused policy objects and tightened rules: reported once each, kept in readiness, not
+    // retried (only a change to an object can fix it, and a change brings a pass).
+    let mut last_policy_lines: Vec<String> = Vec::new();
     let mut link_failure = LastFailure::default();
     let mut ticker = tokio::time::interval(poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -291,14 +293,19 @@ pub async fn run_agent(
                 "policy objects followed"
             );
         }
-        for r in policies
+        let policy_lines: Vec<String> = policies
             .refused
             .iter()
-            .filter(|r| !last_refused.contains(r))
+            .cloned()
+            .chain(tightened(&state).iter().map(ToString::to_string))
+            .collect();
+        for line in policy_lines
+            .iter()
+            .filter(|line| !last_policy_lines.contains(line))
         {
-            warn!("{r}");
+            warn!("{line}");
         }
-        last_refused = policies.refused;
+        last_policy_lines = policy_lines;
         // Capture lets go of pods first, the tunnel is told next, and capture takes new pods
         // last, once the tunnel serves them: no connection meets a capture without a tunnel.
         if let Some(capture) = capture.as_mut() {
@@ -368,7 +375,8 @@ pub async fn run_agent(
         }
         if let Ok(mut s) = status.lock() {
             s.synced = true;
-            s.problems = problems.iter().chain(&last_refused).cloned().collect();
+            s.problems = problems.clone();
+            s.policies = last_policy_lines.clone();
         }
         last_problems = problems;
         last_state = Some(state);

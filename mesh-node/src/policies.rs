@@ -6,9 +6,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use policy::authorize::Authorizer;
 use policy::scope::{Scoped, applies, mtls_mode};
-use policy::{MeshAuthentication, MeshPolicy, NamedPolicy};
-use tunnel_proto::StateSpec;
+use policy::{MeshAuthentication, MeshPolicy, NamedPolicy, PolicyAction};
+use tunnel_proto::{AppProtocol, StateSpec};
 
 use crate::cluster::ClusterObjects;
 
@@ -121,6 +122,84 @@ pub fn attach_policies(
             spec: report.policies[i].spec.clone(),
         })
         .collect();
+}
+
+/// The rules of the policies in `state` (attached to its workloads) that name HTTP fields for
+/// a port that a Service declares is not HTTP: the tunnel cannot read requests there, so it
+/// enforces them more strictly than written (a Deny rule denies every connection it matches
+/// on that port, an Allow or Audit rule matches none). One line per policy rule, Service and
+/// port, for the log, readiness and the policy's status.
+pub fn tightened(state: &StateSpec) -> Vec<Tightened> {
+    let mut found = BTreeSet::new();
+    let by_name: BTreeMap<&str, &NamedPolicy> = state
+        .policies
+        .iter()
+        .map(|p| (p.name.as_str(), p))
+        .collect();
+    for workload in state.workloads.iter().filter(|w| !w.policies.is_empty()) {
+        let key = workload.key();
+        let opaque: Vec<(String, u16)> = state
+            .services
+            .iter()
+            .filter(|s| s.endpoints.contains(&key))
+            .flat_map(|s| {
+                s.ports
+                    .iter()
+                    .filter(|p| p.app_protocol == AppProtocol::Opaque)
+                    .map(move |p| (s.key(), p.target_port))
+            })
+            .collect();
+        if opaque.is_empty() {
+            continue;
+        }
+        let policies = workload
+            .policies
+            .iter()
+            .filter_map(|name| by_name.get(name.as_str()).copied());
+        let authorizer = Authorizer::compile_named(policies);
+        for (service, port) in &opaque {
+            for (policy, rule) in authorizer.rules_using_http_on(*port) {
+                let action = by_name.get(policy).map(|p| p.spec.action);
+                found.insert(Tightened {
+                    policy: policy.to_owned(),
+                    rule,
+                    service: service.clone(),
+                    port: *port,
+                    action: action.unwrap_or_default(),
+                });
+            }
+        }
+    }
+    found.into_iter().collect()
+}
+
+/// A rule enforced more strictly than written (see [`tightened`]).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Tightened {
+    /// `namespace/name`.
+    pub policy: String,
+    /// Its index in `spec.rules`.
+    pub rule: usize,
+    /// The Service (`namespace/name`) that declares the port is not HTTP.
+    pub service: String,
+    /// The workload port.
+    pub port: u16,
+    pub action: PolicyAction,
+}
+
+impl std::fmt::Display for Tightened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let effect = match self.action {
+            PolicyAction::Deny => "denies every connection it matches there",
+            PolicyAction::Allow => "allows no connection there",
+            PolicyAction::Audit => "reports no connection there",
+        };
+        write!(
+            f,
+            "MeshPolicy {}: spec.rules[{}] names HTTP fields, but Service {} declares port {} is not HTTP, so requests there cannot be read: the rule is enforced more strictly than written (it {effect})",
+            self.policy, self.rule, self.service, self.port
+        )
+    }
 }
 
 #[cfg(test)]
@@ -283,6 +362,51 @@ spec: {selector: {matchLabels: {app: db}}, mode: Strict}
                 "weft-system/mesh-wide"
             ],
             "only what this node's workloads use, never the broken one"
+        );
+    }
+
+    #[test]
+    fn http_rules_for_a_port_declared_not_http_are_reported_as_tightened() {
+        let text = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {weft.dev/mesh: enabled}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db, namespace: shop, labels: {app: db}}
+spec: {nodeName: node1, containers: [{name: c, image: c}]}
+status: {podIP: 10.1.1.3}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec: {clusterIP: 10.96.0.3, selector: {app: db}, ports: [{name: tcp-db, port: 5432}, {name: http-admin, port: 8080}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: MeshPolicy
+metadata: {name: no-admin, namespace: shop}
+spec: {action: Deny, rules: [{from: [{source: {namespaces: [x]}}]}, {to: [{operation: {paths: [/admin*]}}]}]}
+---
+apiVersion: weft.dev/v1alpha1
+kind: MeshPolicy
+metadata: {name: gets, namespace: shop}
+spec: {rules: [{to: [{operation: {ports: ["8080"], methods: [GET]}}]}]}
+"#;
+        let mut objects = ClusterObjects::default();
+        for object in parse_documents(std::path::Path::new("t.yaml"), text).unwrap() {
+            objects.insert(object);
+        }
+        let report = check_policies(&objects);
+        let mut state = crate::tunnel_state::tunnel_state(&objects);
+        attach_policies(&mut state, &report, &objects, "node1", "weft-system");
+        let lines: Vec<String> = tightened(&state).iter().map(ToString::to_string).collect();
+        assert_eq!(
+            lines,
+            [
+                "MeshPolicy shop/no-admin: spec.rules[1] names HTTP fields, but Service shop/db declares port 5432 is not HTTP, so requests there cannot be read: the rule is enforced more strictly than written (it denies every connection it matches there)"
+            ],
+            "the GET rule is for port 8080, which is HTTP; the Deny's first rule names no HTTP field"
         );
     }
 }

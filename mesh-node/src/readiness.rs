@@ -1,6 +1,7 @@
 //! The agent's readiness endpoint (`--readiness-addr`, default 127.0.0.1:15022): 200 once the
-//! source had the whole cluster and a pass was applied, with any per-pod problems and source
-//! errors in the body (the agent keeps serving its last good state through them); 503 before.
+//! source had the whole cluster and a pass was applied, with any per-pod problems, source
+//! errors, refused policy objects and rules enforced more strictly than written in the body
+//! (the agent keeps serving its last good state through them); 503 before.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -56,6 +57,9 @@ fn answer(status: &Mutex<AgentStatus>) -> Response<Full<Bytes>> {
     }
     for p in &s.problems {
         let _ = writeln!(body, "pod: {p}");
+    }
+    for p in &s.policies {
+        let _ = writeln!(body, "policy: {p}");
     }
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = code;

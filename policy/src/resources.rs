@@ -44,7 +44,9 @@ pub struct MeshPolicySpec {
     pub rules: Vec<Rule>,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize, JsonSchema,
+)]
 pub enum PolicyAction {
     #[default]
     Allow,

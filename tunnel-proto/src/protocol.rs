@@ -382,7 +382,8 @@ mod tests {
         .to_string();
         let _b = peer.await.unwrap();
         assert!(
-            error.contains("version 9") && error.contains("this build 4"),
+            error.contains("version 9")
+                && error.contains(&format!("this build {PROTOCOL_VERSION}")),
             "{error}"
         );
     }
@@ -407,7 +408,9 @@ mod tests {
         .to_string();
         assert_eq!(
             error,
-            "agent socket: the peer speaks protocol version 1, this build 4"
+            format!(
+                "agent socket: the peer speaks protocol version 1, this build {PROTOCOL_VERSION}"
+            )
         );
         let ours: serde_json::Value = serde_json::from_slice(
             &serde_json::to_vec(&AgentMessage::State {

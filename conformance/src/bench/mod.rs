@@ -6,6 +6,7 @@ pub mod client;
 pub mod enroll;
 pub mod load;
 pub mod policy;
+mod policy_rr;
 pub mod stunnel;
 pub mod tunnel;
 

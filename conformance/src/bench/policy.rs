@@ -27,9 +27,12 @@ pub struct PolicyBench {
     /// Decisions timed per round and mesh.
     #[arg(long, default_value_t = 200_000)]
     pub decisions: usize,
-    /// Rounds; each times both meshes, in turn.
+    /// Rounds; each times both meshes, in turn, then both request/response lanes.
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
+    /// HTTP requests timed per round and lane.
+    #[arg(long, default_value_t = 2_000)]
+    pub requests: usize,
 }
 
 const NAMESPACES: usize = 100;
@@ -193,11 +196,22 @@ pub fn run(args: &PolicyBench) -> Result<String> {
         args.policies,
         p50 / b50
     );
+    println!(
+        "request/response through two tunnels, {} requests per round on one connection:",
+        args.requests
+    );
+    let (l4, l7) = super::policy_rr::round_trips(args.rounds, args.requests)?;
+    println!(
+        "medians: L4 policy p50 {l4:.1} us, L7 policy p50 {l7:.1} us: L7 adds {:.1} us (goal: at most 20 us)",
+        l7 - l4
+    );
     Ok(serde_json::json!({
         "bench": "policy",
         "policies": args.policies,
         "decision_p50_ns": round2(p50),
         "decision_p99_ns": round2(p99),
+        "l4_rr_p50_us": round2(l4),
+        "l7_rr_p50_us": round2(l7),
         "own_policies_only_p50_ns": round2(b50),
         "own_policies_only_p99_ns": round2(b99),
         "agent_resolution_ms": round2(resolve_full_ms),

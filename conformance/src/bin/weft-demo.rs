@@ -51,6 +51,8 @@ fn main() -> Result<()> {
     println!("== starting one mesh-node and one tunnel per node");
     cluster.start_agents()?;
     cluster.start_tunnels()?;
+    let logs = log_locations(&cluster);
+    println!("== what the agents and tunnels say is logged to:\n{logs}");
     let _host = cluster.link_host()?;
     let targets: Vec<String> = (1..=cluster.nodes.len())
         .map(|i| format!("10.255.{i}.2:15020"))
@@ -77,10 +79,53 @@ fn main() -> Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
+    if let Some(call) = calls.first() {
+        // The same server, with a method the demo's MeshPolicy (shop/web-read-only) does not
+        // allow: refused with 403 by the server's tunnel, per request.
+        let out = cluster.run_in(
+            &call.from,
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "10",
+                "-w",
+                " (HTTP %{http_code})",
+                "-X",
+                "POST",
+                &call.url,
+            ],
+        )?;
+        println!(
+            "== in pod {}: curl -X POST {}   (the policies decide each request)\n   {}{}",
+            call.from,
+            call.url,
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
     std::thread::sleep(Duration::from_millis(300));
     println!("== what the tunnels saw (access logs)");
     for node in &cluster.nodes {
         for entry in node.access_logs() {
+            if entry["message"] == "request complete" {
+                println!(
+                    "   {} [request] {} ({}) -> {}: {} {} {} {}{}",
+                    node.name,
+                    entry["src.workload"].as_str().unwrap_or("?"),
+                    entry["src.identity"].as_str().unwrap_or("?"),
+                    entry["dst.workload"].as_str().unwrap_or("?"),
+                    entry["method"].as_str().unwrap_or("?"),
+                    entry["path"].as_str().unwrap_or("?"),
+                    entry["status"],
+                    entry["verdict"].as_str().unwrap_or("?"),
+                    match entry["policy"].as_str() {
+                        Some("-") | None => String::new(),
+                        Some(policy) => format!(" by {policy}"),
+                    },
+                );
+                continue;
+            }
             println!(
                 "   {} [{}] {} ({}) -> {} ({}) security={} {} B up, {} B down",
                 node.name,
@@ -126,6 +171,26 @@ fn main() -> Result<()> {
             series["value"][1].as_str().unwrap_or("?")
         );
     }
+    println!("== Prometheus: sum by (destination, response_code) (weft_requests_total)");
+    let query = "sum by (destination_workload, response_code) (weft_requests_total)";
+    for _ in 0..50 {
+        result = prometheus.query(query)?;
+        let codes = result.as_array().map_or(0, Vec::len);
+        // The tour's allowed requests and the refused POST: two codes once scraped.
+        if codes >= 2 || calls.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for series in result.as_array().into_iter().flatten() {
+        let m = &series["metric"];
+        println!(
+            "   {} {}: {}",
+            m["destination_workload"].as_str().unwrap_or("?"),
+            m["response_code"].as_str().unwrap_or("?"),
+            series["value"][1].as_str().unwrap_or("?")
+        );
+    }
     if args.exit {
         println!("== tearing down");
         return Ok(());
@@ -146,8 +211,10 @@ fn main() -> Result<()> {
         "\n== the cluster stays up. Look around (as root):\n\
          {look}\
          \x20  ip netns exec {node1} curl -s localhost:15000/config_dump  # node1's tunnel state\n\
-         \x20  Prometheus: http://localhost:9090  (try weft_tcp_connections_opened_total)\n\
-         \x20  Change the cluster live: edit {manifests}/cluster.yaml (e.g. drop the shop label)\n\
+         \x20  Prometheus: http://localhost:9090  (try weft_tcp_connections_opened_total, weft_requests_total)\n\
+         \x20  Change the cluster live: edit {manifests}/cluster.yaml (e.g. drop the shop label, or\n\
+         \x20  edit the MeshPolicy), then read what the agents and tunnels said:\n\
+         {logs}\n\
          == tear down: sudo ./scripts/demo.sh down   (or Ctrl-C here)",
         node1 = cluster.node(1).netns.name,
         manifests = cluster.manifest_dir().display(),
@@ -156,6 +223,17 @@ fn main() -> Result<()> {
     println!("== tearing down");
     let _ = std::fs::remove_file(&args.pid_file);
     Ok(())
+}
+
+/// One line per agent and tunnel: where its log is.
+fn log_locations(cluster: &Cluster) -> String {
+    let agents = cluster.agents.iter();
+    let tunnels = cluster.nodes.iter().filter_map(|n| n.tunnel.as_ref());
+    agents
+        .chain(tunnels)
+        .map(|p| format!("\x20    {:18} {}", p.name, p.log.display()))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Blocks until SIGINT or SIGTERM (handled, not blocked: the cluster's processes must still
