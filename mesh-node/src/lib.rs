@@ -6,6 +6,7 @@ pub mod agent;
 pub mod capture;
 pub mod changes;
 pub mod cluster;
+pub mod controller;
 pub mod enrollment;
 pub mod kube_source;
 pub mod manifests;

@@ -1,4 +1,4 @@
-//! `mesh-node run`: the per-node agent.
+//! `mesh-node run`: the per-node agent; `mesh-node controller`: the cluster's controller.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -7,6 +7,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mesh_node::agent::{AgentScope, AgentStatus, ClusterSource, TunnelOutput, run_agent};
 use mesh_node::capture::CaptureReconciler;
+use mesh_node::controller::{
+    ControllerSettings, ControllerStatus, run_controller as run_controller_loop,
+};
 use mesh_node::kube_source::KubeSource;
 use mesh_node::manifests::ManifestFolder;
 use mesh_node::tunnel_link::TunnelLink;
@@ -24,6 +27,35 @@ struct Args {
 enum Command {
     /// Follow the cluster and enroll this node's pods until SIGTERM.
     Run(RunArgs),
+    /// The cluster's controller (one Deployment, replicas elect a leader with a Lease): writes
+    /// the status of MeshPolicies and MeshAuthentications, until SIGTERM.
+    Controller(ControllerArgs),
+}
+
+#[derive(clap::Args)]
+struct ControllerArgs {
+    /// Namespace of the Lease the replicas elect a leader with.
+    #[arg(long, env = "WEFT_CONTROLLER_NAMESPACE", default_value = "weft-system")]
+    lease_namespace: String,
+    /// Name of that Lease.
+    #[arg(long, default_value = "weft-controller")]
+    lease_name: String,
+    /// This replica's name among the candidates (unique; in a pod, its name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// How long a leader holds the Lease past each renewal (renewed every third of it).
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    lease_duration: Duration,
+    /// MeshPolicies and MeshAuthentications of this namespace apply to the whole mesh.
+    #[arg(long, env = "WEFT_ROOT_NAMESPACE", default_value = "weft-system")]
+    root_namespace: String,
+    /// Where readiness is served (200 once the cluster was listed, leading or not).
+    #[arg(
+        long,
+        env = "WEFT_CONTROLLER_READINESS_ADDR",
+        default_value = "127.0.0.1:15023"
+    )]
+    readiness_addr: std::net::SocketAddr,
 }
 
 #[derive(clap::Args)]
@@ -102,8 +134,11 @@ fn main() -> std::process::ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let Command::Run(args) = Args::parse().command;
-    match run(args) {
+    let result = match Args::parse().command {
+        Command::Run(args) => run(args),
+        Command::Controller(args) => run_controller(args),
+    };
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mesh-node: {e:#}");
@@ -194,6 +229,46 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         )
         .await;
         info!("SIGTERM: exiting; capture stays pinned");
+        Ok(())
+    })
+}
+
+fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.lease_duration >= Duration::from_secs(1),
+        "--lease-duration {:?}: a Lease holds whole seconds, at least one",
+        args.lease_duration
+    );
+    let identity = match args.identity {
+        Some(identity) => identity,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("no --identity, and the host name cannot be read")?
+            .trim()
+            .to_owned(),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    runtime.block_on(async {
+        let client = kube::Client::try_default()
+            .await
+            .context("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+        let status = std::sync::Arc::new(std::sync::Mutex::new(ControllerStatus::default()));
+        let readiness =
+            mesh_node::readiness::serve_controller(args.readiness_addr, status.clone())
+                .await
+                .with_context(|| format!("cannot serve readiness on {}", args.readiness_addr))?;
+        let settings = ControllerSettings {
+            lease_namespace: args.lease_namespace,
+            lease_name: args.lease_name,
+            identity,
+            lease_duration: args.lease_duration,
+            root_namespace: args.root_namespace,
+        };
+        info!(identity = %settings.identity, lease = %format!("{}/{}", settings.lease_namespace, settings.lease_name), %readiness, "mesh-node controller running");
+        run_controller_loop(client, settings, status, shutdown_signal()).await;
+        info!("SIGTERM: exiting");
         Ok(())
     })
 }

@@ -57,6 +57,26 @@ pub fn attach_policies(
     node: &str,
     root_namespace: &str,
 ) {
+    attach_where(state, report, objects, &|w| w.node == node, root_namespace);
+}
+
+/// [`attach_policies`] for every workload of the cluster (the controller's view).
+pub fn attach_policies_everywhere(
+    state: &mut StateSpec,
+    report: &PolicyReport,
+    objects: &ClusterObjects,
+    root_namespace: &str,
+) {
+    attach_where(state, report, objects, &|_| true, root_namespace);
+}
+
+fn attach_where(
+    state: &mut StateSpec,
+    report: &PolicyReport,
+    objects: &ClusterObjects,
+    keep: &dyn Fn(&tunnel_proto::Workload) -> bool,
+    root_namespace: &str,
+) {
     let namespace_of = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
         meta.namespace
             .clone()
@@ -84,7 +104,7 @@ pub fn attach_policies(
     }
     let no_labels = BTreeMap::new();
     let mut used = BTreeSet::new();
-    for workload in state.workloads.iter_mut().filter(|w| w.node == node) {
+    for workload in state.workloads.iter_mut().filter(|w| keep(w)) {
         let key = (workload.namespace.clone(), workload.name.clone());
         let labels = objects
             .pods
@@ -187,18 +207,24 @@ pub struct Tightened {
     pub action: PolicyAction,
 }
 
-impl std::fmt::Display for Tightened {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl Tightened {
+    /// What was tightened and why, for the policy's own status.
+    pub fn note(&self) -> String {
         let effect = match self.action {
             PolicyAction::Deny => "denies every connection it matches there",
             PolicyAction::Allow => "allows no connection there",
             PolicyAction::Audit => "reports no connection there",
         };
-        write!(
-            f,
-            "MeshPolicy {}: spec.rules[{}] names HTTP fields, but Service {} declares port {} is not HTTP, so requests there cannot be read: the rule is enforced more strictly than written (it {effect})",
-            self.policy, self.rule, self.service, self.port
+        format!(
+            "spec.rules[{}] names HTTP fields, but Service {} declares port {} is not HTTP, so requests there cannot be read: the rule is enforced more strictly than written (it {effect})",
+            self.rule, self.service, self.port
         )
+    }
+}
+
+impl std::fmt::Display for Tightened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MeshPolicy {}: {}", self.policy, self.note())
     }
 }
 

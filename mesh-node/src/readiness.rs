@@ -1,7 +1,9 @@
-//! The agent's readiness endpoint (`--readiness-addr`, default 127.0.0.1:15022): 200 once the
-//! source had the whole cluster and a pass was applied, with any per-pod problems, source
-//! errors, refused policy objects and rules enforced more strictly than written in the body
-//! (the agent keeps serving its last good state through them); 503 before.
+//! The readiness endpoints (`--readiness-addr`). The agent's (default 127.0.0.1:15022): 200
+//! once the source had the whole cluster and a pass was applied, with any per-pod problems,
+//! source errors, refused policy objects and rules enforced more strictly than written in the
+//! body (the agent keeps serving its last good state through them); 503 before. The
+//! controller's (default 127.0.0.1:15023): 200 once it listed the cluster, leading or
+//! following, with its last problem.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -14,11 +16,49 @@ use hyper::service::service_fn;
 use hyper::{Response, StatusCode};
 
 use crate::agent::AgentStatus;
+use crate::controller::ControllerStatus;
 
-/// Serves readiness on `addr` in the background; returns the address bound (port 0 picks one).
+/// What readiness answers: ready or not, and the body.
+pub struct Report {
+    pub ready: bool,
+    pub body: String,
+}
+
+/// Serves the agent's readiness on `addr` in the background; returns the address bound (port
+/// 0 picks one).
 pub async fn serve(
     addr: SocketAddr,
     status: Arc<Mutex<AgentStatus>>,
+) -> std::io::Result<SocketAddr> {
+    serve_report(addr, move || agent_report(&status)).await
+}
+
+/// Serves the controller's readiness on `addr` in the background.
+pub async fn serve_controller(
+    addr: SocketAddr,
+    status: Arc<Mutex<ControllerStatus>>,
+) -> std::io::Result<SocketAddr> {
+    serve_report(addr, move || {
+        let s = status.lock().map(|s| s.clone()).unwrap_or_default();
+        let mut body = match (s.synced, s.leading) {
+            (false, _) => "not ready: no complete view of the cluster yet\n".to_owned(),
+            (true, true) => "ready: leading (writing the status of policy objects)\n".to_owned(),
+            (true, false) => "ready: following (another replica leads)\n".to_owned(),
+        };
+        if let Some(problem) = &s.problem {
+            let _ = writeln!(body, "problem: {problem}");
+        }
+        Report {
+            ready: s.synced,
+            body,
+        }
+    })
+    .await
+}
+
+async fn serve_report(
+    addr: SocketAddr,
+    report: impl Fn() -> Report + Clone + Send + 'static,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
@@ -27,11 +67,15 @@ pub async fn serve(
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let status = status.clone();
+            let report = report.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |_req| {
-                    let answer = answer(&status);
-                    async move { Ok::<_, Infallible>(answer) }
+                    let Report { ready, body } = report();
+                    let mut response = Response::new(Full::new(Bytes::from(body)));
+                    if !ready {
+                        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    async move { Ok::<_, Infallible>(response) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
@@ -42,15 +86,12 @@ pub async fn serve(
     Ok(bound)
 }
 
-fn answer(status: &Mutex<AgentStatus>) -> Response<Full<Bytes>> {
+fn agent_report(status: &Mutex<AgentStatus>) -> Report {
     let s = status.lock().map(|s| s.clone()).unwrap_or_default();
-    let (code, mut body) = if s.synced {
-        (StatusCode::OK, "ready\n".to_owned())
+    let mut body = if s.synced {
+        "ready\n".to_owned()
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: no complete view of the cluster yet\n".to_owned(),
-        )
+        "not ready: no complete view of the cluster yet\n".to_owned()
     };
     for e in &s.source_errors {
         let _ = writeln!(body, "source: {e}");
@@ -61,7 +102,8 @@ fn answer(status: &Mutex<AgentStatus>) -> Response<Full<Bytes>> {
     for p in &s.policies {
         let _ = writeln!(body, "policy: {p}");
     }
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = code;
-    response
+    Report {
+        ready: s.synced,
+        body,
+    }
 }

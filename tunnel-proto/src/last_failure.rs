@@ -15,6 +15,11 @@ impl LastFailure {
         true
     }
 
+    /// The failure standing now, if any.
+    pub fn current(&self) -> Option<&str> {
+        self.0.as_deref()
+    }
+
     /// The failure is over: the next one is logged again.
     pub fn clear(&mut self) {
         self.0 = None;

@@ -100,7 +100,9 @@ fn main() -> Result<()> {
             "== in pod {}: curl -X POST {}   (the policies decide each request)\n   {}{}",
             call.from,
             call.url,
-            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .replace('\n', " "),
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
@@ -119,9 +121,10 @@ fn main() -> Result<()> {
                     entry["path"].as_str().unwrap_or("?"),
                     entry["status"],
                     entry["verdict"].as_str().unwrap_or("?"),
-                    match entry["policy"].as_str() {
-                        Some("-") | None => String::new(),
-                        Some(policy) => format!(" by {policy}"),
+                    match (entry["policy"].as_str(), entry["verdict"].as_str()) {
+                        (Some("-") | None, Some("deny")) => " (no Allow policy matches)".to_owned(),
+                        (Some("-") | None, _) => String::new(),
+                        (Some(policy), _) => format!(" by {policy}"),
                     },
                 );
                 continue;

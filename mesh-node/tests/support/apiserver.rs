@@ -2,7 +2,11 @@
 //! agent follows (`/api/v1/<plural>`, `/apis/<group>/<version>/<plural>`), objects as JSON
 //! with resource versions, watch events as
 //! newline-delimited JSON, bookmarks, and `410 Gone` for expired resource versions, so the
-//! real `kube` client and watcher run unchanged against it.
+//! real `kube` client and watcher run unchanged against it. For the controller: namespaced
+//! objects read (`GET`), created (`POST`, 409 if present), replaced (`PUT`, 409 unless the
+//! resource version is the current one: optimistic concurrency, as Leases rely on), and
+//! status written through the status subresource (`PATCH .../status`, a JSON merge patch of
+//! `status` only), each write an event for the watchers.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -30,6 +34,46 @@ struct State {
     log: Vec<(u64, String, &'static str, Value)>,
     /// List requests served.
     lists: usize,
+    /// Status subresource patches: (plural, namespace, name, the patch).
+    status_patches: Vec<(String, String, String, Value)>,
+}
+
+impl State {
+    /// Stores `object` (new or replacing) at the next resource version and logs the event.
+    fn store(&mut self, plural: &str, mut object: Value) -> Value {
+        let kind = object["kind"].as_str().unwrap_or_default().to_owned();
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let namespace = if kind == "Namespace" {
+            String::new()
+        } else {
+            let ns = object["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_owned();
+            object["metadata"]["namespace"] = json!(ns);
+            ns
+        };
+        self.rv += 1;
+        let rv = self.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        // A real server assigns the UID at creation; tests that need to know it (to place
+        // a pod's process in its kubelet cgroup) give it in the object, and it is kept.
+        if !object["metadata"]["uid"].is_string() {
+            object["metadata"]["uid"] = json!(format!("uid-{kind}-{namespace}-{name}"));
+        }
+        let key = (plural.to_owned(), namespace, name);
+        let event = if self.objects.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        self.objects.insert(key.clone(), object.clone());
+        self.log.push((rv, key.0, event, object.clone()));
+        object
+    }
 }
 
 /// A running test API server.
@@ -57,6 +101,7 @@ const KINDS: &[(&str, &str, &str)] = &[
         "meshauthentications",
         "weft.dev/v1alpha1",
     ),
+    ("Lease", "leases", "coordination.k8s.io/v1"),
 ];
 
 fn plural(kind: &str) -> String {
@@ -103,7 +148,7 @@ impl ApiServer {
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
                         let (state, changes) = (state.clone(), changes.clone());
-                        async move { Ok::<_, Infallible>(handle(req, state, changes)) }
+                        async move { Ok::<_, Infallible>(handle(req, state, changes).await) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
@@ -122,38 +167,23 @@ impl ApiServer {
     pub fn apply(&self, yaml: &str) {
         let mut state = self.state.lock().unwrap();
         let documents: Vec<Value> = serde_saphyr::from_multiple(yaml).unwrap();
-        for mut object in documents {
+        for object in documents {
             let kind = object["kind"].as_str().unwrap().to_owned();
-            let name = object["metadata"]["name"].as_str().unwrap().to_owned();
-            let namespace = if kind == "Namespace" {
-                String::new()
-            } else {
-                let ns = object["metadata"]["namespace"]
-                    .as_str()
-                    .unwrap_or("default")
-                    .to_owned();
-                object["metadata"]["namespace"] = json!(ns);
-                ns
-            };
-            state.rv += 1;
-            let rv = state.rv;
-            object["metadata"]["resourceVersion"] = json!(rv.to_string());
-            // A real server assigns the UID at creation; tests that need to know it (to place
-            // a pod's process in its kubelet cgroup) give it in the object, and it is kept.
-            if !object["metadata"]["uid"].is_string() {
-                object["metadata"]["uid"] = json!(format!("uid-{kind}-{namespace}-{name}"));
-            }
-            let key = (plural(&kind), namespace, name);
-            let kind_event = if state.objects.contains_key(&key) {
-                "MODIFIED"
-            } else {
-                "ADDED"
-            };
-            state.objects.insert(key.clone(), object.clone());
-            state.log.push((rv, key.0, kind_event, object));
+            state.store(&plural(&kind), object);
         }
         drop(state);
         let _ = self.changes.send(Change::Event);
+    }
+
+    /// The object `namespace/name` of `kind` as stored now.
+    pub fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
+        let key = (plural(kind), namespace.to_owned(), name.to_owned());
+        self.state.lock().unwrap().objects.get(&key).cloned()
+    }
+
+    /// Status patches served so far: (plural, namespace, name, patch).
+    pub fn status_patches(&self) -> Vec<(String, String, String, Value)> {
+        self.state.lock().unwrap().status_patches.clone()
     }
 
     /// List requests served so far (a relist after 410 Gone adds to it).
@@ -194,12 +224,170 @@ fn gone() -> Value {
         "status": "Failure", "message": "too old resource version", "reason": "Expired", "code": 410}})
 }
 
-fn handle(
+/// A namespaced path (`.../namespaces/<ns>/<plural>[/<name>[/<subresource>]]`).
+struct ObjectPath {
+    /// Kind, plural, apiVersion.
+    kind: (&'static str, &'static str, &'static str),
+    namespace: String,
+    name: Option<String>,
+    subresource: Option<String>,
+}
+
+fn object_at(path: &str) -> Option<ObjectPath> {
+    let (group_version, rest) = match path.strip_prefix("/api/v1/namespaces/") {
+        Some(rest) => ("v1".to_owned(), rest),
+        None => {
+            let rest = path.strip_prefix("/apis/")?;
+            let (group_version, rest) = rest.split_once("/namespaces/")?;
+            (group_version.to_owned(), rest)
+        }
+    };
+    let mut parts = rest.split('/');
+    let namespace = parts.next()?.to_owned();
+    let plural = parts.next()?;
+    let name = parts.next().map(str::to_owned);
+    let subresource = parts.next().map(str::to_owned);
+    let kind = KINDS
+        .iter()
+        .find(|(_, p, v)| *p == plural && *v == group_version)
+        .copied()?;
+    Some(ObjectPath {
+        kind,
+        namespace,
+        name,
+        subresource,
+    })
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Response<Body> {
+    full(
+        code,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "reason": reason, "message": message, "code": code}),
+    )
+}
+
+/// Reads, creates, replaces or patches the status of one namespaced object.
+async fn object_request(
     req: Request<hyper::body::Incoming>,
     state: Arc<Mutex<State>>,
     changes: broadcast::Sender<Change>,
 ) -> Response<Body> {
-    let Some((kind, plural, api_version)) = kind_at(req.uri().path()) else {
+    let path = req.uri().path().to_owned();
+    let Some(ObjectPath {
+        kind: (kind, plural, _),
+        namespace,
+        name,
+        subresource,
+    }) = object_at(&path)
+    else {
+        return status(404, "NotFound", &format!("no route {path}"));
+    };
+    let method = req.method().clone();
+    let body = req.into_body().collect().await.map(|b| b.to_bytes());
+    let body: Value = match body {
+        Ok(bytes) if bytes.is_empty() => Value::Null,
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(value) => value,
+            Err(e) => return status(400, "BadRequest", &e.to_string()),
+        },
+        Err(e) => return status(400, "BadRequest", &e.to_string()),
+    };
+    let mut state = state.lock().unwrap();
+    let key = |name: &str| (plural.to_owned(), namespace.clone(), name.to_owned());
+    let not_found = |name: &str| status(404, "NotFound", &format!("{plural} {name:?} not found"));
+    let response = match (method.as_str(), name, subresource.as_deref()) {
+        ("GET", Some(name), None) => match state.objects.get(&key(&name)) {
+            Some(object) => full(200, object.clone()),
+            None => not_found(&name),
+        },
+        ("POST", None, None) => {
+            let name = body["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            if state.objects.contains_key(&key(&name)) {
+                return status(
+                    409,
+                    "AlreadyExists",
+                    &format!("{plural} {name:?} already exists"),
+                );
+            }
+            let mut object = body;
+            object["kind"] = json!(kind);
+            object["metadata"]["namespace"] = json!(namespace);
+            full(201, state.store(plural, object))
+        }
+        ("PUT", Some(name), None) => {
+            let Some(current) = state.objects.get(&key(&name)) else {
+                return not_found(&name);
+            };
+            if body["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"] {
+                return status(
+                    409,
+                    "Conflict",
+                    &format!(
+                        "Operation cannot be fulfilled on {plural} {name:?}: the object has been modified"
+                    ),
+                );
+            }
+            let mut object = body;
+            object["kind"] = json!(kind);
+            object["metadata"]["namespace"] = json!(namespace);
+            full(200, state.store(plural, object))
+        }
+        ("PATCH", Some(name), Some("status")) => {
+            let Some(current) = state.objects.get(&key(&name)) else {
+                return not_found(&name);
+            };
+            let mut object = current.clone();
+            merge(&mut object["status"], &body["status"]);
+            state
+                .status_patches
+                .push((plural.to_owned(), namespace.clone(), name, body));
+            full(200, state.store(plural, object))
+        }
+        (method, name, sub) => status(
+            405,
+            "MethodNotAllowed",
+            &format!("{method} {plural} {name:?} {sub:?} is not served by the test API server"),
+        ),
+    };
+    drop(state);
+    let _ = changes.send(Change::Event);
+    response
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target.as_object_mut(), patch.as_object()) {
+        (Some(target), Some(patch)) => {
+            for (k, v) in patch {
+                if v.is_null() {
+                    target.remove(k);
+                } else {
+                    merge(target.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (_, Some(_)) => {
+            *target = json!({});
+            merge(target, patch);
+        }
+        _ => *target = patch.clone(),
+    }
+}
+
+async fn handle(
+    req: Request<hyper::body::Incoming>,
+    state: Arc<Mutex<State>>,
+    changes: broadcast::Sender<Change>,
+) -> Response<Body> {
+    let collection = kind_at(req.uri().path());
+    if collection.is_none() || req.method() != hyper::Method::GET {
+        return object_request(req, state, changes).await;
+    }
+    let Some((kind, plural, api_version)) = collection else {
         return full(404, json!({"kind": "Status", "code": 404}));
     };
     let plural = plural.to_owned();
