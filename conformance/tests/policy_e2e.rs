@@ -144,17 +144,31 @@ fn policies_written_while_traffic_runs_decide_who_reaches_the_server() {
         "/config_dump lists the policies in force per local workload"
     );
 
-    // Deny by namespace beats any allow.
+    // Deny by namespace beats any allow; a broken policy beside it is reported with its field
+    // (readiness of each agent) and changes nothing.
     let deny_default = policy(
         "no-default",
         "{selector: {matchLabels: {app: server}}, action: Deny, rules: [{from: [{source: {namespaces: [default]}}]}]}",
     );
-    apply(&cluster, &deny_default);
+    let broken = policy(
+        "broken",
+        "{selector: {matchLabels: {app: server}}, rules: [{from: [{source: {ipBlocks: [\"10.0.0/8\"]}}]}]}",
+    );
+    apply(&cluster, &format!("{deny_default}{broken}"));
     settles(
         &cluster,
         "server",
         &[("client", false), ("other", false), ("outsider", true)],
     );
+    for agent in &cluster.agents {
+        let (status, body) = conformance::agents::agent_readiness(agent).unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body.contains("policy: MeshPolicy default/broken: spec.rules[0].from[0].source.ipBlocks[0]: \"10.0.0/8\""),
+            "{}: {body}",
+            agent.name
+        );
+    }
 
     // A port rule: allowed only on another port.
     apply(

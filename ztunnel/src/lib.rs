@@ -7,6 +7,7 @@ pub mod app;
 pub mod config;
 pub mod identity;
 pub mod inbound_capture;
+mod log_writer;
 pub mod logging;
 pub mod netns;
 pub mod pods;

@@ -24,13 +24,15 @@ fn main() -> ExitCode {
                 eprintln!("ztunnel: {e}");
                 return ExitCode::from(2);
             }
-            let set_filter = match ztunnel::logging::init(&config.log, config.log_format) {
-                Ok(f) => f,
-                Err(e) => {
-                    eprintln!("ztunnel: {e}");
-                    return ExitCode::from(2);
-                }
-            };
+            // Held until exit: dropping it flushes the log lines still queued.
+            let (set_filter, _log_writer) =
+                match ztunnel::logging::init(&config.log, config.log_format) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        eprintln!("ztunnel: {e}");
+                        return ExitCode::from(2);
+                    }
+                };
             tracing::info!(config = ?config, "starting");
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -36,8 +36,8 @@ use super::copy::Totals;
 use super::counted_io::CountedIo;
 use crate::state::PortHandling;
 use crate::telemetry::ConnectionLabels;
-use record::{CountedBody, RequestRecord};
-use upstream::{Body, Upstream};
+use record::{ConnectionTelemetry, CountedBody, RequestRecord};
+use upstream::{Body, Driver, Upstream};
 
 /// Largest request head (line and headers) a client may send.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -62,6 +62,7 @@ pub struct HttpConnection {
 /// What the requests of a connection share.
 struct Shared {
     connection: HttpConnection,
+    telemetry: Arc<ConnectionTelemetry>,
     upstream: Upstream,
     /// Upgraded requests' byte copies (WebSocket, CONNECT), ended with the connection.
     upgrades: Mutex<JoinSet<()>>,
@@ -104,10 +105,15 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (client, tally) = CountedIo::new(client, read, written);
-    let (upstream, upstream_closed) = Upstream::new(app, connection.tunnel.connections.clone());
+    let telemetry = Arc::new(ConnectionTelemetry::new(
+        connection.tunnel.metrics.clone(),
+        connection.labels.clone(),
+        connection.inbound.ip,
+    ));
     let shared = Arc::new(Shared {
         connection,
-        upstream,
+        telemetry,
+        upstream: Upstream::new(app),
         upgrades: Mutex::new(JoinSet::new()),
     });
     let service = {
@@ -130,17 +136,37 @@ where
         .max_header_list_size(MAX_HEADER_BYTES as u32);
     let served = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
     tokio::pin!(served);
-    let result = tokio::select! {
-        result = served.as_mut() => result,
-        () = upstream_closed.cancelled() => {
-            // The application closed its side: close the client's once its requests are
-            // answered, as a copied connection would pass the close on.
-            served.as_mut().graceful_shutdown();
-            served.await
+    // The connection to the application, driven here beside the client's (see `upstream.rs`).
+    let mut driver: Option<Driver> = None;
+    let mut app_closed = false;
+    let result = loop {
+        tokio::select! {
+            result = served.as_mut() => break result,
+            () = shared.upstream.driver_made(), if driver.is_none() && !app_closed => {
+                driver = shared.upstream.take_driver();
+            }
+            () = async { if let Some(d) = driver.as_mut() { d.await } }, if driver.is_some() => {
+                // The application closed its side: close the client's once its requests are
+                // answered, as a copied connection would pass the close on.
+                driver = None;
+                app_closed = true;
+                served.as_mut().graceful_shutdown();
+            }
         }
     };
+    // Upgraded requests go on as copies: the driver hands the application's socket over as
+    // it ends. Without any, the connection to the application just closes.
     let mut upgrades = std::mem::take(&mut *lock(&shared.upgrades));
-    while upgrades.join_next().await.is_some() {}
+    shared.upstream.close();
+    if !upgrades.is_empty() {
+        let driven = async {
+            if let Some(driver) = driver {
+                driver.await;
+            }
+        };
+        let copied = async { while upgrades.join_next().await.is_some() {} };
+        tokio::join!(driven, copied);
+    }
     match result {
         Ok(()) => Ok(tally.totals()),
         Err(error) => Err(classify(&*error, &shared.connection)),
@@ -194,9 +220,7 @@ async fn handle(shared: &Shared, mut request: Request<Incoming>) -> Response<Bod
         )
     };
     let mut record = RequestRecord {
-        metrics: connection.tunnel.metrics.clone(),
-        connection: connection.labels.clone(),
-        source_addr: connection.inbound.ip,
+        telemetry: shared.telemetry.clone(),
         started,
         method: request.method().clone(),
         authority: authority(&request).to_owned(),

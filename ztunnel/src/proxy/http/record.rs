@@ -9,15 +9,79 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 use tracing::info;
 
 use crate::telemetry::{ConnectionLabels, Metrics, RequestLabels};
 
+/// What the requests of one connection report with: its labels, and the metric series of each
+/// response code and protocol met so far (made once per connection, not per request: labels
+/// are ten strings, hashed for each lookup).
+pub struct ConnectionTelemetry {
+    metrics: Arc<Metrics>,
+    labels: ConnectionLabels,
+    source_addr: std::net::IpAddr,
+    series: std::sync::Mutex<Vec<(SeriesKey, Series)>>,
+}
+
+/// Response code, protocol, refused.
+type SeriesKey = (u16, &'static str, bool);
+
+#[derive(Clone)]
+struct Series {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+impl ConnectionTelemetry {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        labels: ConnectionLabels,
+        source_addr: std::net::IpAddr,
+    ) -> Self {
+        ConnectionTelemetry {
+            metrics,
+            labels,
+            source_addr,
+            series: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    fn series(&self, key: SeriesKey) -> Series {
+        let mut known = self
+            .series
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((_, series)) = known.iter().find(|(k, _)| *k == key) {
+            return series.clone();
+        }
+        let (code, protocol, refused) = key;
+        let mut connection = self.labels.clone();
+        if refused {
+            connection.response_flags = "DENY".to_owned();
+        }
+        let labels = RequestLabels {
+            connection,
+            response_code: code,
+            request_protocol: protocol,
+        };
+        let series = Series {
+            requests: self.metrics.requests.get_or_create(&labels).clone(),
+            duration: self.metrics.request_duration.get_or_create(&labels).clone(),
+            request_bytes: self.metrics.request_bytes.get_or_create(&labels).clone(),
+            response_bytes: self.metrics.response_bytes.get_or_create(&labels).clone(),
+        };
+        known.push((key, series.clone()));
+        series
+    }
+}
+
 /// What is known of a request once its response head is chosen.
 pub struct RequestRecord {
-    pub metrics: Arc<Metrics>,
-    pub connection: ConnectionLabels,
-    pub source_addr: std::net::IpAddr,
+    pub telemetry: Arc<ConnectionTelemetry>,
     pub started: Instant,
     pub method: http::Method,
     pub authority: String,
@@ -35,35 +99,21 @@ pub struct RequestRecord {
 
 impl RequestRecord {
     /// Reports the request, whose response carried `response_bytes` of body.
-    fn finish(mut self, response_bytes: u64) {
-        if self.verdict == "deny" {
-            self.connection.response_flags = "DENY".to_owned();
-        }
-        let labels = RequestLabels {
-            connection: self.connection,
-            response_code: self.status.as_u16(),
-            request_protocol: self.protocol,
-        };
+    fn finish(self, response_bytes: u64) {
+        let t = &self.telemetry;
+        let code = self.status.as_u16();
+        let series = t.series((code, self.protocol, self.verdict == "deny"));
         let duration = self.started.elapsed();
         let request_bytes = self.request_bytes.load(Ordering::Relaxed);
-        self.metrics.requests.get_or_create(&labels).inc();
-        self.metrics
-            .request_duration
-            .get_or_create(&labels)
-            .observe(duration.as_secs_f64() * 1000.0);
-        self.metrics
-            .request_bytes
-            .get_or_create(&labels)
-            .observe(request_bytes as f64);
-        self.metrics
-            .response_bytes
-            .get_or_create(&labels)
-            .observe(response_bytes as f64);
-        let c = &labels.connection;
+        series.requests.inc();
+        series.duration.observe(duration.as_secs_f64() * 1000.0);
+        series.request_bytes.observe(request_bytes as f64);
+        series.response_bytes.observe(response_bytes as f64);
+        let c = &t.labels;
         info!(
             target: "access",
-            status = labels.response_code,
-            src.addr = ?self.source_addr,
+            status = code,
+            src.addr = ?t.source_addr,
             src.workload = c.source_workload,
             src.namespace = c.source_workload_namespace,
             src.identity = c.source_principal,

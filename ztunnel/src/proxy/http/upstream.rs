@@ -1,6 +1,12 @@
 //! The application's side of a parsed connection: one TCP connection to the application per
 //! client connection (as with copied bytes: the application sees one connection for one), on
-//! which HTTP is spoken in the version of the client's first request.
+//! which HTTP is spoken in the version of the client's first request. The HTTP connection to
+//! the application is not a task of its own: `serve` drives it on the client connection's task
+//! ([`Upstream::take_driver`]), so an HTTP/1.1 request and its response cross no task (each
+//! crossing is a wake-up, on another thread as often as not).
+
+use std::future::Future;
+use std::pin::Pin;
 
 use bytes::Bytes;
 use http::{Request, Response, Version};
@@ -9,13 +15,14 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
-use tokio::sync::Mutex;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio::sync::{Mutex, Notify};
 use tracing::debug;
 
 /// A body as the proxy forwards it either way.
 pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// The HTTP connection to the application: runs until it closes, or every sender is gone.
+pub type Driver = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Why a request did not reach the application.
 #[derive(Debug, thiserror::Error)]
@@ -30,9 +37,9 @@ pub enum UpstreamError {
 /// once that request says which HTTP version.
 pub struct Upstream {
     state: Mutex<State>,
-    tasks: TaskTracker,
-    /// Cancelled when the HTTP connection to the application ends.
-    closed: CancellationToken,
+    /// The connection's driver, made by the first request, until `serve` takes it.
+    driver: std::sync::Mutex<Option<Driver>>,
+    driver_made: Notify,
 }
 
 enum State {
@@ -45,16 +52,36 @@ enum State {
 }
 
 impl Upstream {
-    /// `tasks` runs the HTTP connection to the application; the token is cancelled when that
-    /// connection ends.
-    pub fn new(app: TcpStream, tasks: TaskTracker) -> (Self, CancellationToken) {
-        let closed = CancellationToken::new();
-        let upstream = Upstream {
+    pub fn new(app: TcpStream) -> Self {
+        Upstream {
             state: Mutex::new(State::Connected(app)),
-            tasks,
-            closed: closed.clone(),
-        };
-        (upstream, closed)
+            driver: std::sync::Mutex::new(None),
+            driver_made: Notify::new(),
+        }
+    }
+
+    /// Waits until the first request made the connection's driver.
+    pub async fn driver_made(&self) {
+        self.driver_made.notified().await;
+    }
+
+    /// The connection's driver, for the caller to run (once).
+    pub fn take_driver(&self) -> Option<Driver> {
+        self.driver.lock().ok()?.take()
+    }
+
+    /// Lets the connection to the application end once idle: its senders are dropped.
+    pub fn close(&self) {
+        if let Ok(mut state) = self.state.try_lock() {
+            *state = State::Failed;
+        }
+    }
+
+    fn hand_over(&self, driver: Driver) {
+        if let Ok(mut slot) = self.driver.lock() {
+            *slot = Some(driver);
+        }
+        self.driver_made.notify_one();
     }
 
     /// Sends `request` to the application and waits for its response head. Requests of an
@@ -91,28 +118,23 @@ impl Upstream {
         let io = TokioIo::new(app);
         if version == Version::HTTP_2 {
             let (sender, connection) = http2::handshake(TokioExecutor::new(), io).await?;
-            let closed = self.closed.clone();
-            self.tasks.spawn(async move {
+            self.hand_over(Box::pin(async move {
                 if let Err(error) = connection.await {
                     debug!(%error, "HTTP/2 connection to the application ended");
                 }
-                closed.cancel();
-            });
+            }));
             Ok(State::Http2(sender))
         } else {
             let (sender, connection) = http1::Builder::new()
                 .preserve_header_case(true)
                 .handshake(io)
                 .await?;
-            let closed = self.closed.clone();
-            self.tasks.spawn(async move {
+            self.hand_over(Box::pin(async move {
                 // Upgrades (WebSocket, CONNECT) hand the socket to the proxy's copy.
-                match connection.with_upgrades().await {
-                    Ok(()) => {}
-                    Err(error) => debug!(%error, "HTTP/1.1 connection to the application ended"),
+                if let Err(error) = connection.with_upgrades().await {
+                    debug!(%error, "HTTP/1.1 connection to the application ended");
                 }
-                closed.cancel();
-            });
+            }));
             Ok(State::Http1(sender))
         }
     }
