@@ -170,6 +170,24 @@ impl Node {
             .unwrap_or_default()
     }
 
+    /// The tunnel's log once it holds `needle` (lines reach the file a moment after they are
+    /// logged: the tunnel writes them in batches); panics with the log after five seconds.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} never logged {needle:?}:\n{log}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The tunnel's JSON access-log events.
     pub fn access_logs(&self) -> Vec<serde_json::Value> {
         self.log()

@@ -124,6 +124,9 @@ fn a_pod_that_is_not_enrolled_connects_directly_and_lands_on_the_servers_plainte
         1.0,
         "the server's tunnel took the plaintext connection on 15006"
     );
+    cluster
+        .node(2)
+        .wait_for_log("\"src.workload\":\"outsider\"");
     let logs = cluster.node(2).access_logs();
     assert!(
         logs.iter().any(|l| l["src.workload"] == "outsider"

@@ -45,17 +45,7 @@ fn target(cluster: &Cluster, pod: &str) -> String {
 }
 
 fn wait_for_log(cluster: &Cluster, node: usize, needle: &str) -> String {
-    for _ in 0..50 {
-        let log = cluster.node(node).log();
-        if log.contains(needle) {
-            return log;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!(
-        "node{node} never logged {needle:?}:\n{}",
-        cluster.node(node).log()
-    );
+    cluster.node(node).wait_for_log(needle)
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tracing_subscriber::fmt::MakeWriter;
 
-/// How long the writer collects lines after the first one before writing them.
+/// How long the writer lets lines gather after each write.
 const BATCH_WINDOW: Duration = Duration::from_millis(5);
 /// Past this many bytes waiting, lines are dropped (counted, and said once written) rather
 /// than holding more memory: the writer is behind.
@@ -23,6 +23,8 @@ struct Pending {
     bytes: Vec<u8>,
     dropped: u64,
     stop: bool,
+    /// The writer waits for a line (and must be woken for one).
+    waiting: bool,
 }
 
 struct Shared {
@@ -75,18 +77,14 @@ fn write_batches(shared: &Shared, mut stderr: impl Write) {
     loop {
         let mut pending = shared.lock();
         while pending.bytes.is_empty() && !pending.stop {
+            pending.waiting = true;
             pending = shared
                 .ready
                 .wait(pending)
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
         }
+        pending.waiting = false;
         let stopping = pending.stop;
-        if !stopping {
-            // Let the lines of the next few milliseconds join this batch.
-            drop(pending);
-            std::thread::sleep(BATCH_WINDOW);
-            pending = shared.lock();
-        }
         let batch = std::mem::take(&mut pending.bytes);
         let dropped = std::mem::take(&mut pending.dropped);
         drop(pending);
@@ -101,6 +99,8 @@ fn write_batches(shared: &Shared, mut stderr: impl Write) {
             let _ = stderr.flush();
             return;
         }
+        // Lines that come meanwhile gather into the next batch (and wake nobody).
+        std::thread::sleep(BATCH_WINDOW);
     }
 }
 
@@ -124,10 +124,11 @@ impl Write for LineWriter<'_> {
             pending.dropped += 1;
             return Ok(buf.len());
         }
-        let was_empty = pending.bytes.is_empty();
         pending.bytes.extend_from_slice(buf);
+        let wake = pending.waiting;
+        pending.waiting = false;
         drop(pending);
-        if was_empty {
+        if wake {
             self.0.ready.notify_one();
         }
         Ok(buf.len())

@@ -30,8 +30,18 @@ spec: {selector: {matchLabels: {app: server}}, rules: [{to: [{operation: {ports:
 ---
 ";
 
-/// Median over `rounds` of each lane's p50 round trip, in microseconds: (L4, L7).
-pub fn round_trips(rounds: usize, requests: usize) -> Result<(f64, f64)> {
+/// Each lane's medians over the rounds.
+#[derive(Clone, Copy, Debug)]
+pub struct LaneFigures {
+    /// p50 round trip, microseconds.
+    pub rr_p50_us: f64,
+    /// CPU time the server's tunnel spent per request (all its threads), microseconds: the
+    /// work a lane adds, without the machine's scheduling noise.
+    pub server_cpu_us: f64,
+}
+
+/// (L4, L7).
+pub fn round_trips(rounds: usize, requests: usize) -> Result<(LaneFigures, LaneFigures)> {
     let spec = ClusterSpec {
         agents: true,
         ..ClusterSpec::new(
@@ -62,16 +72,48 @@ pub fn round_trips(rounds: usize, requests: usize) -> Result<(f64, f64)> {
     );
     let client = &cluster.pod("client").netns;
     client.run_in(move || wait_for_l7(l7))??;
-    let (mut l4_p50, mut l7_p50) = (Vec::new(), Vec::new());
+    let server_tunnel = cluster.nodes[1]
+        .tunnel
+        .as_ref()
+        .and_then(|t| t.pid())
+        .context("the server's tunnel")?;
+    let mut lanes = [
+        ("L4", l4, Vec::new(), Vec::new()),
+        ("L7", l7, Vec::new(), Vec::new()),
+    ];
     for round in 0..rounds {
-        for (lane, addr, p50s) in [("L4", l4, &mut l4_p50), ("L7", l7, &mut l7_p50)] {
+        for (lane, addr, p50s, cpus) in lanes.iter_mut() {
+            let addr = *addr;
+            let before = cpu_ns(server_tunnel)?;
             let times = client.run_in(move || time_requests(addr, requests))??;
+            let cpu_us = (cpu_ns(server_tunnel)? - before) as f64 / 1e3 / times.len() as f64;
             let (p50, p99) = (quantile(&times, 0.5), quantile(&times, 0.99));
-            eprintln!("  round {round} {lane}: rr p50 {p50:7.1} us  p99 {p99:7.1} us");
+            eprintln!(
+                "  round {round} {lane}: rr p50 {p50:7.1} us  p99 {p99:7.1} us  server tunnel CPU {cpu_us:5.1} us/request"
+            );
             p50s.push(p50);
+            cpus.push(cpu_us);
         }
     }
-    Ok((median(&l4_p50), median(&l7_p50)))
+    let [l4, l7] = lanes.map(|(_, _, p50s, cpus)| LaneFigures {
+        rr_p50_us: median(&p50s),
+        server_cpu_us: median(&cpus),
+    });
+    Ok((l4, l7))
+}
+
+/// CPU time of every thread of process `pid` so far, nanoseconds (`schedstat`).
+fn cpu_ns(pid: u32) -> Result<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let stat = std::fs::read_to_string(task?.path().join("schedstat")).unwrap_or_default();
+        total += stat
+            .split_whitespace()
+            .next()
+            .and_then(|ns| ns.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(total)
 }
 
 /// Waits until the L7 port's policy is in force: a POST is refused with 403.
@@ -127,7 +169,8 @@ fn exchange(stream: &mut std::net::TcpStream, line: &str) -> Result<(u16, String
 }
 
 /// `requests` GETs on one keep-alive connection (a tenth more first, untimed): microseconds
-/// each.
+/// each. (The untimed ones count in the CPU figure's division as timed ones: they are a
+/// tenth, and the same in both lanes.)
 fn time_requests(addr: SocketAddr, requests: usize) -> Result<Vec<f64>> {
     let mut stream = std::net::TcpStream::connect(addr)?;
     stream.set_nodelay(true)?;
