@@ -6,6 +6,7 @@
 //! logged. Bytes that are not HTTP are refused (fail closed: a policy on HTTP fields must not
 //! be bypassed by speaking something else).
 
+mod coalesce;
 mod path;
 mod record;
 mod upstream;
@@ -85,10 +86,13 @@ where
         connection.pod.clone(),
         connection.inbound.clone(),
     );
-    tokio::select! {
-        result = serve(client, app, connection, read, written) => result,
-        refused = revoked(&tunnel, &pod, &inbound, PortHandling::Http) => Err(refused),
-    }
+    coalesce::Coalesced::new(Box::pin(async move {
+        tokio::select! {
+            result = serve(client, app, connection, read, written) => result,
+            refused = revoked(&tunnel, &pod, &inbound, PortHandling::Http) => Err(refused),
+        }
+    }))
+    .await
 }
 
 /// Serves `client` as HTTP until it closes, passing allowed requests to the application on
