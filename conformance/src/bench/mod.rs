@@ -27,6 +27,19 @@ pub struct Measure {
     pub message: usize,
 }
 
+/// CPU time of every thread of process `pid` so far, nanoseconds (`schedstat`); 0 for a
+/// process gone.
+pub fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// A figure rounded to two decimals for the JSON line.
 pub fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::{median, quantile};
+use super::{cpu_ns, median, quantile};
 use crate::agents::Manifests;
 use crate::cluster::{Cluster, ClusterSpec, PodSpec};
 
@@ -84,9 +84,10 @@ pub fn round_trips(rounds: usize, requests: usize) -> Result<(LaneFigures, LaneF
     for round in 0..rounds {
         for (lane, addr, p50s, cpus) in lanes.iter_mut() {
             let addr = *addr;
-            let before = cpu_ns(server_tunnel)?;
+            let before = cpu_ns(server_tunnel);
             let times = client.run_in(move || time_requests(addr, requests))??;
-            let cpu_us = (cpu_ns(server_tunnel)? - before) as f64 / 1e3 / times.len() as f64;
+            let cpu_us =
+                cpu_ns(server_tunnel).saturating_sub(before) as f64 / 1e3 / times.len() as f64;
             let (p50, p99) = (quantile(&times, 0.5), quantile(&times, 0.99));
             eprintln!(
                 "  round {round} {lane}: rr p50 {p50:7.1} us  p99 {p99:7.1} us  server tunnel CPU {cpu_us:5.1} us/request"
@@ -100,20 +101,6 @@ pub fn round_trips(rounds: usize, requests: usize) -> Result<(LaneFigures, LaneF
         server_cpu_us: median(&cpus),
     });
     Ok((l4, l7))
-}
-
-/// CPU time of every thread of process `pid` so far, nanoseconds (`schedstat`).
-fn cpu_ns(pid: u32) -> Result<u64> {
-    let mut total = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let stat = std::fs::read_to_string(task?.path().join("schedstat")).unwrap_or_default();
-        total += stat
-            .split_whitespace()
-            .next()
-            .and_then(|ns| ns.parse::<u64>().ok())
-            .unwrap_or(0);
-    }
-    Ok(total)
 }
 
 /// Waits until the L7 port's policy is in force: a POST is refused with 403.

@@ -1,5 +1,7 @@
 //! The stunnel baseline: a pair of stunnel4 TLS 1.3 tunnels with mutual authentication on the
-//! same path as Weft's (client pod -> router -> server pod).
+//! same path as Weft's (client pod -> router -> server pod), held to what Weft does: the same
+//! cipher suite (TLS_AES_128_GCM_SHA256: stunnel would pick AES-256-GCM), and each side verifies
+//! the other's chain to the test CA.
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -14,6 +16,9 @@ use crate::pki::TestCa;
 pub struct StunnelPair {
     pub local_ports: Vec<u16>,
 }
+
+/// The suite Weft's tunnels negotiate (rustls prefers it, both ends offer it).
+pub const SUITE: &str = "TLS_AES_128_GCM_SHA256";
 
 const SERVER_BASE: u16 = 19000;
 const LOCAL_BASE: u16 = 29000;
@@ -52,10 +57,10 @@ pub fn start(
         let server_port = SERVER_BASE + i as u16;
         let local_port = LOCAL_BASE + i as u16;
         server += &format!(
-            "[s{i}]\naccept = 0.0.0.0:{server_port}\nconnect = 127.0.0.1:{port}\ncert = {d}/server.pem\nkey = {d}/server.key\nCAfile = {d}/ca.pem\nverifyChain = yes\nrequireCert = yes\nsslVersionMin = TLSv1.3\n"
+            "[s{i}]\naccept = 0.0.0.0:{server_port}\nconnect = 127.0.0.1:{port}\ncert = {d}/server.pem\nkey = {d}/server.key\nCAfile = {d}/ca.pem\nverifyChain = yes\nrequireCert = yes\nsslVersionMin = TLSv1.3\nciphersuites = {SUITE}\n"
         );
         client += &format!(
-            "[c{i}]\nclient = yes\naccept = 127.0.0.1:{local_port}\nconnect = {server_ip}:{server_port}\ncert = {d}/client.pem\nkey = {d}/client.key\nCAfile = {d}/ca.pem\nverifyChain = yes\nsslVersionMin = TLSv1.3\n"
+            "[c{i}]\nclient = yes\naccept = 127.0.0.1:{local_port}\nconnect = {server_ip}:{server_port}\ncert = {d}/client.pem\nkey = {d}/client.key\nCAfile = {d}/ca.pem\nverifyChain = yes\nsslVersionMin = TLSv1.3\nciphersuites = {SUITE}\n"
         );
         local_ports.push(local_port);
     }
