@@ -81,7 +81,7 @@ where
 /// Serves `client` as HTTP until it closes, passing allowed requests to the application on
 /// `app` (already connected). Bytes read from the client are counted into `read`, bytes
 /// written to it into `written`; the totals are the client side's.
-pub async fn serve<IO>(
+async fn serve<IO>(
     client: IO,
     app: TcpStream,
     connection: HttpConnection,
