@@ -34,9 +34,10 @@ pub struct State {
     by_vip: HashMap<SocketAddr, (Arc<Service>, u16)>,
     /// The compiled policies of each workload that names any, by `namespace/name`.
     authorizers: HashMap<String, Arc<Authorizer>>,
-    /// What the services of a workload (`namespace/name`) declare its ports speak, where any
-    /// declares it.
-    declared: HashMap<(String, u16), AppProtocol>,
+    /// What the services of a workload (`namespace/name`) declare its ports speak, by port,
+    /// where any declares it (by workload first: a connection looks it up without a key to
+    /// build).
+    declared: HashMap<String, HashMap<u16, AppProtocol>>,
 }
 
 /// How the tunnel serving a workload carries connections to one of its ports.
@@ -94,7 +95,7 @@ impl State {
             }
         }
         let mut by_vip = HashMap::new();
-        let mut declared: HashMap<(String, u16), AppProtocol> = HashMap::new();
+        let mut declared: HashMap<String, HashMap<u16, AppProtocol>> = HashMap::new();
         for (i, s) in spec.services.iter().enumerate() {
             let what = format!("services[{i}] ({})", s.key());
             if s.addresses.is_empty() || s.ports.is_empty() {
@@ -114,7 +115,9 @@ impl State {
             for port in s.ports.iter().filter(|p| !p.app_protocol.is_unspecified()) {
                 for endpoint in &s.endpoints {
                     declared
-                        .entry((endpoint.clone(), port.target_port))
+                        .entry(endpoint.clone())
+                        .or_default()
+                        .entry(port.target_port)
                         .and_modify(|d| *d = d.merge(port.app_protocol))
                         .or_insert(port.app_protocol);
                 }
@@ -180,7 +183,7 @@ impl State {
     /// service declares the port HTTP, or where no service declares what it speaks and a
     /// policy of the workload names HTTP fields for it; else copied as bytes.
     pub fn port_handling(&self, key: &str, port: u16) -> PortHandling {
-        match self.declared.get(&(key.to_owned(), port)) {
+        match self.declared.get(key).and_then(|ports| ports.get(&port)) {
             Some(AppProtocol::Http) => PortHandling::Http,
             Some(AppProtocol::Opaque) => PortHandling::Tcp,
             Some(AppProtocol::Unspecified) | None => {
