@@ -46,9 +46,8 @@ struct ControllerArgs {
     /// How long a leader holds the Lease past each renewal (renewed every third of it).
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     lease_duration: Duration,
-    /// MeshPolicies and MeshAuthentications of this namespace apply to the whole mesh.
-    #[arg(long, env = "WEFT_ROOT_NAMESPACE", default_value = "weft-system")]
-    root_namespace: String,
+    #[command(flatten)]
+    mesh: MeshArgs,
     /// Where readiness is served (200 once the cluster was listed, leading or not).
     #[arg(
         long,
@@ -58,14 +57,21 @@ struct ControllerArgs {
     readiness_addr: std::net::SocketAddr,
 }
 
+/// What the agent and the controller read the same way.
+#[derive(clap::Args)]
+struct MeshArgs {
+    /// MeshPolicies and MeshAuthentications of this namespace apply to the whole mesh.
+    #[arg(long, env = "WEFT_ROOT_NAMESPACE", default_value = "weft-system")]
+    root_namespace: String,
+}
+
 #[derive(clap::Args)]
 struct RunArgs {
     /// This node's name (the pods' spec.nodeName).
     #[arg(long, env = "WEFT_NODE_NAME")]
     node_name: String,
-    /// MeshPolicies and MeshAuthentications of this namespace apply to the whole mesh.
-    #[arg(long, env = "WEFT_ROOT_NAMESPACE", default_value = "weft-system")]
-    root_namespace: String,
+    #[command(flatten)]
+    mesh: MeshArgs,
     /// Folder of Kubernetes YAML (Namespaces, Pods, Services) to follow (one machine, demos,
     /// tests).
     #[arg(
@@ -216,7 +222,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         info!(node = %args.node_name, source = %from, %readiness, "mesh-node running");
         let scope = AgentScope {
             node: args.node_name.clone(),
-            root_namespace: args.root_namespace.clone(),
+            root_namespace: args.mesh.root_namespace.clone(),
         };
         run_agent(
             source,
@@ -264,7 +270,7 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
             lease_name: args.lease_name,
             identity,
             lease_duration: args.lease_duration,
-            root_namespace: args.root_namespace,
+            root_namespace: args.mesh.root_namespace,
         };
         info!(identity = %settings.identity, lease = %format!("{}/{}", settings.lease_namespace, settings.lease_name), %readiness, "mesh-node controller running");
         run_controller_loop(client, settings, status, shutdown_signal()).await;
