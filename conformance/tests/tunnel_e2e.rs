@@ -47,6 +47,23 @@ fn curl_reaches_a_pod_on_another_node_through_both_tunnels_with_mtls() {
     );
     let mut lines = out.lines();
     assert_eq!(lines.next(), Some("server saw hello-mesh"));
+    // The tunnel chose its crypto from this CPU's features (read here from /proc/cpuinfo, not
+    // the way the tunnel reads them) and said so; it busy-polls by default.
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+    let flags: Vec<&str> = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let wide_aes = ["aes", "vaes", "vpclmulqdq", "avx512f", "avx512vl"]
+        .iter()
+        .all(|f| flags.contains(f));
+    let expected = if wide_aes { "aws-lc-rs" } else { "ring" };
+    let log = cluster
+        .node(1)
+        .wait_for_log(&format!("crypto provider {expected}:"));
+    assert!(log.contains("busy polling: after traffic"), "{log}");
     let sizes: Vec<f64> = lines
         .rfind(|l| !l.is_empty())
         .unwrap()

@@ -1,6 +1,6 @@
 //! Which rustls crypto provider and TLS 1.3 cipher suite move bulk data fastest on this CPU.
 //! In-memory client -> server transfer (encrypt + decrypt, no sockets), interleaved rounds,
-//! medians. Run: `cargo bench -p ztunnel --features aws-lc --bench crypto_providers`.
+//! medians. Run: `cargo bench -p ztunnel --bench crypto_providers`.
 
 use std::io::{Read, Write};
 use std::sync::Arc;
@@ -119,8 +119,11 @@ fn transfer(provider: CryptoProvider) -> f64 {
     moved as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9
 }
 
+/// Provider name, TLS 1.3 suite, the provider.
+type Case = (&'static str, &'static str, fn() -> CryptoProvider);
+
 fn main() {
-    let cases: Vec<(&str, &str, fn() -> CryptoProvider)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "ring",
             "TLS13_AES_128_GCM_SHA256",

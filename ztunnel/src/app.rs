@@ -26,7 +26,8 @@ use crate::tls::TlsContext;
 /// Runs the tunnel until SIGTERM or SIGINT, then drains.
 pub async fn run(config: RunConfig, set_log_filter: SetLogFilter) -> anyhow::Result<()> {
     raise_fd_limit();
-    let crypto = Arc::new(crate::tls::crypto_provider());
+    start_busy_polling(&config);
+    let crypto = Arc::new(choose_crypto(config.crypto));
     let ca = LocalCa::load(
         &config.ca_cert,
         &config.ca_key,
@@ -191,4 +192,39 @@ fn raise_fd_limit() {
         Ok(_) => {}
         Err(e) => warn!(error = %e, "cannot read the open file limit"),
     }
+}
+
+/// Starts the busy poller when it is asked for and can work (one worker thread), and says so.
+fn start_busy_polling(config: &RunConfig) {
+    if config.busy_poll.is_zero() {
+        tracing::info!("busy polling off (--busy-poll 0s)");
+        return;
+    }
+    if config.worker_threads != 1 {
+        tracing::warn!(
+            worker_threads = config.worker_threads,
+            "busy polling off: it needs one worker thread (with more, the worker that polls seldom holds the event queue)"
+        );
+        return;
+    }
+    let poller = crate::busy_poll::BusyPoll::new(config.busy_poll);
+    poller.install();
+    poller.spawn();
+    tracing::info!(
+        max_window = ?config.busy_poll,
+        "busy polling: after traffic the worker polls its sockets for an adaptive window before sleeping"
+    );
+}
+
+/// The crypto provider `choice` means on this CPU; logs which, and why.
+fn choose_crypto(choice: crate::tls::crypto::CryptoChoice) -> rustls::crypto::CryptoProvider {
+    use crate::tls::crypto;
+    let features = crypto::CpuFeatures::detect();
+    let (backend, why) = crypto::choose(choice, &features);
+    tracing::info!(
+        crypto = %backend,
+        cpu_features = %features.names(),
+        "crypto provider {backend}: {why}"
+    );
+    crypto::provider(backend)
 }

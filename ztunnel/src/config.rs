@@ -176,6 +176,21 @@ pub struct RunConfig {
     /// the agent, which owns capture, and the tunnel needs no BPF access.
     #[arg(long, env = "WEFT_CAPTURE_PIN_DIR", conflicts_with = "agent_socket")]
     pub capture_pin_dir: Option<PathBuf>,
+    /// The crypto implementation of TLS: `auto` picks the faster on this CPU (logged at
+    /// start-up).
+    #[arg(long, env = "WEFT_CRYPTO", value_enum, default_value = "auto")]
+    pub crypto: crate::tls::crypto::CryptoChoice,
+    /// Threads that serve connections. One serves this project's benchmarks (7+ Gbit/s
+    /// through two tunnels on two cores) and is what busy polling needs; more spread a busy
+    /// node's connections over more cores, without busy polling.
+    #[arg(long, env = "WEFT_WORKER_THREADS", default_value_t = 1)]
+    pub worker_threads: usize,
+    /// After traffic, keep polling sockets for up to this long before sleeping, so that a
+    /// response finds the tunnel awake (adaptive; an idle tunnel does not poll). `0s` turns
+    /// it off. Only with one worker thread.
+    #[arg(long, env = "WEFT_BUSY_POLL", default_value = "200us", value_parser = humantime::parse_duration)]
+    #[serde(with = "humantime_serde")]
+    pub busy_poll: Duration,
 }
 
 impl RunConfig {
@@ -198,6 +213,15 @@ impl RunConfig {
                 "--hbone-receive-budget-per-peer-mib and --hbone-send-budget-per-peer-mib must be at least 1"
                     .into(),
             );
+        }
+        if self.worker_threads == 0 {
+            return Err("--worker-threads must be at least 1".into());
+        }
+        if self.busy_poll > Duration::from_millis(10) {
+            return Err(format!(
+                "--busy-poll {:?} is too long: it is the most a worker spins after traffic (at most 10ms; 200us by default)",
+                self.busy_poll
+            ));
         }
         if self.cert_lifetime < Duration::from_secs(2) {
             return Err("--cert-lifetime must be at least 2s".into());

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod busy_poll;
 pub mod config;
 pub mod identity;
 pub mod inbound_capture;

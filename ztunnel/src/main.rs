@@ -35,6 +35,7 @@ fn main() -> ExitCode {
                 };
             tracing::info!(config = ?config, "starting");
             let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(config.worker_threads)
                 .enable_all()
                 .on_thread_park(return_freed_memory)
                 .build()

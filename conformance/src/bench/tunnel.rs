@@ -33,6 +33,29 @@ struct Figures {
     rr_p50: Vec<f64>,
     rr_p99: Vec<f64>,
     cpu_s_per_gb: Vec<f64>,
+    rr_cpu_us: Vec<f64>,
+}
+
+/// A lane's medians over the rounds.
+#[derive(Clone, Copy)]
+struct Medians {
+    gbps: f64,
+    rr_p50: f64,
+    rr_p99: f64,
+    cpu_s_per_gb: f64,
+    rr_cpu_us: f64,
+}
+
+impl Medians {
+    fn of(f: &Figures) -> Self {
+        Medians {
+            gbps: median(&f.gbps),
+            rr_p50: median(&f.rr_p50),
+            rr_p99: median(&f.rr_p99),
+            cpu_s_per_gb: median(&f.cpu_s_per_gb),
+            rr_cpu_us: median(&f.rr_cpu_us),
+        }
+    }
 }
 
 /// One way from the client pod to an echo and a source server.
@@ -47,10 +70,7 @@ struct Lane {
     figures: Figures,
 }
 
-/// The crypto each lane's TLS uses: Weft's tunnels are built with rustls on `ring`
-/// (`ztunnel/src/identity/manager.rs`) and negotiate TLS 1.3 with AES-128-GCM first; the
-/// stunnel pair is configured to the same suite (`stunnel.rs`).
-const CRYPTO_WEFT: &str = "rustls 0.23 + ring, TLS13_AES_128_GCM_SHA256";
+/// The crypto of the stunnel lane: the pair is configured to Weft's suite (`stunnel.rs`).
 const CRYPTO_STUNNEL: &str = "stunnel4 + OpenSSL 3, TLS_AES_128_GCM_SHA256";
 
 /// Runs the benchmark; prints a table and returns the JSON line.
@@ -175,14 +195,21 @@ pub fn run(args: &TunnelBench) -> Result<String> {
             let meshed_before = meshed_from_client(&cluster)?;
             let proxies = lane.proxies.clone();
             let client_ns = &cluster.pod("client").netns;
-            let (gbps, cpu_ns, rr) =
-                client_ns.run_in(move || -> Result<(f64, u64, Vec<f64>)> {
-                    let cpu = || proxies.iter().map(|pid| super::cpu_ns(*pid)).sum::<u64>();
+            let (gbps, cpu_ns, rr, rr_cpu_ns) =
+                client_ns.run_in(move || -> Result<(f64, u64, Vec<f64>, u64)> {
+                    let cpu = || {
+                        proxies
+                            .iter()
+                            .map(|pid| super::process_cpu_ns(*pid))
+                            .sum::<u64>()
+                    };
                     let before = cpu();
                     let gbps = client::throughput(source.0, source.1, bytes)?;
                     let cpu_ns = cpu().saturating_sub(before);
+                    let before = cpu();
                     let rr = client::request_response(echo.0, echo.1, size, iters, iters / 10)?;
-                    Ok((gbps, cpu_ns, rr))
+                    let rr_cpu_ns = cpu().saturating_sub(before);
+                    Ok((gbps, cpu_ns, rr, rr_cpu_ns))
                 })??;
             drop(capture);
             if lane.captured {
@@ -194,11 +221,14 @@ pub fn run(args: &TunnelBench) -> Result<String> {
                 );
             }
             let cpu_s_per_gb = cpu_ns as f64 / 1e9 / (bytes as f64 / 1e9);
+            // Warm-up round trips included: the CPU was read around all of them.
+            let rr_cpu_us = rr_cpu_ns as f64 / 1e3 / (iters + iters / 10) as f64;
             let (p50, p99) = (quantile(&rr, 0.5), quantile(&rr, 0.99));
             eprintln!(
-                "  round {round} {:8} {gbps:7.2} Gbit/s   rr p50 {p50:7.1} us  p99 {p99:7.1} us   proxies' CPU {cpu_s_per_gb:5.2} s/GB",
+                "  round {round} {:8} {gbps:7.2} Gbit/s   rr p50 {p50:7.1} us  p99 {p99:7.1} us   proxies' CPU {cpu_s_per_gb:5.2} s/GB, {rr_cpu_us:6.1} us per round trip",
                 lane.name
             );
+            lane.figures.rr_cpu_us.push(rr_cpu_us);
             lane.figures.gbps.push(gbps);
             lane.figures.rr_p50.push(p50);
             lane.figures.rr_p99.push(p99);
@@ -208,37 +238,27 @@ pub fn run(args: &TunnelBench) -> Result<String> {
     if !args.only.is_empty() {
         anyhow::bail!("--only measures a subset of lanes: no medians or JSON line");
     }
-    let medians: Vec<(f64, f64, f64, f64)> = lanes
-        .iter()
-        .map(|l| {
-            (
-                median(&l.figures.gbps),
-                median(&l.figures.rr_p50),
-                median(&l.figures.rr_p99),
-                median(&l.figures.cpu_s_per_gb),
-            )
-        })
-        .collect();
+    let medians: Vec<Medians> = lanes.iter().map(|l| Medians::of(&l.figures)).collect();
     println!("medians over {} rounds:", args.measure.rounds);
-    println!("  lane      throughput      rr p50      rr p99    proxies' CPU");
-    for (lane, (gbps, p50, p99, cpu)) in lanes.iter().zip(&medians) {
+    println!("  lane      throughput      rr p50      rr p99    proxies' CPU (bulk, round trips)");
+    for (lane, m) in lanes.iter().zip(&medians) {
         println!(
-            "  {:8}{gbps:8.2} Gbit/s {p50:8.1} us {p99:8.1} us {cpu:8.2} s/GB",
-            lane.name
+            "  {:8}{:8.2} Gbit/s {:8.1} us {:8.1} us {:8.2} s/GB {:8.1} us/round trip",
+            lane.name, m.gbps, m.rr_p50, m.rr_p99, m.cpu_s_per_gb, m.rr_cpu_us
         );
     }
-    let [direct, weft, capture, stunnel, relay] =
-        [medians[0], medians[1], medians[2], medians[3], medians[4]];
-    let weft_added = weft.1 - direct.1;
-    let stunnel_added = stunnel.1 - direct.1;
+    let [direct, weft, capture, stunnel, relay] = [0, 1, 2, 3, 4].map(|i| medians[i]);
+    let weft_added = weft.rr_p50 - direct.rr_p50;
+    let stunnel_added = stunnel.rr_p50 - direct.rr_p50;
+    let crypto_weft = weft_crypto(&cluster);
     println!("ratios:");
     println!(
         "  weft / stunnel throughput  {:.2}x   (target >= 1.1x)",
-        weft.0 / stunnel.0
+        weft.gbps / stunnel.gbps
     );
     println!(
         "  weft / direct throughput   {:.1}%   (target >= 40%)",
-        100.0 * weft.0 / direct.0
+        100.0 * weft.gbps / direct.gbps
     );
     println!(
         "  added p50 latency: weft {weft_added:.1} us, stunnel {stunnel_added:.1} us, ratio {:.2} (target <= 0.8)",
@@ -246,41 +266,62 @@ pub fn run(args: &TunnelBench) -> Result<String> {
     );
     println!(
         "  added p50 latency of one plain userspace relay (no TLS): {:.1} us",
-        relay.1 - direct.1
+        relay.rr_p50 - direct.rr_p50
     );
     println!(
         "  capture lane: added p50 {:.1} us ({:.2}x stunnel's; target <= 0.8), {:.2} Gbit/s",
-        capture.1 - direct.1,
-        (capture.1 - direct.1) / stunnel_added,
-        capture.0
+        capture.rr_p50 - direct.rr_p50,
+        (capture.rr_p50 - direct.rr_p50) / stunnel_added,
+        capture.gbps
     );
     println!(
-        "  CPU per GB: weft {:.2} s, stunnel {:.2} s, ratio {:.2} (target <= 0.8); crypto: weft {CRYPTO_WEFT}; stunnel {CRYPTO_STUNNEL}",
-        weft.3,
-        stunnel.3,
-        weft.3 / stunnel.3
+        "  CPU per GB: weft {:.2} s, stunnel {:.2} s, ratio {:.2} (target <= 0.8)",
+        weft.cpu_s_per_gb,
+        stunnel.cpu_s_per_gb,
+        weft.cpu_s_per_gb / stunnel.cpu_s_per_gb
     );
+    println!(
+        "  CPU per round trip: weft {:.1} us, stunnel {:.1} us (both proxies of the lane together)",
+        weft.rr_cpu_us, stunnel.rr_cpu_us
+    );
+    println!("  crypto: weft {crypto_weft}; stunnel {CRYPTO_STUNNEL}");
     let json = serde_json::json!({
         "bench": "tunnel",
-        "direct_gbps": round2(direct.0),
-        "weft_gbps": round2(weft.0),
-        "stunnel_gbps": round2(stunnel.0),
-        "direct_rr_p50_us": round2(direct.1),
-        "weft_rr_p50_us": round2(weft.1),
-        "stunnel_rr_p50_us": round2(stunnel.1),
-        "weft_rr_p99_us": round2(weft.2),
-        "direct_rr_p99_us": round2(direct.2),
-        "stunnel_rr_p99_us": round2(stunnel.2),
-        "relay_gbps": round2(relay.0),
-        "relay_rr_p50_us": round2(relay.1),
-        "capture_gbps": round2(capture.0),
-        "capture_rr_p50_us": round2(capture.1),
-        "weft_cpu_s_per_gb": round2(weft.3),
-        "stunnel_cpu_s_per_gb": round2(stunnel.3),
-        "crypto": {"weft": CRYPTO_WEFT, "stunnel": CRYPTO_STUNNEL},
+        "direct_gbps": round2(direct.gbps),
+        "weft_gbps": round2(weft.gbps),
+        "stunnel_gbps": round2(stunnel.gbps),
+        "direct_rr_p50_us": round2(direct.rr_p50),
+        "weft_rr_p50_us": round2(weft.rr_p50),
+        "stunnel_rr_p50_us": round2(stunnel.rr_p50),
+        "weft_rr_p99_us": round2(weft.rr_p99),
+        "direct_rr_p99_us": round2(direct.rr_p99),
+        "stunnel_rr_p99_us": round2(stunnel.rr_p99),
+        "relay_gbps": round2(relay.gbps),
+        "relay_rr_p50_us": round2(relay.rr_p50),
+        "capture_gbps": round2(capture.gbps),
+        "capture_rr_p50_us": round2(capture.rr_p50),
+        "weft_cpu_s_per_gb": round2(weft.cpu_s_per_gb),
+        "stunnel_cpu_s_per_gb": round2(stunnel.cpu_s_per_gb),
+        "capture_cpu_s_per_gb": round2(capture.cpu_s_per_gb),
+        "weft_rr_cpu_us": round2(weft.rr_cpu_us),
+        "capture_rr_cpu_us": round2(capture.rr_cpu_us),
+        "stunnel_rr_cpu_us": round2(stunnel.rr_cpu_us),
+        "crypto": {"weft": crypto_weft, "capture": crypto_weft, "stunnel": CRYPTO_STUNNEL},
     });
     drop(cluster);
     serde_json::to_string(&json).context("JSON")
+}
+
+/// The crypto of Weft's lanes: the provider node 1's tunnel chose at start-up (it logs the
+/// choice; both tunnels run on the same CPU), and the suite both tunnels put first.
+fn weft_crypto(cluster: &Cluster) -> String {
+    let log = cluster.node(1).wait_for_log("crypto provider ");
+    let backend = log
+        .split("crypto provider ")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .unwrap_or("unknown");
+    format!("rustls 0.23 + {backend}, TLS13_AES_128_GCM_SHA256")
 }
 
 /// Connections node 2's tunnel took from the client pod over mutual TLS so far.

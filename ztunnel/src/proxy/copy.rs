@@ -75,6 +75,7 @@ impl AdaptiveReader {
             match read {
                 Ok(0) => return Ok(None),
                 Ok(n) => {
+                    crate::busy_poll::activity();
                     let filled = n == want;
                     if filled {
                         self.size = (want * 2).min(MAX_READ);
@@ -242,6 +243,7 @@ async fn h2_to_tcp(
     let mut total = 0u64;
     while let Some(data) = recv.data().await {
         let data = data?;
+        crate::busy_poll::activity();
         let len = data.len();
         wr.write_all(&data).await?;
         // Released only once written: a slow reader slows the sender (back-pressure).

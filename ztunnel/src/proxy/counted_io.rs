@@ -60,6 +60,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for CountedIo<IO> {
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
         let n = (buf.filled().len() - before) as u64;
         if n > 0 {
+            crate::busy_poll::activity();
             self.tally.read.fetch_add(n, Ordering::Relaxed);
             for counter in &self.read {
                 counter.inc_by(n);

@@ -1,6 +1,7 @@
 //! Mutual TLS 1.3 between workloads: SPIFFE-aware verification and rustls configurations.
 
 mod configs;
+pub mod crypto;
 mod verify;
 
 pub use configs::TlsContext;
@@ -55,36 +56,5 @@ pub fn describe_handshake_error(error: &std::io::Error) -> String {
             }
         }
         other => other.to_string(),
-    }
-}
-
-/// The crypto provider of every TLS connection: `ring`, with AES-128-GCM preferred. Measured
-/// on our 2-core machines (`benches/crypto_providers.rs`): ring AES-128-GCM 13.3 Gbit/s, ring
-/// AES-256-GCM 10.5, aws-lc-rs AES-128-GCM 8.8, ChaCha20 5.6 (both providers).
-pub fn crypto_provider() -> rustls::crypto::CryptoProvider {
-    let mut provider = rustls::crypto::ring::default_provider();
-    provider
-        .cipher_suites
-        .sort_by_key(|suite| match suite.suite() {
-            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => 0,
-            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 => 1,
-            _ => 2,
-        });
-    provider
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn prefers_aes_128_gcm() {
-        let provider = super::crypto_provider();
-        assert_eq!(
-            provider.cipher_suites[0].suite(),
-            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
-        );
-        assert_eq!(
-            provider.cipher_suites.len(),
-            rustls::crypto::ring::default_provider().cipher_suites.len()
-        );
     }
 }
