@@ -107,7 +107,9 @@ impl Fixture {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("a scratch folder");
         let (cert, key) = LocalCa::create_root(&dir, TRUST_DOMAIN).expect("a root");
-        let crypto = Arc::new(ztunnel::tls::crypto_provider());
+        let crypto = Arc::new(ztunnel::tls::crypto::provider(
+            ztunnel::tls::crypto::CryptoBackend::Ring,
+        ));
         let ca = LocalCa::load(&cert, &key, Duration::from_secs(3600), crypto.clone())
             .expect("the root loads");
         let _ = std::fs::remove_dir_all(&dir);
