@@ -15,3 +15,12 @@ pub mod policies;
 pub mod readiness;
 pub mod tunnel_link;
 pub mod tunnel_state;
+
+/// Makes `ring` the process's default rustls crypto provider, which the Kubernetes client's
+/// TLS uses. Needed before the first client is built: the workspace also builds rustls with
+/// aws-lc-rs (the tunnel picks between them by CPU), and with both compiled in rustls cannot
+/// pick a default by itself (it panics). Calling it again does nothing.
+pub fn install_default_crypto_provider() {
+    // Err means a provider is installed already: what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

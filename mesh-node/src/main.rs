@@ -134,6 +134,7 @@ struct RunArgs {
 
 fn main() -> std::process::ExitCode {
     use std::io::IsTerminal;
+    mesh_node::install_default_crypto_provider();
     tracing_subscriber::fmt()
         .with_ansi(std::io::stdout().is_terminal())
         .with_env_filter(

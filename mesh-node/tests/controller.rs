@@ -60,7 +60,10 @@ struct Replica {
 impl Replica {
     fn start(server: &ApiServer, identity: &str) -> Replica {
         let config = kube::Config::new(server.url().parse().unwrap());
-        let client = kube::Client::try_from(config).unwrap();
+        let client = {
+            mesh_node::install_default_crypto_provider();
+            kube::Client::try_from(config).unwrap()
+        };
         let settings = ControllerSettings {
             lease_namespace: "weft-system".into(),
             lease_name: "weft-controller".into(),

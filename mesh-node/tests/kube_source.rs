@@ -163,7 +163,10 @@ async fn the_kubernetes_source_enrolls_like_the_folder_through_changes_and_a_410
     let server = ApiServer::start().await;
     server.apply(CLUSTER);
     let config = kube::Config::new(server.url().parse().unwrap());
-    let client = kube::Client::try_from(config).unwrap();
+    let client = {
+        mesh_node::install_default_crypto_provider();
+        kube::Client::try_from(config).unwrap()
+    };
     let source = KubeSource::start(client);
     let proc = fake_proc();
     let lookup = uid_only(&proc);
