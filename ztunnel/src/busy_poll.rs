@@ -97,6 +97,9 @@ impl BusyPoll {
                 last_traffic = now;
             }
             if now.duration_since(last_traffic) < window.current() {
+                // Lets any other process runnable on this CPU run first (on a node the
+                // applications share the cores with the tunnel: polling must not delay them).
+                std::thread::yield_now();
                 // Lets the worker poll its sockets (without blocking) before this runs again.
                 tokio::task::yield_now().await;
                 continue;
