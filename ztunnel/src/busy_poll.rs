@@ -92,14 +92,20 @@ impl BusyPoll {
         loop {
             let now = Instant::now();
             let moved = self.moved.load(Ordering::SeqCst);
-            if moved != seen {
+            let traffic_since_last_turn = moved != seen;
+            if traffic_since_last_turn {
                 seen = moved;
                 last_traffic = now;
             }
             if now.duration_since(last_traffic) < window.current() {
-                // Lets any other process runnable on this CPU run first (on a node the
-                // applications share the cores with the tunnel: polling must not delay them).
-                std::thread::yield_now();
+                if !traffic_since_last_turn {
+                    // Only waiting: let any other process runnable on this CPU go first (the
+                    // applications share the cores; a poller that kept its CPU made their
+                    // round trips' p99 309 µs instead of 102). Not while bytes are moving:
+                    // yielding between the chunks of a bulk transfer cut the same-node fast
+                    // path's throughput from ~40 to ~16 Gbit/s.
+                    std::thread::yield_now();
+                }
                 // Lets the worker poll its sockets (without blocking) before this runs again.
                 tokio::task::yield_now().await;
                 continue;
