@@ -1,4 +1,7 @@
 //! SPIFFE workload identities: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+//! Parsing is the `spiffe` crate's (the SPIFFE ID standard: scheme, trust domain and path
+//! characters, no query, fragment, port, user info, empty or dot segments); Weft then requires
+//! the Kubernetes shape of the path.
 
 use std::fmt;
 use std::str::FromStr;
@@ -10,6 +13,8 @@ use serde::{Deserialize, Serialize};
 pub enum IdentityError {
     #[error("identity {0:?} does not start with spiffe://")]
     NotSpiffe(String),
+    #[error("identity {id:?} is not a valid SPIFFE ID: {reason}")]
+    Malformed { id: String, reason: String },
     #[error(
         "identity {0:?} is not of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
     )]
@@ -60,14 +65,16 @@ impl FromStr for Identity {
     type Err = IdentityError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let rest = s
-            .strip_prefix("spiffe://")
-            .ok_or_else(|| IdentityError::NotSpiffe(s.to_owned()))?;
-        let parts: Vec<&str> = rest.split('/').collect();
-        match parts.as_slice() {
-            [td, "ns", ns, "sa", sa] if !td.is_empty() && !ns.is_empty() && !sa.is_empty() => {
-                Ok(Identity::new(td, ns, sa))
-            }
+        if !s.starts_with("spiffe://") {
+            return Err(IdentityError::NotSpiffe(s.to_owned()));
+        }
+        let id = spiffe::SpiffeId::new(s).map_err(|e| IdentityError::Malformed {
+            id: s.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let segments: Vec<&str> = id.path().split('/').skip(1).collect();
+        match segments.as_slice() {
+            ["ns", ns, "sa", sa] => Ok(Identity::new(id.trust_domain().as_ref(), ns, sa)),
             _ => Err(IdentityError::BadPath(s.to_owned())),
         }
     }
@@ -98,6 +105,13 @@ mod tests {
     }
 
     #[test]
+    fn a_trust_domain_in_capitals_is_read_in_lower_case() {
+        // The `spiffe` crate normalizes (trust domain names are case-insensitive).
+        let id: Identity = "spiffe://Cluster.Local/ns/a/sa/b".parse().unwrap();
+        assert_eq!(id.trust_domain, "cluster.local");
+    }
+
+    #[test]
     fn refuses_other_shapes() {
         assert!(matches!(
             "https://cluster.local/ns/a/sa/b".parse::<Identity>(),
@@ -105,13 +119,34 @@ mod tests {
         ));
         for bad in [
             "spiffe://cluster.local/ns/a",
-            "spiffe://cluster.local/ns//sa/b",
-            "spiffe:///ns/a/sa/b",
             "spiffe://td/ns/a/sa/b/extra",
+            "spiffe://td/ns/a/sb/b",
+            "spiffe://td",
         ] {
             assert!(
                 matches!(bad.parse::<Identity>(), Err(IdentityError::BadPath(_))),
                 "{bad}"
+            );
+        }
+        // Not SPIFFE IDs at all, by the standard (the hand-written parser this replaced
+        // accepted the first four).
+        for bad in [
+            "spiffe://td/ns/a/sa/b?x=1",
+            "spiffe://td/ns/a/sa/b#frag",
+            "spiffe://td:8443/ns/a/sa/b",
+            "spiffe://cluster.local/ns//sa/b",
+            "spiffe:///ns/a/sa/b",
+            "spiffe://td/ns/../sa/b",
+            "spiffe://td/ns/a/sa/b/",
+            "spiffe://user@td/ns/a/sa/b",
+        ] {
+            assert!(
+                matches!(
+                    bad.parse::<Identity>(),
+                    Err(IdentityError::Malformed { .. })
+                ),
+                "{bad}: {:?}",
+                bad.parse::<Identity>()
             );
         }
     }

@@ -16,8 +16,8 @@ pub enum TlsError {
     BadCertificate(String),
     #[error("peer certificate carries no SPIFFE ID (no spiffe:// URI SAN)")]
     NoSpiffeId,
-    #[error("peer certificate carries several SPIFFE IDs")]
-    SeveralSpiffeIds,
+    #[error("peer certificate carries {0} URI SANs: an X.509-SVID has exactly one, its SPIFFE ID")]
+    SeveralUris(usize),
     #[error("peer certificate SPIFFE ID is malformed: {0}")]
     BadSpiffeId(#[from] crate::identity::IdentityError),
     #[error("peer identity {got} is from trust domain {:?}, expected {expected:?}", got.trust_domain)]

@@ -13,25 +13,28 @@ use x509_parser::extensions::GeneralName;
 use super::TlsError;
 use crate::identity::Identity;
 
-/// The SPIFFE ID in a certificate's URI SAN.
+/// The SPIFFE ID in a certificate's URI SAN. An X.509-SVID carries exactly one URI SAN, the
+/// SPIFFE ID: a certificate with any other URI besides is refused, not read for the one that
+/// looks right.
 pub fn peer_identity(cert: &CertificateDer<'_>) -> Result<Identity, TlsError> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert)
         .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
     let san = parsed
         .subject_alternative_name()
         .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
-    let mut uris = san
+    let uris: Vec<&str> = san
         .iter()
         .flat_map(|san| san.value.general_names.iter())
         .filter_map(|name| match name {
-            GeneralName::URI(uri) if uri.starts_with("spiffe://") => Some(*uri),
+            GeneralName::URI(uri) => Some(*uri),
             _ => None,
-        });
-    let uri = uris.next().ok_or(TlsError::NoSpiffeId)?;
-    if uris.next().is_some() {
-        return Err(TlsError::SeveralSpiffeIds);
+        })
+        .collect();
+    match uris.as_slice() {
+        [uri] if uri.starts_with("spiffe://") => Ok(uri.parse()?),
+        [] | [_] => Err(TlsError::NoSpiffeId),
+        several => Err(TlsError::SeveralUris(several.len())),
     }
-    Ok(uri.parse()?)
 }
 
 /// Client side: the server must chain to our roots and be one of the expected identities.
@@ -157,5 +160,46 @@ impl ClientCertVerifier for TrustDomainClientVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, KeyPair, SanType};
+
+    fn cert_with(sans: &[SanType]) -> CertificateDer<'static> {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = sans.to_vec();
+        let key = KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    fn uri(s: &str) -> SanType {
+        SanType::URI(s.try_into().unwrap())
+    }
+
+    #[test]
+    fn an_svid_is_read_from_its_one_uri_san() {
+        let cert = cert_with(&[uri("spiffe://td/ns/a/sa/b")]);
+        assert_eq!(peer_identity(&cert).unwrap(), Identity::new("td", "a", "b"));
+    }
+
+    #[test]
+    fn certificates_that_are_not_svids_are_refused() {
+        let two = cert_with(&[uri("spiffe://td/ns/a/sa/b"), uri("https://example.com/")]);
+        assert!(matches!(peer_identity(&two), Err(TlsError::SeveralUris(2))));
+        let two_ids = cert_with(&[uri("spiffe://td/ns/a/sa/b"), uri("spiffe://td/ns/a/sa/c")]);
+        assert!(matches!(
+            peer_identity(&two_ids),
+            Err(TlsError::SeveralUris(2))
+        ));
+        let dns = cert_with(&[SanType::DnsName("web.local".try_into().unwrap())]);
+        assert!(matches!(peer_identity(&dns), Err(TlsError::NoSpiffeId)));
+        let https = cert_with(&[uri("https://td/ns/a/sa/b")]);
+        assert!(matches!(peer_identity(&https), Err(TlsError::NoSpiffeId)));
+        let query = cert_with(&[uri("spiffe://td/ns/a/sa/b?x=1")]);
+        let err = peer_identity(&query).unwrap_err();
+        assert!(matches!(err, TlsError::BadSpiffeId(_)), "{err}");
     }
 }
