@@ -3,6 +3,7 @@
 //! workload and service tables.
 
 pub mod agent;
+pub mod ca;
 pub mod capture;
 pub mod changes;
 pub mod cluster;
