@@ -4,9 +4,11 @@
 //!
 //! This module is the signing core: the key material (a root created on first start, or an
 //! intermediate under the user's own root, from files), what a CSR may ask for (`csr.rs`) and
-//! what the CA puts in the certificates it signs. Who may ask for which identity is decided by
-//! the caller of [`MeshCa::sign`].
+//! what the CA puts in the certificates it signs; and who may have which identity
+//! (`authorize.rs`: a node, the service accounts of the pods scheduled on it), which the
+//! caller of [`MeshCa::sign`] checks first.
 
+mod authorize;
 mod csr;
 mod files;
 
@@ -18,6 +20,7 @@ use rcgen::{
     KeyPair, KeyUsagePurpose, SanType,
 };
 
+pub use authorize::{Refusal, may_hold};
 pub use files::Created;
 
 /// Why the CA cannot start, or refuses a request.
