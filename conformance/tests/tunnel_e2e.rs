@@ -393,6 +393,33 @@ fn certificates_renew_at_half_life_without_dropping_connections() {
             renewals >= 3,
             "node{node} renewed {renewals} times in 7 s with a 3 s lifetime"
         );
+        // The same, as metrics: renewals counted, and the expiry of the current certificate
+        // of the pod's identity, a few seconds ahead.
+        let metrics = cluster.node(node).metrics().unwrap();
+        let counted = sum(
+            &metrics,
+            "weft_certificate_renewals_total",
+            &[("result", "success")],
+        );
+        assert!(
+            counted >= 3.0,
+            "node{node}: {counted} renewals counted\n{metrics:?}"
+        );
+        let pod = if node == 1 { "client" } else { "server" };
+        let identity = cluster.pod(pod).identity(TD);
+        let expires = sum(
+            &metrics,
+            "weft_certificate_expiration_timestamp_seconds",
+            &[("identity", identity.as_str())],
+        );
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!(
+            expires > now - 1.0 && expires < now + 4.0,
+            "node{node}: {identity} expires at {expires}, now {now}\n{metrics:?}"
+        );
     }
 }
 

@@ -113,7 +113,8 @@ impl Fixture {
         let ca = LocalCa::load(&cert, &key, Duration::from_secs(3600), crypto.clone())
             .expect("the root loads");
         let _ = std::fs::remove_dir_all(&dir);
-        let certs = CertificateManager::new(Arc::new(ca));
+        let metrics = Metrics::new();
+        let certs = CertificateManager::new(Arc::new(ca), metrics.clone());
         let tls = TlsContext::new(crypto, certs.trust_roots(), TRUST_DOMAIN).expect("TLS");
         let echo = tokio::net::TcpListener::bind((POD_IP, 0))
             .await
@@ -158,7 +159,6 @@ impl Fixture {
 
     /// A tunnel of its own per input, so its stream tasks can be waited for.
     fn tunnel(&self) -> Arc<Tunnel> {
-        let metrics = Metrics::new();
         let pool = Pool::new(
             PoolSettings {
                 max_streams_per_connection: 128,

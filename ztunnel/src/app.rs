@@ -34,7 +34,8 @@ pub async fn run(config: RunConfig, set_log_filter: SetLogFilter) -> anyhow::Res
         config.cert_lifetime,
         crypto.clone(),
     )?;
-    let certs = CertificateManager::new(Arc::new(ca));
+    let metrics = Metrics::new();
+    let certs = CertificateManager::new(Arc::new(ca), metrics.clone());
     let tls = TlsContext::new(crypto, certs.trust_roots(), &config.trust_domain)?;
     // The state source: a file (ready once loaded) or the node agent (ready at its first
     // snapshot, followed in the background once the pods loop runs).
@@ -55,7 +56,6 @@ pub async fn run(config: RunConfig, set_log_filter: SetLogFilter) -> anyhow::Res
         }
         (None, None) => anyhow::bail!("give --state-file or --agent-socket"),
     };
-    let metrics = Metrics::new();
     let pool = Pool::new(
         PoolSettings {
             max_streams_per_connection: config.pool_max_streams,

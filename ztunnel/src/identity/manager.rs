@@ -1,4 +1,6 @@
-//! Keeps one current certificate per identity in use and renews it at half life.
+//! Keeps one current certificate per identity in use and renews it at half life (a little
+//! before, at random, so that certificates issued together are not all renewed together),
+//! retrying failures with exponential backoff while the current certificate stays in use.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -8,6 +10,7 @@ use arc_swap::ArcSwap;
 use tracing::{info, warn};
 
 use super::{CertificateError, CertificateProvider, Identity, WorkloadCertificate};
+use crate::telemetry::{IdentityLabels, Metrics, RenewalLabels};
 
 /// The current certificate of one identity; swapped in place on renewal, so TLS configs that
 /// hold the slot always present a valid certificate without being rebuilt.
@@ -26,6 +29,7 @@ impl CertificateSlot {
 /// Certificate cache shared by all listeners and outbound connections of the tunnel.
 pub struct CertificateManager {
     provider: Arc<dyn CertificateProvider>,
+    metrics: Arc<Metrics>,
     /// Renewal tasks hold only a Weak to their slot, so dropping an identity stops its task.
     /// The map's lock is held only to find an identity's cell: first fetches of different
     /// identities run at the same time.
@@ -35,14 +39,17 @@ pub struct CertificateManager {
 /// An identity's slot once its first certificate has been fetched.
 type SlotCell = tokio::sync::OnceCell<Arc<CertificateSlot>>;
 
-/// How long to wait before retrying a failed renewal.
-const RETRY: Duration = Duration::from_secs(1);
+/// The first retry of a failed renewal; each next one waits twice as long, up to
+/// [`MOST_BACKOFF`].
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+const MOST_BACKOFF: Duration = Duration::from_secs(60);
 
 impl CertificateManager {
-    /// A manager that asks `provider` for certificates.
-    pub fn new(provider: Arc<dyn CertificateProvider>) -> Arc<Self> {
+    /// A manager that asks `provider` for certificates and reports them in `metrics`.
+    pub fn new(provider: Arc<dyn CertificateProvider>, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(CertificateManager {
             provider,
+            metrics,
             slots: Default::default(),
         })
     }
@@ -65,11 +72,13 @@ impl CertificateManager {
         cell.get_or_try_init(|| async {
             let first = self.provider.fetch(identity).await?;
             info!(%identity, not_after = ?first.not_after, "issued workload certificate");
+            report_expiration(&self.metrics, identity, &first);
             let slot = Arc::new(CertificateSlot {
                 current: ArcSwap::from_pointee(first),
             });
             tokio::spawn(renew(
                 self.provider.clone(),
+                self.metrics.clone(),
                 identity.clone(),
                 Arc::downgrade(&slot),
             ));
@@ -89,6 +98,9 @@ impl CertificateManager {
             let keep = in_use.contains(identity);
             if !keep && cell.initialized() {
                 info!(%identity, "no local workload uses this identity any more; dropping its certificate");
+                self.metrics.certificate_expiration.remove(&IdentityLabels {
+                    identity: identity.to_string(),
+                });
             }
             keep
         });
@@ -97,12 +109,15 @@ impl CertificateManager {
 
 async fn renew(
     provider: Arc<dyn CertificateProvider>,
+    metrics: Arc<Metrics>,
     identity: Identity,
     slot: Weak<CertificateSlot>,
 ) {
+    let mut failures = 0u32;
     loop {
         let due = match slot.upgrade() {
-            Some(slot) => slot.current().refresh_at(),
+            Some(slot) if failures == 0 => renewal_time(&slot.current(), jitter_fraction()),
+            Some(_) => SystemTime::now() + backoff(failures),
             None => return,
         };
         let wait = due.duration_since(SystemTime::now()).unwrap_or_default();
@@ -111,15 +126,70 @@ async fn renew(
         match provider.fetch(&identity).await {
             Ok(fresh) => {
                 info!(%identity, not_after = ?fresh.not_after, "renewed workload certificate");
+                report_expiration(&metrics, &identity, &fresh);
+                metrics
+                    .certificate_renewals
+                    .get_or_create(&RenewalLabels { result: "success" })
+                    .inc();
                 slot.current.store(Arc::new(fresh));
+                failures = 0;
             }
             Err(error) => {
-                warn!(%identity, %error, "certificate renewal failed; retrying");
-                drop(slot);
-                tokio::time::sleep(RETRY).await;
+                failures = failures.saturating_add(1);
+                let retry_in = backoff(failures);
+                let valid_until = slot.current().not_after;
+                warn!(%identity, %error, ?retry_in, ?valid_until, "certificate renewal failed; the current certificate stays in use");
+                metrics
+                    .certificate_renewals
+                    .get_or_create(&RenewalLabels { result: "failure" })
+                    .inc();
             }
         }
     }
+}
+
+fn report_expiration(metrics: &Metrics, identity: &Identity, cert: &WorkloadCertificate) {
+    let expires = cert
+        .not_after
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    metrics
+        .certificate_expiration
+        .get_or_create(&IdentityLabels {
+            identity: identity.to_string(),
+        })
+        .set(i64::try_from(expires).unwrap_or(i64::MAX));
+}
+
+/// When to renew `cert`: at half its life, less up to a tenth of its life (`jitter` in
+/// [0, 1) picks where), so that certificates issued together spread their renewals.
+fn renewal_time(cert: &WorkloadCertificate, jitter: f64) -> SystemTime {
+    let life = cert
+        .not_after
+        .duration_since(cert.issued_at)
+        .unwrap_or_default();
+    cert.refresh_at() - life.mul_f64(jitter.clamp(0.0, 1.0) / 10.0)
+}
+
+/// A number in [0, 1), different for each call (std's per-process random hash keys, mixed with
+/// the time: good enough to spread renewals, not for anything secret).
+fn jitter_fraction() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// How long to wait after the `failures`-th failure in a row: 1 s, 2 s, 4 s... up to 60 s.
+fn backoff(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    (FIRST_RETRY * 2u32.pow(doublings)).min(MOST_BACKOFF)
 }
 
 #[cfg(test)]
@@ -133,7 +203,8 @@ mod tests {
         let (cert, key) = LocalCa::create_root(dir.path(), "td").unwrap();
         let crypto = Arc::new(rustls::crypto::ring::default_provider());
         let ca = LocalCa::load(&cert, &key, Duration::from_secs(2), crypto).unwrap();
-        let manager = CertificateManager::new(Arc::new(ca));
+        let metrics = Metrics::new();
+        let manager = CertificateManager::new(Arc::new(ca), metrics.clone());
         let id = Identity::new("td", "ns", "sa");
         let slot = manager.get(&id).await.unwrap();
         let again = manager.get(&id).await.unwrap();
@@ -143,7 +214,29 @@ mod tests {
         let renewed = slot.current();
         assert!(!Arc::ptr_eq(&first, &renewed), "renewed at half life");
         assert!(renewed.not_after > first.not_after);
+        let text = metrics.encode();
+        let expires = renewed
+            .not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(
+            text.contains(&format!(
+                "weft_certificate_expiration_timestamp_seconds{{identity=\"spiffe://td/ns/ns/sa/sa\"}} {expires}"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("weft_certificate_renewals_total{result=\"success\"} 1"),
+            "{text}"
+        );
         manager.retain(&Default::default()).await;
+        assert!(
+            !metrics
+                .encode()
+                .contains("identity=\"spiffe://td/ns/ns/sa/sa\""),
+            "a dropped identity leaves the expiration gauge"
+        );
         let fresh = manager.get(&id).await.unwrap();
         assert!(
             !Arc::ptr_eq(&slot, &fresh),
@@ -160,13 +253,58 @@ mod tests {
         );
     }
 
+    #[test]
+    fn renewal_is_at_half_life_less_up_to_a_tenth_and_retries_back_off() {
+        let issued_at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let cert = |life: u64| WorkloadCertificate {
+            identity: Identity::new("td", "ns", "sa"),
+            certified_key: test_certified_key(),
+            issued_at,
+            not_after: issued_at + Duration::from_secs(life),
+        };
+        let day = cert(86_400);
+        assert_eq!(
+            renewal_time(&day, 0.0),
+            issued_at + Duration::from_secs(43_200)
+        );
+        assert_eq!(
+            renewal_time(&day, 0.5),
+            issued_at + Duration::from_secs(38_880)
+        );
+        let earliest = issued_at + Duration::from_secs(43_200 - 8_640);
+        for _ in 0..100 {
+            let at = renewal_time(&day, jitter_fraction());
+            assert!(at <= day.refresh_at() && at > earliest, "{at:?}");
+        }
+        let secs: Vec<u64> = (1..=9).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(backoff(u32::MAX), MOST_BACKOFF);
+    }
+
+    fn test_certified_key() -> Arc<rustls::sign::CertifiedKey> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["x".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let signing = rustls::crypto::ring::default_provider()
+            .key_provider
+            .load_private_key(der)
+            .unwrap();
+        Arc::new(rustls::sign::CertifiedKey::new(
+            vec![cert.der().clone()],
+            signing,
+        ))
+    }
+
     #[tokio::test]
     async fn retain_keeps_only_identities_in_use() {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = LocalCa::create_root(dir.path(), "td").unwrap();
         let crypto = Arc::new(rustls::crypto::ring::default_provider());
         let ca = LocalCa::load(&cert, &key, Duration::from_secs(60), crypto).unwrap();
-        let manager = CertificateManager::new(Arc::new(ca));
+        let manager = CertificateManager::new(Arc::new(ca), Metrics::new());
         let (a, b) = (
             Identity::new("td", "ns", "a"),
             Identity::new("td", "ns", "b"),

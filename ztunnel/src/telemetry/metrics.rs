@@ -54,6 +54,22 @@ pub struct Metrics {
     pub request_duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
     pub request_bytes: Family<RequestLabels, Histogram, fn() -> Histogram>,
     pub response_bytes: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    /// When each workload certificate in use expires (Unix seconds).
+    pub certificate_expiration: Family<IdentityLabels, Gauge>,
+    /// Certificate renewals, by `result` (`success`, `failure`).
+    pub certificate_renewals: Family<RenewalLabels, Counter>,
+}
+
+/// The SPIFFE ID a certificate proves.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityLabels {
+    pub identity: String,
+}
+
+/// How a renewal went: `success` or `failure`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RenewalLabels {
+    pub result: &'static str,
 }
 
 /// Labels of the request metrics, as Istio names them: the connection's, then the response
@@ -114,6 +130,18 @@ impl Metrics {
             Family::new_with_constructor(size_histogram);
         let response_bytes: Family<RequestLabels, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(size_histogram);
+        let certificate_expiration = Family::default();
+        let certificate_renewals = Family::default();
+        registry.register(
+            "certificate_expiration_timestamp_seconds",
+            "When the workload certificate of each identity in use expires (Unix time)",
+            certificate_expiration.clone(),
+        );
+        registry.register(
+            "certificate_renewals",
+            "Workload certificate renewals, by result (success, failure: retried with backoff while the current certificate stays in use)",
+            certificate_renewals.clone(),
+        );
         registry.register(
             "tcp_connections_opened",
             "TCP connections opened",
@@ -182,6 +210,8 @@ impl Metrics {
             request_duration,
             request_bytes,
             response_bytes,
+            certificate_expiration,
+            certificate_renewals,
         })
     }
 

@@ -5,5 +5,6 @@ mod metrics;
 
 pub use connection::{ConnectionRecorder, Peer};
 pub use metrics::{
-    ConnectionLabels, Metrics, PolicyDecisionLabels, RefusedLabels, Reporter, RequestLabels,
+    ConnectionLabels, IdentityLabels, Metrics, PolicyDecisionLabels, RefusedLabels, RenewalLabels,
+    Reporter, RequestLabels,
 };
