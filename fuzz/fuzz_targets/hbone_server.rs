@@ -159,6 +159,7 @@ impl Fixture {
 
     /// A tunnel of its own per input, so its stream tasks can be waited for.
     fn tunnel(&self) -> Arc<Tunnel> {
+        let metrics = Metrics::new();
         let pool = Pool::new(
             PoolSettings {
                 max_streams_per_connection: 128,
