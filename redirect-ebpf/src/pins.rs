@@ -3,6 +3,7 @@
 //! sk_lookup link per enrolled pod). The default `<dir>` is `<bpffs>/weft`.
 
 use std::io;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use crate::RedirectError;
@@ -111,9 +112,33 @@ pub fn uninstall(dir: &Path) -> Result<bool, RedirectError> {
             path: dir.to_owned(),
         });
     }
+    // Detached first, at once: removing a link's last pin releases it only after the bpffs
+    // inode is freed (an RCU grace period later), and a connection made in between was still
+    // captured after `uninstall` returned.
+    detach_links_under(&dir.join("links"));
     std::fs::remove_dir_all(dir).map_err(|source| RedirectError::Pin {
         path: dir.to_owned(),
         source,
     })?;
     Ok(true)
+}
+
+/// Detaches every link pinned under `dir` (recursively). A link that cannot be opened or
+/// detached is left to its pin's removal, which detaches it a little later.
+fn detach_links_under(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            detach_links_under(&path);
+            continue;
+        }
+        let detached =
+            crate::sys::obj_get(&path).and_then(|link| crate::sys::link_detach(link.as_fd()));
+        if let Err(error) = detached {
+            tracing::debug!(path = %path.display(), %error, "link not detached before its pin is removed");
+        }
+    }
 }

@@ -74,6 +74,16 @@ pub fn link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<
     sys_bpf(bpf_cmd::BPF_LINK_UPDATE, &mut attr).map(drop)
 }
 
+/// Detaches `link` from where it is attached now (`BPF_LINK_DETACH`), whoever else holds it:
+/// unlike dropping its last pin, which the kernel finishes some time later.
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = zeroed_attr();
+    {
+        attr.link_detach.link_fd = fd_u32(link);
+    }
+    sys_bpf(bpf_cmd::BPF_LINK_DETACH, &mut attr).map(drop)
+}
+
 /// Pins a link (or any bpf object) at `path` on a bpffs.
 pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     let path = c_path(path)?;
