@@ -6,8 +6,9 @@
 //! anything it then does with a small message. A round trip through two tunnels wakes each
 //! tunnel twice; without busy polling the tunnels spent ~110 µs of CPU per round trip (mostly
 //! in waking and being woken) and added ~52 µs, as much as a stunnel pair. Polling through
-//! the window, the same round trips cost about the same CPU and Weft adds ~0.6x what stunnel
-//! does (ARCHITECTURE.md, "Where a round trip's time goes").
+//! the window, the tunnels' CPU per round trip is 1.1-1.3x stunnel's and Weft's round trips
+//! measure faster than direct ones on these machines (ARCHITECTURE.md, "Where a round trip's
+//! time goes", for why that is partly the virtual CPUs kept out of idle).
 //!
 //! How: a task of its own ([`BusyPoll::spawn`]) yields while traffic is recent. A yielding
 //! task makes tokio's worker poll the event queue without blocking (`epoll_wait` with a zero
@@ -20,7 +21,7 @@
 //!
 //! It needs the runtime to have one worker thread: with more, the event queue belongs to
 //! whichever idle worker blocks on it first, the poller's worker seldom gets it, and two
-//! pollers compete (measured: 168 µs added instead of 52). `main.rs` turns it off otherwise.
+//! pollers compete (measured: 168 µs added instead of 52). `app.rs` turns it off otherwise.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};

@@ -180,7 +180,7 @@ pub struct RunConfig {
     /// start-up).
     #[arg(long, env = "WEFT_CRYPTO", value_enum, default_value = "auto")]
     pub crypto: crate::tls::crypto::CryptoChoice,
-    /// Threads that serve connections. One serves this project's benchmarks (7+ Gbit/s
+    /// Threads that serve connections. One serves this project's benchmarks (6-9 Gbit/s
     /// through two tunnels on two cores) and is what busy polling needs; more spread a busy
     /// node's connections over more cores, without busy polling.
     #[arg(long, env = "WEFT_WORKER_THREADS", default_value_t = 1)]
