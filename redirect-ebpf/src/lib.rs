@@ -34,7 +34,7 @@ pub use preflight::{MIN_KERNEL, preflight};
 pub use redirect_common::{DEFAULT_TUNNEL_MARK, OUTBOUND_PORT};
 
 use inbound::{INBOUND_MAP, address_key};
-use pins::{PinLayout, remove_pin};
+use pins::{PinLayout, detach_and_remove_pin, remove_pin};
 
 /// The compiled programs, embedded at build time.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect"));
@@ -244,7 +244,7 @@ impl Redirect {
                 )
             })?;
         } else {
-            remove_pin(&fast_path_pin)?;
+            detach_and_remove_pin(&fast_path_pin)?;
         }
         // Pods enrolled through an earlier loader: their inbound links run this build's program.
         let inbound = program_fd(&ebpf, INBOUND_PROGRAM)?;
@@ -345,7 +345,9 @@ impl Redirect {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
             Err(e) => return Err(RedirectError::Map(e)),
         }
-        remove_pin(&self.pins.inbound_link(netns_cookie))
+        // Detached at once: the sk_lookup program does not consult the enrolled map, so until
+        // the link goes, connections from outside would still be steered (or refused).
+        detach_and_remove_pin(&self.pins.inbound_link(netns_cookie))
     }
 
     /// Never captures connections made by processes in the cgroup at `path` (a directory of the

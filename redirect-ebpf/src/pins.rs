@@ -99,6 +99,14 @@ pub(crate) fn remove_pin(path: &Path) -> Result<(), RedirectError> {
     }
 }
 
+/// Detaches the link pinned at `path` at once, then removes its pin; absent is fine. Removing
+/// the pin alone releases the link only after the bpffs inode is freed (an RCU grace period
+/// later), and a connection made in between is still steered by it.
+pub(crate) fn detach_and_remove_pin(path: &Path) -> Result<(), RedirectError> {
+    detach_link(path);
+    remove_pin(path)
+}
+
 /// Removes everything capture pinned under `dir`: every link (detaching its program) and map.
 /// Returns false if there was nothing to remove. Refuses a directory that is not on a BPF
 /// file system or does not look like a capture pin directory.
@@ -135,9 +143,18 @@ fn detach_links_under(dir: &Path) {
             detach_links_under(&path);
             continue;
         }
-        let detached =
-            crate::sys::obj_get(&path).and_then(|link| crate::sys::link_detach(link.as_fd()));
-        if let Err(error) = detached {
+        detach_link(&path);
+    }
+}
+
+/// Detaches the link pinned at `path`. A link that cannot be opened or detached is left to its
+/// pin's removal, which detaches it a little later.
+fn detach_link(path: &Path) {
+    let detached = crate::sys::obj_get(path).and_then(|link| crate::sys::link_detach(link.as_fd()));
+    match detached {
+        Ok(()) => {}
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+        Err(error) => {
             tracing::debug!(path = %path.display(), %error, "link not detached before its pin is removed");
         }
     }
