@@ -10,6 +10,8 @@ use mesh_node::capture::CaptureReconciler;
 use mesh_node::controller::{
     ControllerSettings, ControllerStatus, run_controller as run_controller_loop,
 };
+use mesh_node::ca::authenticate::{Authenticator, NodeTokens, TokenReviewer};
+use mesh_node::ca::run::{CaSettings, start_ca};
 use mesh_node::kube_source::KubeSource;
 use mesh_node::manifests::ManifestFolder;
 use mesh_node::tunnel_link::TunnelLink;
@@ -28,8 +30,53 @@ enum Command {
     /// Follow the cluster and enroll this node's pods until SIGTERM.
     Run(RunArgs),
     /// The cluster's controller (one Deployment, replicas elect a leader with a Lease): writes
-    /// the status of MeshPolicies and MeshAuthentications, until SIGTERM.
+    /// the status of MeshPolicies and MeshAuthentications and, with --ca-dir, runs the mesh
+    /// CA, until SIGTERM.
     Controller(ControllerArgs),
+    /// Writes a new per-node token for the local mesh CA (`<dir>/<node>.token`, mode 0600)
+    /// unless the node has one; prints its path. The CA (--node-tokens) and the node's tunnel
+    /// (--ca-token-file) read the same file.
+    NodeToken {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        node: String,
+    },
+}
+
+/// The mesh CA, run by the controller.
+#[derive(clap::Args)]
+struct CaArgs {
+    /// Run the mesh CA with its key material in this folder (`ca.pem`, `ca.key` mode 0600;
+    /// a new root is created there if neither exists).
+    #[arg(long, env = "WEFT_CA_DIR")]
+    ca_dir: Option<PathBuf>,
+    /// SPIFFE trust domain of the mesh.
+    #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// Lifetime of workload certificates (a request may ask for less).
+    #[arg(long, env = "WEFT_CERT_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]
+    cert_lifetime: Duration,
+    /// Where the CA serves CreateCertificate (gRPC over TLS).
+    #[arg(long, env = "WEFT_CA_LISTEN", default_value = "0.0.0.0:15012")]
+    ca_listen: std::net::SocketAddr,
+    /// DNS names of the CA's serving certificate (what tunnels verify); repeatable.
+    #[arg(long = "ca-server-name", default_value = "weft-ca.weft-system.svc")]
+    ca_server_names: Vec<String>,
+    /// Write the trust bundle (PEM roots) here for tunnels (--trust-bundle).
+    #[arg(long, env = "WEFT_TRUST_BUNDLE_OUT")]
+    trust_bundle_out: Option<PathBuf>,
+    /// Authenticate nodes by the tokens in this folder (`<node>.token`; `mesh-node
+    /// node-token` makes them) instead of by TokenReview.
+    #[arg(long, env = "WEFT_NODE_TOKENS")]
+    node_tokens: Option<PathBuf>,
+    /// On Kubernetes, the service accounts of node agents, whose tokens (audience weft-ca)
+    /// the CA accepts; repeatable.
+    #[arg(
+        long = "node-agent-account",
+        default_value = "system:serviceaccount:weft-system:weft-node"
+    )]
+    node_agent_accounts: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -46,8 +93,17 @@ struct ControllerArgs {
     /// How long a leader holds the Lease past each renewal (renewed every third of it).
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     lease_duration: Duration,
+    /// With --manifests: how often the folder is read again, besides on every inotify event.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    poll: Duration,
     #[command(flatten)]
     mesh: MeshArgs,
+    #[command(flatten)]
+    ca: CaArgs,
+    /// Follow this folder of Kubernetes YAML instead of the API (one machine, demos, tests):
+    /// only the CA runs, authorizing against its pods (needs --ca-dir and --node-tokens).
+    #[arg(long, env = "WEFT_MANIFESTS")]
+    manifests: Option<PathBuf>,
     /// Where readiness is served (200 once the cluster was listed, leading or not).
     #[arg(
         long,
@@ -144,6 +200,11 @@ fn main() -> std::process::ExitCode {
     let result = match Args::parse().command {
         Command::Run(args) => run(args),
         Command::Controller(args) => run_controller(args),
+        Command::NodeToken { dir, node } => {
+            mesh_node::ca::authenticate::create_node_token(&dir, &node)
+                .map(|path| println!("{}", path.display()))
+                .with_context(|| format!("cannot write a token for {node} in {}", dir.display()))
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -246,7 +307,13 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         "--lease-duration {:?}: a Lease holds whole seconds, at least one",
         args.lease_duration
     );
-    let identity = match args.identity {
+    if args.manifests.is_some() {
+        anyhow::ensure!(
+            args.ca.ca_dir.is_some() && args.ca.node_tokens.is_some(),
+            "--manifests runs the mesh CA alone: give --ca-dir and --node-tokens"
+        );
+    }
+    let identity = match args.identity.clone() {
         Some(identity) => identity,
         None => std::fs::read_to_string("/proc/sys/kernel/hostname")
             .context("no --identity, and the host name cannot be read")?
@@ -258,26 +325,120 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         .build()
         .context("cannot start the runtime")?;
     runtime.block_on(async {
-        let client = kube::Client::try_default()
-            .await
-            .context("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+        let (objects_tx, objects_rx) = tokio::sync::watch::channel(std::sync::Arc::new(
+            mesh_node::cluster::ClusterObjects::default(),
+        ));
+        let client = match &args.manifests {
+            Some(_) => None,
+            None => Some(kube::Client::try_default().await.context(
+                "cannot reach the Kubernetes API (in-cluster config or KUBECONFIG)",
+            )?),
+        };
+        let ca = match &args.ca.ca_dir {
+            Some(dir) => {
+                let authenticator = match (&args.ca.node_tokens, &client) {
+                    (Some(folder), _) => Authenticator::Tokens(NodeTokens::load(folder)?),
+                    (None, Some(client)) => Authenticator::Kubernetes(TokenReviewer::new(
+                        client.clone(),
+                        args.ca.node_agent_accounts.clone(),
+                    )),
+                    (None, None) => anyhow::bail!("give --node-tokens"),
+                };
+                let settings = CaSettings {
+                    dir: dir.clone(),
+                    trust_domain: args.ca.trust_domain.clone(),
+                    lifetime: args.ca.cert_lifetime,
+                    listen: args.ca.ca_listen,
+                    server_names: args.ca.ca_server_names.clone(),
+                    bundle_file: args.ca.trust_bundle_out.clone(),
+                };
+                Some(start_ca(settings, authenticator, objects_rx).await?)
+            }
+            None => None,
+        };
         let status = std::sync::Arc::new(std::sync::Mutex::new(ControllerStatus::default()));
         let readiness =
             mesh_node::readiness::serve_controller(args.readiness_addr, status.clone())
                 .await
                 .with_context(|| format!("cannot serve readiness on {}", args.readiness_addr))?;
-        let settings = ControllerSettings {
-            lease_namespace: args.lease_namespace,
-            lease_name: args.lease_name,
-            identity,
-            lease_duration: args.lease_duration,
-            root_namespace: args.mesh.root_namespace,
-        };
-        info!(identity = %settings.identity, lease = %format!("{}/{}", settings.lease_namespace, settings.lease_name), %readiness, "mesh-node controller running");
-        run_controller_loop(client, settings, status, shutdown_signal()).await;
+        // Tells the CA to stop serving once the controller's own loop has ended.
+        let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+        let ca_task = ca.map(|ca| {
+            let stop = stop.clone();
+            tokio::spawn(async move { ca.run(async move { stop.notified().await }).await })
+        });
+        match (client, &args.manifests) {
+            (Some(client), _) => {
+                let settings = ControllerSettings {
+                    lease_namespace: args.lease_namespace,
+                    lease_name: args.lease_name,
+                    identity,
+                    lease_duration: args.lease_duration,
+                    root_namespace: args.mesh.root_namespace,
+                };
+                info!(identity = %settings.identity, lease = %format!("{}/{}", settings.lease_namespace, settings.lease_name), %readiness, "mesh-node controller running");
+                run_controller_loop(
+                    client,
+                    settings,
+                    status,
+                    Some(objects_tx),
+                    shutdown_signal(),
+                )
+                .await;
+            }
+            (None, Some(folder)) => {
+                info!(folder = %folder.display(), %readiness, "mesh-node controller running the mesh CA from a manifest folder");
+                follow_folder(folder, args.poll, objects_tx, status, shutdown_signal()).await;
+            }
+            (None, None) => unreachable!("a client is made whenever there is no folder"),
+        }
+        stop.notify_waiters();
+        if let Some(task) = ca_task {
+            match task.await {
+                Ok(Ok(())) | Err(_) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "the mesh CA stopped with an error"),
+            }
+        }
         info!("SIGTERM: exiting");
         Ok(())
     })
+}
+
+/// Reads `folder` again on every change (and every `poll`), handing its objects on, until
+/// `stop`. A bad file keeps its last good objects, as the agent does.
+async fn follow_folder(
+    folder: &std::path::Path,
+    poll: Duration,
+    objects: tokio::sync::watch::Sender<std::sync::Arc<mesh_node::cluster::ClusterObjects>>,
+    status: std::sync::Arc<std::sync::Mutex<ControllerStatus>>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let mut manifests = ManifestFolder::new(folder);
+    if let Err(e) = manifests.watch() {
+        tracing::warn!("{e}");
+    }
+    tokio::pin!(stop);
+    let mut first = true;
+    loop {
+        let (changed, errors) = manifests.reload();
+        for error in &errors {
+            tracing::warn!("{error}; its last good objects stay");
+        }
+        if changed || first {
+            first = false;
+            objects.send_replace(std::sync::Arc::new(manifests.objects()));
+        }
+        if let Ok(mut s) = status.lock() {
+            s.synced = true;
+            s.leading = true;
+            s.problem = errors.first().map(ToString::to_string);
+        }
+        tokio::select! {
+            () = manifests.changed() => {}
+            () = tokio::time::sleep(poll) => {}
+            () = &mut stop => break,
+        }
+    }
 }
 
 async fn shutdown_signal() {

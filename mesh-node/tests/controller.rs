@@ -73,7 +73,7 @@ impl Replica {
         };
         let status = Arc::new(Mutex::new(ControllerStatus::default()));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(run_controller(client, settings, status.clone(), async {
+        let task = tokio::spawn(run_controller(client, settings, status.clone(), None, async {
             let _ = stopped.await;
         }));
         Replica {

@@ -8,9 +8,13 @@
 //! (`authorize.rs`: a node, the service accounts of the pods scheduled on it), which the
 //! caller of [`MeshCa::sign`] checks first.
 
+pub mod authenticate;
 mod authorize;
 mod csr;
 mod files;
+pub mod run;
+pub mod serve;
+pub mod service;
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
@@ -58,6 +62,11 @@ pub enum CaError {
     CsrNames { asked: String, allowed: String },
     #[error("the certificate signing request asks for {asked}, the caller may have {allowed}")]
     CsrWrongIdentity { asked: String, allowed: String },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("signing failed: {0}")]
     Signing(String),
 }
@@ -104,6 +113,11 @@ impl MeshCa {
         Ok((ca, created))
     }
 
+    /// The trust domain it signs identities of.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
     /// The trust bundle (PEM roots) every tunnel verifies peers against.
     pub fn trust_bundle(&self) -> &[String] {
         &self.bundle_pem
@@ -121,9 +135,31 @@ impl MeshCa {
         }
     }
 
+    /// How long the certificates it signs live, unless a shorter life is asked for.
+    pub fn lifetime(&self) -> Duration {
+        self.lifetime
+    }
+
+    /// The root the certificates it signs chain to (the last of the bundle's roots that this
+    /// CA's key signs under).
+    pub fn signing_root(&self) -> &str {
+        // The bundle is built from the CA's own chain and never empty (see files.rs).
+        &self.bundle_pem[0]
+    }
+
     /// Signs `csr_pem` for the SPIFFE ID `identity` (which the caller has established the
     /// requester may hold), after checking the request asks for that identity and nothing more.
     pub fn sign(&self, csr_pem: &str, identity: &str) -> Result<IssuedCertificate, CaError> {
+        self.sign_for(csr_pem, identity, self.lifetime)
+    }
+
+    /// Like [`MeshCa::sign`], for at most `lifetime` (never longer than the CA's own setting).
+    pub fn sign_for(
+        &self,
+        csr_pem: &str,
+        identity: &str,
+        lifetime: Duration,
+    ) -> Result<IssuedCertificate, CaError> {
         let der = pem_der(csr_pem)?;
         csr::check(&der, identity)?;
         let request = CertificateSigningRequestParams::from_der(&der.as_slice().into())
@@ -143,7 +179,7 @@ impl MeshCa {
         ];
         params.use_authority_key_identifier_extension = true;
         let issued_at = SystemTime::now();
-        let not_after = issued_at + self.lifetime;
+        let not_after = issued_at + lifetime.min(self.lifetime);
         params.not_before = (issued_at - BACKDATE).into();
         params.not_after = not_after.into();
         let leaf = params
@@ -155,6 +191,29 @@ impl MeshCa {
             chain_pem,
             not_after,
         })
+    }
+
+    /// A certificate for the CA's own gRPC endpoint, for `dns_names`, with a key made here and
+    /// never written: (PEM chain, leaf first; PEM key). Lives as long as workload certificates.
+    pub fn serving_certificate(
+        &self,
+        dns_names: &[String],
+    ) -> Result<(Vec<String>, String), CaError> {
+        let signing = |e: rcgen::Error| CaError::Signing(e.to_string());
+        let key = KeyPair::generate().map_err(signing)?;
+        let mut params = CertificateParams::new(dns_names.to_vec()).map_err(signing)?;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = SystemTime::now();
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = (now + self.lifetime).into();
+        let cert = params.signed_by(&key, &self.issuer).map_err(signing)?;
+        let mut chain = vec![cert.pem()];
+        chain.extend(self.chain_pem.iter().cloned());
+        Ok((chain, key.serialize_pem()))
     }
 }
 

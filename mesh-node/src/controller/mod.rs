@@ -47,13 +47,17 @@ pub struct ControllerStatus {
     pub problem: Option<String>,
 }
 
-/// Runs the controller until `stop`; a leader gives the Lease up on the way out.
+/// Runs the controller until `stop`; a leader gives the Lease up on the way out. The cluster's
+/// objects, once listed and on every change, go to `objects` (the CA authorizes against them,
+/// leading or not).
 pub async fn run_controller(
     client: kube::Client,
     settings: ControllerSettings,
     status: Arc<Mutex<ControllerStatus>>,
+    objects: Option<tokio::sync::watch::Sender<Arc<crate::cluster::ClusterObjects>>>,
     stop: impl std::future::Future<Output = ()>,
 ) {
+    let mut published = false;
     let elector = Elector::new(
         client.clone(),
         &settings.lease_namespace,
@@ -121,7 +125,12 @@ pub async fn run_controller(
         let synced = source.ready();
         let mut problem = lease_failure.current().map(str::to_owned);
         // Taken whether leading or not: a new leader passes anyway.
-        pass_due |= source.take_changed() || last_pass.elapsed() >= TRUST_WRITTEN;
+        let changed = source.take_changed();
+        pass_due |= changed || last_pass.elapsed() >= TRUST_WRITTEN;
+        if let Some(objects) = objects.as_ref().filter(|_| synced && (changed || !published)) {
+            objects.send_replace(Arc::new(source.objects()));
+            published = true;
+        }
         if leading && synced && pass_due {
             pass_due = false;
             last_pass = Instant::now();

@@ -1,0 +1,113 @@
+//! The CA as the controller runs it: loads (or creates) the key material, publishes the trust
+//! bundle, serves CreateCertificate, and renews its own serving certificate at half life.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tracing::{info, warn};
+
+use super::authenticate::Authenticator;
+use super::serve::{ServingCertificate, describe, serve};
+use super::service::CaService;
+use super::{CaError, Created, MeshCa};
+use crate::cluster::ClusterObjects;
+
+/// How the CA is set up.
+#[derive(Clone, Debug)]
+pub struct CaSettings {
+    /// `ca.pem` and `ca.key` (created on first start if neither exists).
+    pub dir: PathBuf,
+    pub trust_domain: String,
+    /// How long workload certificates live (a request may ask for less).
+    pub lifetime: Duration,
+    pub listen: SocketAddr,
+    /// The DNS names of the CA's serving certificate (what callers verify).
+    pub server_names: Vec<String>,
+    /// Where the trust bundle (PEM roots) is written for tunnels, if anywhere.
+    pub bundle_file: Option<PathBuf>,
+}
+
+/// Loads the CA and binds its endpoint (errors here stop the controller at start); the
+/// returned future serves until `stop`.
+pub async fn start_ca(
+    settings: CaSettings,
+    authenticator: Authenticator,
+    cluster: tokio::sync::watch::Receiver<Arc<ClusterObjects>>,
+) -> Result<RunningCa, CaError> {
+    let (ca, created) = MeshCa::load_or_create(&settings.dir, &settings.trust_domain, settings.lifetime)?;
+    match created {
+        Created::NewRoot => info!(dir = %settings.dir.display(), trust_domain = %settings.trust_domain, "no CA key found: created a new mesh root (ca.pem, ca.key)"),
+        Created::Loaded => info!(dir = %settings.dir.display(), "mesh CA key loaded"),
+    }
+    if let Some(path) = &settings.bundle_file {
+        write_bundle(path, ca.trust_bundle())?;
+        info!(path = %path.display(), roots = ca.trust_bundle().len(), "trust bundle written");
+    }
+    let serving = ServingCertificate::new(&ca, settings.server_names.clone())?;
+    let ca = Arc::new(ArcSwap::from_pointee(ca));
+    let service = CaService::new(ca.clone(), authenticator, cluster);
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|source| CaError::Listen {
+            addr: settings.listen,
+            source,
+        })?;
+    let bound = listener.local_addr().unwrap_or(settings.listen);
+    info!(endpoint = %describe(bound, &settings.server_names), "mesh CA serving CreateCertificate");
+    Ok(RunningCa {
+        bound,
+        ca,
+        serving,
+        service,
+        listener,
+        settings,
+    })
+}
+
+/// A CA ready to serve.
+pub struct RunningCa {
+    pub bound: SocketAddr,
+    ca: Arc<ArcSwap<MeshCa>>,
+    serving: Arc<ServingCertificate>,
+    service: CaService,
+    listener: tokio::net::TcpListener,
+    settings: CaSettings,
+}
+
+impl RunningCa {
+    /// Serves until `stop`.
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> Result<(), CaError> {
+        let renew = {
+            let ca = self.ca.clone();
+            let serving = self.serving.clone();
+            let every = self.settings.lifetime / 2;
+            async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    if let Err(error) = serving.renew(&ca.load()) {
+                        warn!(%error, "renewing the CA's serving certificate failed; the current one stays");
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            served = serve(self.listener, self.serving, self.service, stop) => served,
+            () = renew => Ok(()),
+        }
+    }
+}
+
+/// Writes the bundle atomically (a reader sees the old file or the new, never half of one),
+/// readable by all: it holds only public certificates.
+fn write_bundle(path: &std::path::Path, roots: &[String]) -> Result<(), CaError> {
+    let failed = |source| CaError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let temporary = path.with_extension("pem.tmp");
+    std::fs::write(&temporary, roots.concat()).map_err(failed)?;
+    std::fs::rename(&temporary, path).map_err(failed)
+}
