@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::capture::{Capture, CaptureSpec};
-use crate::netns::{Netns, run};
+use crate::netns::Netns;
 use crate::process::Process;
 
 /// A pod to create.
@@ -74,6 +74,8 @@ pub struct ClusterSpec {
     pub agents: bool,
     /// How often the agents read the manifest folder.
     pub agent_poll_ms: u64,
+    /// Extra flags for the mesh CA (`mesh-node controller`).
+    pub ca_args: Vec<String>,
 }
 
 impl ClusterSpec {
@@ -87,6 +89,7 @@ impl ClusterSpec {
             tunnel_args: Vec::new(),
             agents: false,
             agent_poll_ms: 50,
+            ca_args: Vec::new(),
         }
     }
 }
@@ -216,6 +219,10 @@ pub struct Cluster {
     pub captures: Vec<Capture>,
     /// `mesh-node` agents, one per node when started.
     pub agents: Vec<Process>,
+    /// The mesh CA (`mesh-node controller`), started with the cluster.
+    pub ca: Option<Process>,
+    /// How many times the CA was started (each start logs to its own file).
+    pub ca_starts: usize,
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
     pub router: Netns,
@@ -229,6 +236,7 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.captures.clear();
         self.agents.clear();
+        self.stop_ca();
         crate::capture::uninstall(&self.pin_dir());
         for i in 1..=self.nodes.len() {
             crate::capture::uninstall(&self.node_pin_dir(i));
@@ -249,7 +257,7 @@ impl Drop for Cluster {
 }
 
 impl Cluster {
-    /// Builds namespaces, links, routes and the mesh CA; tunnels are not started yet.
+    /// Builds namespaces, links, routes and starts the mesh CA; tunnels are not started yet.
     pub fn build(spec: ClusterSpec) -> Result<Self> {
         crate::require_root();
         let prefix = format!(
@@ -425,19 +433,12 @@ impl Cluster {
                 netns,
             });
         }
-        let ztunnel = crate::binary("ztunnel");
-        run(&[
-            ztunnel.to_str().context("path is UTF-8")?,
-            "create-ca",
-            "--dir",
-            dir.path().to_str().context("path is UTF-8")?,
-            "--trust-domain",
-            &spec.trust_domain,
-        ])?;
-        let cluster = Cluster {
+        let mut cluster = Cluster {
             apps: Vec::new(),
             captures: Vec::new(),
             agents: Vec::new(),
+            ca: None,
+            ca_starts: 0,
             nodes,
             pods,
             router,
@@ -449,6 +450,8 @@ impl Cluster {
         for node in &cluster.nodes {
             std::fs::write(&node.state_file, &state)?;
         }
+        cluster.prepare_ca()?;
+        cluster.start_ca()?;
         Ok(cluster)
     }
 
@@ -490,11 +493,6 @@ impl Cluster {
     /// Node `i` (1-based).
     pub fn node(&self, i: usize) -> &Node {
         &self.nodes[i - 1]
-    }
-
-    /// Folder of the CA files (`ca.pem`, `ca.key`).
-    pub fn ca_dir(&self) -> &Path {
-        self.dir.path()
     }
 
     /// The state file text for the current pods; `edit` may change each pod's entry first.
@@ -575,10 +573,7 @@ impl Cluster {
             "--trust-domain",
             &self.spec.trust_domain,
         ])
-        .arg("--ca-cert")
-        .arg(self.dir.path().join("ca.pem"))
-        .arg("--ca-key")
-        .arg(self.dir.path().join("ca.key"));
+        .args(self.tunnel_ca_args(i));
         // With an agent, the agent registers the tunnel's inbound listeners with capture; the
         // tunnel touches no BPF map.
         if !self.spec.agents {

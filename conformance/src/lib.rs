@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod examples;
 pub mod hbone_client;
 pub mod load;
+pub mod mesh_ca;
 pub mod metrics;
 pub mod netns;
 pub mod pattern;

@@ -76,7 +76,7 @@ fn client_cert(
     Vec<rustls::pki_types::CertificateDer<'static>>,
     rustls::pki_types::PrivateKeyDer<'static>,
 ) {
-    TestCa::load(cluster.ca_dir())
+    TestCa::load(&cluster.ca_dir())
         .unwrap()
         .issue(Some("spiffe://cluster.local/ns/default/sa/client"))
         .unwrap()

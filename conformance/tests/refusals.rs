@@ -52,7 +52,7 @@ fn wait_for_log(cluster: &Cluster, node: usize, needle: &str) -> String {
 fn a_valid_mesh_certificate_is_accepted_by_the_bare_client() {
     // The control for the refusals below: the same client, with a good certificate, gets 200.
     let cluster = cluster();
-    let ca = TestCa::load(cluster.ca_dir()).unwrap();
+    let ca = TestCa::load(&cluster.ca_dir()).unwrap();
     let cert = ca
         .issue(Some("spiffe://cluster.local/ns/default/sa/client"))
         .unwrap();
@@ -79,7 +79,7 @@ fn a_client_certificate_from_another_ca_and_trust_domain_is_refused() {
 #[test]
 fn a_client_certificate_for_another_trust_domain_from_our_ca_is_refused() {
     let cluster = cluster();
-    let ca = TestCa::load(cluster.ca_dir()).unwrap();
+    let ca = TestCa::load(&cluster.ca_dir()).unwrap();
     let cert = ca
         .issue(Some("spiffe://other.domain/ns/default/sa/client"))
         .unwrap();
@@ -109,7 +109,7 @@ fn a_client_without_certificate_is_refused() {
 #[test]
 fn a_certificate_without_spiffe_id_is_refused() {
     let cluster = cluster();
-    let ca = TestCa::load(cluster.ca_dir()).unwrap();
+    let ca = TestCa::load(&cluster.ca_dir()).unwrap();
     let cert = ca.issue(None).unwrap();
     let result = bare_connect(&cluster, Some(cert), "server");
     assert!(
@@ -122,7 +122,7 @@ fn a_certificate_without_spiffe_id_is_refused() {
 #[test]
 fn a_connect_to_an_address_the_listener_does_not_serve_is_refused() {
     let cluster = cluster();
-    let ca = TestCa::load(cluster.ca_dir()).unwrap();
+    let ca = TestCa::load(&cluster.ca_dir()).unwrap();
     let cert = ca
         .issue(Some("spiffe://cluster.local/ns/default/sa/client"))
         .unwrap();

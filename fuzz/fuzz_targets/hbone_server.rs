@@ -29,7 +29,7 @@ use ztunnel::proxy::context::{Deadlines, LocalPods, Pod, Tunnel};
 use ztunnel::proxy::hbone::{Client, Pool, PoolSettings, serve_http2};
 use ztunnel::state::{PodNamespaces, State, Workload};
 use ztunnel::telemetry::Metrics;
-use ztunnel::tls::TlsContext;
+use ztunnel::tls::{TlsContext, TrustBundle};
 
 #[path = "support/runtime.rs"]
 mod support;
@@ -113,9 +113,10 @@ impl Fixture {
         let ca = LocalCa::load(&cert, &key, Duration::from_secs(3600), crypto.clone())
             .expect("the root loads");
         let _ = std::fs::remove_dir_all(&dir);
+        let bundle = TrustBundle::new(crypto.clone(), vec![ca.root()]).expect("a bundle");
         let metrics = Metrics::new();
         let certs = CertificateManager::new(Arc::new(ca), metrics.clone());
-        let tls = TlsContext::new(crypto, certs.trust_roots(), TRUST_DOMAIN).expect("TLS");
+        let tls = TlsContext::new(crypto, bundle, TRUST_DOMAIN);
         let echo = tokio::net::TcpListener::bind((POD_IP, 0))
             .await
             .expect("an echo port");

@@ -6,12 +6,12 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mesh_node::agent::{AgentScope, AgentStatus, ClusterSource, TunnelOutput, run_agent};
+use mesh_node::ca::authenticate::{Authenticator, NodeTokens, TokenReviewer};
+use mesh_node::ca::run::{CaSettings, start_ca};
 use mesh_node::capture::CaptureReconciler;
 use mesh_node::controller::{
     ControllerSettings, ControllerStatus, run_controller as run_controller_loop,
 };
-use mesh_node::ca::authenticate::{Authenticator, NodeTokens, TokenReviewer};
-use mesh_node::ca::run::{CaSettings, start_ca};
 use mesh_node::kube_source::KubeSource;
 use mesh_node::manifests::ManifestFolder;
 use mesh_node::tunnel_link::TunnelLink;

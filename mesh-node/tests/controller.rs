@@ -73,9 +73,15 @@ impl Replica {
         };
         let status = Arc::new(Mutex::new(ControllerStatus::default()));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(run_controller(client, settings, status.clone(), None, async {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(run_controller(
+            client,
+            settings,
+            status.clone(),
+            None,
+            async {
+                let _ = stopped.await;
+            },
+        ));
         Replica {
             status,
             stop: Some(stop),

@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use crate::admin::{self, AdminState, Endpoint};
 use crate::config::RunConfig;
-use crate::identity::{CertificateManager, LocalCa};
+use crate::identity::{CaClientSettings, CertificateManager, MeshCaClient};
 use crate::inbound_capture::InboundCapture;
 use crate::logging::SetLogFilter;
 use crate::netns::SocketOptions;
@@ -28,15 +28,20 @@ pub async fn run(config: RunConfig, set_log_filter: SetLogFilter) -> anyhow::Res
     raise_fd_limit();
     start_busy_polling(&config);
     let crypto = Arc::new(choose_crypto(config.crypto));
-    let ca = LocalCa::load(
-        &config.ca_cert,
-        &config.ca_key,
-        config.cert_lifetime,
+    let bundle = crate::identity::bundle_file::load(&config.trust_bundle, crypto.clone())?;
+    let ca = MeshCaClient::new(
+        CaClientSettings {
+            address: config.ca_address.clone(),
+            server_name: config.ca_server_name.clone(),
+            token_file: config.ca_token_file.clone(),
+            lifetime: config.cert_lifetime,
+        },
+        bundle.clone(),
         crypto.clone(),
     )?;
     let metrics = Metrics::new();
     let certs = CertificateManager::new(Arc::new(ca), metrics.clone());
-    let tls = TlsContext::new(crypto, certs.trust_roots(), &config.trust_domain)?;
+    let tls = TlsContext::new(crypto, bundle.clone(), &config.trust_domain);
     // The state source: a file (ready once loaded) or the node agent (ready at its first
     // snapshot, followed in the background once the pods loop runs).
     let (source_ready_tx, source_ready) = tokio::sync::watch::channel(false);

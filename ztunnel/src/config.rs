@@ -18,14 +18,6 @@ pub struct Cli {
 pub enum Command {
     /// Run the tunnel of one node.
     Run(Box<RunConfig>),
-    /// Create a new root CA (ca.pem, ca.key) for a local mesh.
-    CreateCa {
-        /// Folder to write ca.pem and ca.key into.
-        #[arg(long)]
-        dir: PathBuf,
-        #[arg(long, default_value = "cluster.local")]
-        trust_domain: String,
-    },
 }
 
 /// How log lines are written.
@@ -63,13 +55,27 @@ pub struct RunConfig {
     /// SPIFFE trust domain of the mesh.
     #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
-    /// Root certificate (PEM) of the local CA; also the trust bundle.
-    #[arg(long, env = "WEFT_CA_CERT")]
-    pub ca_cert: PathBuf,
-    /// Root key (PEM) of the local CA.
-    #[arg(long, env = "WEFT_CA_KEY")]
-    pub ca_key: PathBuf,
-    /// Lifetime of workload certificates; they are renewed at half life.
+    /// The trust bundle: PEM roots of the mesh, as the CA publishes them (a file, or a
+    /// ConfigMap's volume). Followed: a new bundle (a root rotation) is used at once.
+    #[arg(long, env = "WEFT_TRUST_BUNDLE")]
+    pub trust_bundle: PathBuf,
+    /// The mesh CA (`host:port`): `mesh-node controller --ca-dir`, or any CA serving Istio's
+    /// IstioCertificateService. Workload keys stay here; only CSRs go there.
+    #[arg(long, env = "WEFT_CA_ADDRESS")]
+    pub ca_address: String,
+    /// The DNS name the CA's serving certificate must carry.
+    #[arg(
+        long,
+        env = "WEFT_CA_SERVER_NAME",
+        default_value = "weft-ca.weft-system.svc"
+    )]
+    pub ca_server_name: String,
+    /// The node's credential for the CA: its per-node token, or on Kubernetes the agent pod's
+    /// projected service account token (audience weft-ca). Read at each request.
+    #[arg(long, env = "WEFT_CA_TOKEN_FILE")]
+    pub ca_token_file: PathBuf,
+    /// Lifetime of workload certificates asked of the CA (it may give less); they are renewed
+    /// at half life.
     #[arg(long, env = "WEFT_CERT_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]
     #[serde(with = "humantime_serde")]
     pub cert_lifetime: Duration,

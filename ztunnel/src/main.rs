@@ -2,23 +2,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use ztunnel::config::{Cli, Command};
-use ztunnel::identity::LocalCa;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CreateCa { dir, trust_domain } => {
-            match LocalCa::create_root(&dir, &trust_domain) {
-                Ok((cert, key)) => {
-                    println!("wrote {} and {}", cert.display(), key.display());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("ztunnel: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
         Command::Run(config) => {
             if let Err(e) = config.validate() {
                 eprintln!("ztunnel: {e}");

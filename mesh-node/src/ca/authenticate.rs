@@ -61,8 +61,14 @@ impl Authenticator {
 /// Per-node tokens from a folder: `<node>.token`, each its owner's alone (mode 0600).
 pub struct NodeTokens {
     folder: PathBuf,
+    known: Mutex<Known>,
+}
+
+/// The tokens read, and when the folder was last read.
+struct Known {
     /// SHA-256 of each token -> its node; looked up by digest, so comparing leaks no timing.
-    by_digest: Mutex<(HashMap<[u8; 32], String>, Option<Instant>)>,
+    by_digest: HashMap<[u8; 32], String>,
+    read_at: Instant,
 }
 
 /// A token not known is looked up in the folder again at most this often (a node added while
@@ -78,14 +84,17 @@ impl NodeTokens {
     pub fn load(folder: &Path) -> Result<NodeTokens, AuthError> {
         let tokens = NodeTokens {
             folder: folder.to_owned(),
-            by_digest: Mutex::new((read_tokens(folder)?, Some(Instant::now()))),
+            known: Mutex::new(Known {
+                by_digest: read_tokens(folder)?,
+                read_at: Instant::now(),
+            }),
         };
         Ok(tokens)
     }
 
     /// How many nodes have a token.
     pub fn len(&self) -> usize {
-        self.lock().0.len()
+        self.lock().by_digest.len()
     }
 
     /// Whether no node has a token.
@@ -93,9 +102,9 @@ impl NodeTokens {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (HashMap<[u8; 32], String>, Option<Instant>)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Known> {
         // Nothing panics while holding it; a poisoned map is still a map.
-        self.by_digest
+        self.known
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -103,16 +112,16 @@ impl NodeTokens {
     fn node(&self, token: &str) -> Result<String, AuthError> {
         let digest: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
         let mut guard = self.lock();
-        if let Some(node) = guard.0.get(&digest) {
+        if let Some(node) = guard.by_digest.get(&digest) {
             return Ok(node.clone());
         }
-        if guard.1.is_none_or(|at| at.elapsed() >= RELOAD_AT_MOST_EVERY) {
-            guard.1 = Some(Instant::now());
+        if guard.read_at.elapsed() >= RELOAD_AT_MOST_EVERY {
+            guard.read_at = Instant::now();
             match read_tokens(&self.folder) {
-                Ok(fresh) => guard.0 = fresh,
+                Ok(fresh) => guard.by_digest = fresh,
                 Err(error) => tracing::warn!("{error}; the tokens read before stay"),
             }
-            if let Some(node) = guard.0.get(&digest) {
+            if let Some(node) = guard.by_digest.get(&digest) {
                 return Ok(node.clone());
             }
         }

@@ -37,9 +37,12 @@ pub async fn start_ca(
     authenticator: Authenticator,
     cluster: tokio::sync::watch::Receiver<Arc<ClusterObjects>>,
 ) -> Result<RunningCa, CaError> {
-    let (ca, created) = MeshCa::load_or_create(&settings.dir, &settings.trust_domain, settings.lifetime)?;
+    let (ca, created) =
+        MeshCa::load_or_create(&settings.dir, &settings.trust_domain, settings.lifetime)?;
     match created {
-        Created::NewRoot => info!(dir = %settings.dir.display(), trust_domain = %settings.trust_domain, "no CA key found: created a new mesh root (ca.pem, ca.key)"),
+        Created::NewRoot => {
+            info!(dir = %settings.dir.display(), trust_domain = %settings.trust_domain, "no CA key found: created a new mesh root (ca.pem, ca.key)")
+        }
         Created::Loaded => info!(dir = %settings.dir.display(), "mesh CA key loaded"),
     }
     if let Some(path) = &settings.bundle_file {

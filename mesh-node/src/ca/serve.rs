@@ -37,7 +37,8 @@ impl ServingCertificate {
 
     /// Signs a new one with `ca` (after the CA's key changed, or at half life).
     pub fn renew(&self, ca: &MeshCa) -> Result<(), CaError> {
-        self.current.store(Arc::new(certified_key(ca, &self.names)?));
+        self.current
+            .store(Arc::new(certified_key(ca, &self.names)?));
         Ok(())
     }
 }
@@ -60,8 +61,8 @@ fn certified_key(ca: &MeshCa, names: &[String]) -> Result<CertifiedKey, CaError>
     let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
         .map_err(|e| bad(e.to_string()))?
         .ok_or_else(|| bad("no key".into()))?;
-    let signing_key = rustls::crypto::ring::sign::any_supported_type(&key)
-        .map_err(|e| bad(e.to_string()))?;
+    let signing_key =
+        rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| bad(e.to_string()))?;
     Ok(CertifiedKey::new(chain, signing_key))
 }
 

@@ -64,9 +64,7 @@ impl CaService {
     }
 
     /// The tonic server for this service, reading at most [`MAX_REQUEST_BYTES`] a request.
-    pub fn into_server(
-        self,
-    ) -> ca_api::IstioCertificateServiceServer<CaService> {
+    pub fn into_server(self) -> ca_api::IstioCertificateServiceServer<CaService> {
         ca_api::IstioCertificateServiceServer::new(self)
             .max_decoding_message_size(MAX_REQUEST_BYTES)
     }
@@ -196,7 +194,8 @@ fn bearer<T>(request: &Request<T>) -> Option<String> {
 /// The namespace and service account of `id`, a SPIFFE ID of `trust_domain` of the form
 /// `spiffe://<td>/ns/<ns>/sa/<sa>`.
 fn workload_of(id: &str, trust_domain: &str) -> Result<(String, String), String> {
-    let parsed = spiffe::SpiffeId::new(id).map_err(|e| format!("{id:?} is not a SPIFFE ID: {e}"))?;
+    let parsed =
+        spiffe::SpiffeId::new(id).map_err(|e| format!("{id:?} is not a SPIFFE ID: {e}"))?;
     if parsed.trust_domain().to_string() != trust_domain {
         return Err(format!(
             "{id} is of trust domain {}, the CA signs for {trust_domain}",

@@ -127,7 +127,10 @@ pub async fn run_controller(
         // Taken whether leading or not: a new leader passes anyway.
         let changed = source.take_changed();
         pass_due |= changed || last_pass.elapsed() >= TRUST_WRITTEN;
-        if let Some(objects) = objects.as_ref().filter(|_| synced && (changed || !published)) {
+        if let Some(objects) = objects
+            .as_ref()
+            .filter(|_| synced && (changed || !published))
+        {
             objects.send_replace(Arc::new(source.objects()));
             published = true;
         }

@@ -1,4 +1,6 @@
-//! A certificate authority whose root certificate and key are files on disk.
+//! A certificate authority whose root certificate and key are files on disk, signing in the
+//! process: for tests and the fuzzer only. The tunnel binary has no flag that loads it (its
+//! certificates come from the mesh CA, `MeshCaClient`), so no tunnel holds a signing key.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,6 +30,11 @@ pub struct LocalCa {
 const BACKDATE: Duration = Duration::from_secs(60);
 
 impl LocalCa {
+    /// The root, for a trust bundle.
+    pub fn root(&self) -> CertificateDer<'static> {
+        self.root_der.clone()
+    }
+
     /// Loads the root certificate and key (PEM) the CA signs with.
     pub fn load(
         cert_path: &Path,
@@ -145,10 +152,6 @@ impl CertificateProvider for LocalCa {
     ) -> BoxFuture<'_, Result<WorkloadCertificate, CertificateError>> {
         let result = self.sign(identity);
         Box::pin(async move { result })
-    }
-
-    fn trust_roots(&self) -> Vec<CertificateDer<'static>> {
-        vec![self.root_der.clone()]
     }
 }
 

@@ -54,11 +54,6 @@ impl CertificateManager {
         })
     }
 
-    /// The provider's trust bundle.
-    pub fn trust_roots(&self) -> Vec<rustls::pki_types::CertificateDer<'static>> {
-        self.provider.trust_roots()
-    }
-
     /// The slot for `identity`, fetching the first certificate if needed. Concurrent callers
     /// for the same identity wait for one fetch.
     pub async fn get(&self, identity: &Identity) -> Result<Arc<CertificateSlot>, CertificateError> {

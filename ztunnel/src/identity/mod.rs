@@ -1,10 +1,13 @@
 //! Workload identities and the certificates that prove them.
 
+pub mod bundle_file;
+mod ca_client;
 mod local_ca;
 mod manager;
 mod provider;
 mod spiffe;
 
+pub use ca_client::{CaClientSettings, MeshCaClient};
 pub use local_ca::LocalCa;
 pub use manager::{CertificateManager, CertificateSlot};
 pub use provider::{CertificateProvider, WorkloadCertificate};
@@ -31,6 +34,19 @@ pub enum CertificateError {
     },
     #[error("cannot sign a certificate for {identity}: {reason}")]
     Signing { identity: Identity, reason: String },
+    #[error("the mesh CA at {address} refused or failed the certificate of {identity}: {reason}")]
+    CaRefused {
+        identity: Identity,
+        address: String,
+        reason: String,
+    },
+    #[error("--ca-address {address}: {reason}")]
+    CaAddress { address: String, reason: String },
+    #[error("the node's CA token {path} cannot be used: {reason}")]
+    BadToken {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     #[error("the signing key cannot be used with rustls: {0}")]
     Key(String),
     #[error(transparent)]

@@ -37,14 +37,12 @@ impl WorkloadCertificate {
     }
 }
 
-/// Signs workload certificates. Today a local CA from files; later CSRs to the mesh CA or SPIRE.
+/// Signs workload certificates: the mesh CA through CSRs (`MeshCaClient`), or in tests and
+/// the fuzzer an in-process CA (`LocalCa`).
 pub trait CertificateProvider: Send + Sync + 'static {
     /// Issues a fresh certificate for `identity`.
     fn fetch(
         &self,
         identity: &Identity,
     ) -> BoxFuture<'_, Result<WorkloadCertificate, CertificateError>>;
-
-    /// The trust bundle peers are verified against.
-    fn trust_roots(&self) -> Vec<CertificateDer<'static>>;
 }

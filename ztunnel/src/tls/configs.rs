@@ -3,11 +3,12 @@
 use std::sync::Arc;
 
 use rustls::client::ResolvesClientCert;
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{ClientConfig, ServerConfig, SignatureScheme};
 
 use super::TlsError;
+use super::bundle::TrustBundle;
 use super::verify::{SpiffeServerVerifier, TrustDomainClientVerifier};
 use crate::identity::{CertificateSlot, Identity};
 
@@ -18,28 +19,33 @@ const ALPN_H2: &[u8] = b"h2";
 #[derive(Clone, Debug)]
 pub struct TlsContext {
     crypto: Arc<rustls::crypto::CryptoProvider>,
-    roots: Arc<RootCertStore>,
+    bundle: Arc<TrustBundle>,
     trust_domain: String,
 }
 
 impl TlsContext {
-    /// A context trusting `roots` for peers of `trust_domain`.
+    /// A context trusting the roots `bundle` holds at each handshake, for peers of
+    /// `trust_domain`.
     pub fn new(
         crypto: Arc<rustls::crypto::CryptoProvider>,
-        roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+        bundle: Arc<TrustBundle>,
         trust_domain: &str,
-    ) -> Result<Self, TlsError> {
-        let mut store = RootCertStore::empty();
-        for root in roots {
-            store
-                .add(root)
-                .map_err(|e| TlsError::BadCertificate(format!("trust root: {e}")))?;
-        }
-        Ok(TlsContext {
+    ) -> Self {
+        TlsContext {
             crypto,
-            roots: Arc::new(store),
+            bundle,
             trust_domain: trust_domain.to_owned(),
-        })
+        }
+    }
+
+    /// The trust bundle peers are verified against.
+    pub fn bundle(&self) -> &Arc<TrustBundle> {
+        &self.bundle
+    }
+
+    /// The crypto provider every configuration uses.
+    pub fn crypto(&self) -> &Arc<rustls::crypto::CryptoProvider> {
+        &self.crypto
     }
 
     /// The trust domain peers must belong to.
@@ -50,12 +56,8 @@ impl TlsContext {
     /// Configuration of a workload's HBONE listener: presents the workload's certificate and
     /// requires a client certificate of our trust domain.
     pub fn server_config(&self, slot: Arc<CertificateSlot>) -> Result<Arc<ServerConfig>, TlsError> {
-        let inner =
-            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.crypto.clone())
-                .build()
-                .map_err(|e| TlsError::Config(e.to_string()))?;
         let verifier = Arc::new(TrustDomainClientVerifier {
-            inner,
+            bundle: self.bundle.clone(),
             trust_domain: self.trust_domain.clone(),
         });
         let mut config = ServerConfig::builder_with_provider(self.crypto.clone())
@@ -76,7 +78,7 @@ impl TlsContext {
         expected: Vec<Identity>,
     ) -> Result<Arc<ClientConfig>, TlsError> {
         let verifier = Arc::new(SpiffeServerVerifier {
-            roots: self.roots.clone(),
+            bundle: self.bundle.clone(),
             expected,
             crypto: self.crypto.clone(),
         });

@@ -1,9 +1,11 @@
 //! Mutual TLS 1.3 between workloads: SPIFFE-aware verification and rustls configurations.
 
+mod bundle;
 mod configs;
 pub mod crypto;
 mod verify;
 
+pub use bundle::{Roots, TrustBundle};
 pub use configs::TlsContext;
 pub use verify::peer_identity;
 

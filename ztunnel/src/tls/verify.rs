@@ -7,10 +7,11 @@ use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signat
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use x509_parser::extensions::GeneralName;
 
 use super::TlsError;
+use super::bundle::TrustBundle;
 use crate::identity::Identity;
 
 /// The SPIFFE ID in a certificate's URI SAN. An X.509-SVID carries exactly one URI SAN, the
@@ -40,7 +41,7 @@ pub fn peer_identity(cert: &CertificateDer<'_>) -> Result<Identity, TlsError> {
 /// Client side: the server must chain to our roots and be one of the expected identities.
 #[derive(Debug)]
 pub(super) struct SpiffeServerVerifier {
-    pub roots: Arc<RootCertStore>,
+    pub bundle: Arc<TrustBundle>,
     pub expected: Vec<Identity>,
     pub crypto: Arc<CryptoProvider>,
 }
@@ -57,7 +58,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         let cert = ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &cert,
-            &self.roots,
+            &self.bundle.current().store,
             intermediates,
             now,
             self.crypto.signature_verification_algorithms.all,
@@ -112,13 +113,15 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 /// ID of our trust domain. Which identities may talk to whom is policy, not TLS.
 #[derive(Debug)]
 pub(super) struct TrustDomainClientVerifier {
-    pub inner: Arc<dyn ClientCertVerifier>,
+    pub bundle: Arc<TrustBundle>,
     pub trust_domain: String,
 }
 
 impl ClientCertVerifier for TrustDomainClientVerifier {
+    /// No hints: they would be borrowed from one version of the bundle, and tunnels present
+    /// their workload's certificate whatever the hints say.
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        &[]
     }
 
     fn verify_client_cert(
@@ -127,7 +130,9 @@ impl ClientCertVerifier for TrustDomainClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner
+        self.bundle
+            .current()
+            .client_verifier
             .verify_client_cert(end_entity, intermediates, now)?;
         let got = peer_identity(end_entity)?;
         if got.trust_domain != self.trust_domain {
@@ -146,7 +151,10 @@ impl ClientCertVerifier for TrustDomainClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.bundle
+            .current()
+            .client_verifier
+            .verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -155,11 +163,17 @@ impl ClientCertVerifier for TrustDomainClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.bundle
+            .current()
+            .client_verifier
+            .verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.bundle
+            .current()
+            .client_verifier
+            .supported_verify_schemes()
     }
 }
 
