@@ -36,6 +36,20 @@ struct State {
     lists: usize,
     /// Status subresource patches: (plural, namespace, name, the patch).
     status_patches: Vec<(String, String, String, Value)>,
+    /// Service account tokens the TokenReview endpoint knows.
+    tokens: BTreeMap<String, IssuedToken>,
+}
+
+/// A service account token as the API server issued it.
+#[derive(Clone, Debug)]
+pub struct IssuedToken {
+    /// `system:serviceaccount:<ns>:<name>`.
+    pub user: String,
+    /// The audiences it was minted for.
+    pub audiences: Vec<String>,
+    /// The node of the pod it is bound to, if bound to a pod.
+    pub node: Option<String>,
+    pub expired: bool,
 }
 
 impl State {
@@ -189,6 +203,15 @@ impl ApiServer {
     /// List requests served so far (a relist after 410 Gone adds to it).
     pub fn lists(&self) -> usize {
         self.state.lock().unwrap().lists
+    }
+
+    /// Makes `token` known to TokenReview as `issued`.
+    pub fn issue_token(&self, token: &str, issued: IssuedToken) {
+        self.state
+            .lock()
+            .unwrap()
+            .tokens
+            .insert(token.to_owned(), issued);
     }
 
     /// Forgets history: running watches end with `410 Gone` and watchers must list again.
@@ -383,6 +406,11 @@ async fn handle(
     state: Arc<Mutex<State>>,
     changes: broadcast::Sender<Change>,
 ) -> Response<Body> {
+    if req.method() == hyper::Method::POST
+        && req.uri().path() == "/apis/authentication.k8s.io/v1/tokenreviews"
+    {
+        return token_review(req, &state).await;
+    }
     let collection = kind_at(req.uri().path());
     if collection.is_none() || req.method() != hyper::Method::GET {
         return object_request(req, state, changes).await;
@@ -468,4 +496,50 @@ async fn handle(
         .header("content-type", "application/json")
         .body(StreamBody::new(stream).boxed())
         .unwrap()
+}
+
+/// `POST .../tokenreviews`, as the API server answers it: an unknown or expired token, or one
+/// minted for none of the audiences asked, is not authenticated; otherwise the user, the
+/// audiences in common, and for a pod-bound token its node in `extra`.
+async fn token_review(req: Request<hyper::body::Incoming>, state: &Mutex<State>) -> Response<Body> {
+    let Ok(bytes) = req.into_body().collect().await.map(|b| b.to_bytes()) else {
+        return status(400, "BadRequest", "unreadable body");
+    };
+    let Ok(review) = serde_json::from_slice::<Value>(&bytes) else {
+        return status(400, "BadRequest", "not JSON");
+    };
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let wanted: Vec<String> = review["spec"]["audiences"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let issued = state.lock().unwrap().tokens.get(token).cloned();
+    let result = match issued {
+        None => json!({"authenticated": false, "error": "invalid bearer token"}),
+        Some(t) if t.expired => {
+            json!({"authenticated": false, "error": "service account token has expired"})
+        }
+        Some(t) => {
+            let common: Vec<&String> = t.audiences.iter().filter(|a| wanted.contains(a)).collect();
+            if common.is_empty() && !wanted.is_empty() {
+                json!({"authenticated": false, "error": "token audiences are invalid for the target audiences"})
+            } else {
+                let extra = match &t.node {
+                    Some(node) => json!({"authentication.kubernetes.io/node-name": [node]}),
+                    None => json!({}),
+                };
+                json!({"authenticated": true, "audiences": common,
+                    "user": {"username": t.user, "extra": extra}})
+            }
+        }
+    };
+    full(
+        201,
+        json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+            "spec": review["spec"], "status": result}),
+    )
 }
