@@ -154,7 +154,17 @@ fn readiness(state: &AdminState) -> Response<Full<Bytes>> {
             format!("not ready: {}\n", reasons.join("; ")),
         );
     }
-    text(StatusCode::OK, "ready\n")
+    // Serving, while some pods' first certificates are on their way (their connections are
+    // refused with flag CERT meanwhile): ready, and said.
+    let waiting = state.tunnel.certs.waiting();
+    if waiting.is_empty() {
+        return text(StatusCode::OK, "ready\n");
+    }
+    let mut body = String::from("ready; waiting for the certificates of:\n");
+    for (identity, reason) in waiting {
+        body.push_str(&format!("  {identity}: {reason}\n"));
+    }
+    text(StatusCode::OK, body)
 }
 
 fn config_dump(state: &AdminState) -> serde_json::Value {
@@ -173,6 +183,9 @@ fn config_dump(state: &AdminState) -> serde_json::Value {
         "trustDomain": state.tunnel.trust_domain(),
         "config": state.config,
         "pods": pods,
+        "certificates": {
+            "waiting": state.tunnel.certs.waiting(),
+        },
         "policies": policies,
         "state": cluster.spec(),
     })

@@ -12,7 +12,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::identity::CertificateError;
 use crate::inbound_capture::{InboundCapture, InboundCaptureStatus, InboundListener};
 use crate::netns::{PodNetns, SocketFactory, SocketOptions};
 use crate::proxy::context::{Pod, Tunnel};
@@ -41,11 +40,6 @@ pub enum PodError {
         pod: String,
         addr: SocketAddr,
         source: io::Error,
-    },
-    #[error("pod {pod}: {source}")]
-    Certificate {
-        pod: String,
-        source: CertificateError,
     },
     #[error("pod {pod}: {source}")]
     Tls { pod: String, source: TlsError },
@@ -102,6 +96,9 @@ pub async fn run_pods(
             .map(|pod| pod.workload.identity(tunnel.trust_domain()))
             .collect();
         tunnel.certs.retain(&in_use).await;
+        for identity in &in_use {
+            tunnel.certs.prefetch(identity);
+        }
         if let Ok(mut s) = status.lock() {
             s.synced = true;
             s.running = running.keys().cloned().collect();
@@ -288,17 +285,11 @@ async fn start_pod(
     })?;
     let sockets = SocketFactory::pod(netns, options);
     let identity = workload.identity(tunnel.trust_domain());
-    let slot = tunnel
-        .certs
-        .get(&identity)
-        .await
-        .map_err(|source| PodError::Certificate {
-            pod: key.clone(),
-            source,
-        })?;
+    // The first certificate is fetched in the background (run_pods): listeners start at once,
+    // and connections are refused with flag CERT until it arrives.
     let server_config = tunnel
         .tls
-        .server_config(slot)
+        .server_config(tunnel.certs.clone(), identity.clone())
         .map_err(|source| PodError::Tls {
             pod: key.clone(),
             source,

@@ -34,6 +34,11 @@ pub struct CertificateManager {
     /// The map's lock is held only to find an identity's cell: first fetches of different
     /// identities run at the same time.
     slots: std::sync::Mutex<HashMap<Identity, Arc<SlotCell>>>,
+    /// Identities whose first certificate is being fetched in the background: the last
+    /// failure, if one failed (for `/config_dump`, readiness and fast refusals).
+    waiting: std::sync::Mutex<HashMap<Identity, Option<String>>>,
+    /// The identities of the local pods now: a background fetch for any other stops.
+    in_use: std::sync::Mutex<std::collections::HashSet<Identity>>,
 }
 
 /// An identity's slot once its first certificate has been fetched.
@@ -43,6 +48,9 @@ type SlotCell = tokio::sync::OnceCell<Arc<CertificateSlot>>;
 /// [`MOST_BACKOFF`].
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const MOST_BACKOFF: Duration = Duration::from_secs(60);
+/// A pod without its first certificate cannot connect at all: its fetch is retried at least
+/// this often, so it gets one soon after the CA is back.
+const FIRST_FETCH_MOST_BACKOFF: Duration = Duration::from_secs(10);
 
 impl CertificateManager {
     /// A manager that asks `provider` for certificates and reports them in `metrics`.
@@ -51,7 +59,99 @@ impl CertificateManager {
             provider,
             metrics,
             slots: Default::default(),
+            waiting: Default::default(),
+            in_use: Default::default(),
         })
+    }
+
+    /// The slot of `identity` if its first certificate has arrived.
+    pub fn ready(&self, identity: &Identity) -> Option<Arc<CertificateSlot>> {
+        lock(&self.slots)
+            .get(identity)
+            .and_then(|cell| cell.get().cloned())
+    }
+
+    /// The certificate for a new connection of `identity`: the current one; or, while a
+    /// background fetch keeps failing, that failure at once (the connection is refused with
+    /// flag CERT rather than waiting on a CA that does not answer); or the first fetch.
+    pub async fn for_connection(
+        &self,
+        identity: &Identity,
+    ) -> Result<Arc<CertificateSlot>, CertificateError> {
+        if let Some(slot) = self.ready(identity) {
+            return Ok(slot);
+        }
+        if let Some(Some(reason)) = lock(&self.waiting).get(identity).cloned() {
+            return Err(CertificateError::Waiting {
+                identity: identity.clone(),
+                reason,
+            });
+        }
+        self.get(identity).await
+    }
+
+    /// Fetches the first certificate of `identity` (a local pod's) in the background, ahead
+    /// of its first connection, retrying failures with backoff until it arrives or the pod
+    /// goes; nothing if it is there or on its way.
+    pub fn prefetch(self: &Arc<Self>, identity: &Identity) {
+        if self.ready(identity).is_some() {
+            return;
+        }
+        {
+            let mut waiting = lock(&self.waiting);
+            if waiting.contains_key(identity) {
+                return;
+            }
+            waiting.insert(identity.clone(), None);
+        }
+        let manager = Arc::downgrade(self);
+        let identity = identity.clone();
+        tokio::spawn(async move {
+            let mut failures = 0u32;
+            loop {
+                let Some(this) = manager.upgrade() else {
+                    return;
+                };
+                if !lock(&this.in_use).contains(&identity) {
+                    lock(&this.waiting).remove(&identity);
+                    return;
+                }
+                match this.get(&identity).await {
+                    Ok(_) => {
+                        lock(&this.waiting).remove(&identity);
+                        return;
+                    }
+                    Err(error) => {
+                        failures = failures.saturating_add(1);
+                        let retry_in = backoff(failures).min(FIRST_FETCH_MOST_BACKOFF);
+                        let text = error.to_string();
+                        let first = lock(&this.waiting)
+                            .insert(identity.clone(), Some(text.clone()))
+                            .flatten()
+                            .is_none_or(|before| before != text);
+                        if first {
+                            warn!(%identity, ?retry_in, "{text}; its connections are refused (flag CERT) until it arrives");
+                        }
+                        drop(this);
+                        tokio::time::sleep(retry_in).await;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Identities waiting for their first certificate, and why (the last failure), by SPIFFE
+    /// ID.
+    pub fn waiting(&self) -> std::collections::BTreeMap<String, String> {
+        lock(&self.waiting)
+            .iter()
+            .map(|(identity, reason)| {
+                let reason = reason
+                    .clone()
+                    .unwrap_or_else(|| "first request to the CA in flight".into());
+                (identity.to_string(), reason)
+            })
+            .collect()
     }
 
     /// The slot for `identity`, fetching the first certificate if needed. Concurrent callers
@@ -83,12 +183,11 @@ impl CertificateManager {
         .cloned()
     }
 
-    /// Drops every certificate whose identity is not in `in_use`; their renewal stops.
+    /// Drops every certificate whose identity is not in `in_use`; their renewal stops, and so
+    /// does a background fetch.
     pub async fn retain(&self, in_use: &std::collections::HashSet<Identity>) {
-        let mut slots = self
-            .slots
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        lock(&self.in_use).clone_from(in_use);
+        let mut slots = lock(&self.slots);
         slots.retain(|identity, cell| {
             let keep = in_use.contains(identity);
             if !keep && cell.initialized() {
@@ -100,6 +199,13 @@ impl CertificateManager {
             keep
         });
     }
+}
+
+/// Locks `mutex`; nothing panics while holding these locks, and a poisoned map is still a map.
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 async fn renew(

@@ -40,6 +40,8 @@ pub enum CertificateError {
         address: String,
         reason: String,
     },
+    #[error("no certificate for {identity} yet: {reason}")]
+    Waiting { identity: Identity, reason: String },
     #[error("--ca-address {address}: {reason}")]
     CaAddress { address: String, reason: String },
     #[error("the node's CA token {path} cannot be used: {reason}")]

@@ -10,7 +10,7 @@ use rustls::{ClientConfig, ServerConfig, SignatureScheme};
 use super::TlsError;
 use super::bundle::TrustBundle;
 use super::verify::{SpiffeServerVerifier, TrustDomainClientVerifier};
-use crate::identity::{CertificateSlot, Identity};
+use crate::identity::{CertificateManager, CertificateSlot, Identity};
 
 /// ALPN protocol of HBONE.
 const ALPN_H2: &[u8] = b"h2";
@@ -53,9 +53,14 @@ impl TlsContext {
         &self.trust_domain
     }
 
-    /// Configuration of a workload's HBONE listener: presents the workload's certificate and
+    /// Configuration of a workload's HBONE listener: presents the current certificate of
+    /// `identity` (a handshake before its first certificate has arrived is refused) and
     /// requires a client certificate of our trust domain.
-    pub fn server_config(&self, slot: Arc<CertificateSlot>) -> Result<Arc<ServerConfig>, TlsError> {
+    pub fn server_config(
+        &self,
+        certs: Arc<CertificateManager>,
+        identity: Identity,
+    ) -> Result<Arc<ServerConfig>, TlsError> {
         let verifier = Arc::new(TrustDomainClientVerifier {
             bundle: self.bundle.clone(),
             trust_domain: self.trust_domain.clone(),
@@ -64,7 +69,7 @@ impl TlsContext {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Config(e.to_string()))?
             .with_client_cert_verifier(verifier)
-            .with_cert_resolver(Arc::new(SlotResolver(slot)));
+            .with_cert_resolver(Arc::new(IdentityResolver { certs, identity }));
         config.alpn_protocols = vec![ALPN_H2.to_vec()];
         config.max_early_data_size = 0;
         Ok(Arc::new(config))
@@ -93,15 +98,34 @@ impl TlsContext {
     }
 }
 
+/// Presents an identity's certificate of the moment, once it has one: a pod's listeners
+/// start before its first certificate arrives, and renewal needs no new config.
+struct IdentityResolver {
+    certs: Arc<CertificateManager>,
+    identity: Identity,
+}
+
+impl std::fmt::Debug for IdentityResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentityResolver")
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ResolvesServerCert for IdentityResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let slot = self.certs.ready(&self.identity);
+        if slot.is_none() {
+            tracing::debug!(identity = %self.identity, "HBONE handshake refused: no certificate yet");
+        }
+        slot.map(|slot| slot.current().certified_key.clone())
+    }
+}
+
 /// Presents whatever certificate the slot holds now, so renewal needs no new config.
 #[derive(Debug)]
 struct SlotResolver(Arc<CertificateSlot>);
-
-impl ResolvesServerCert for SlotResolver {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.current().certified_key.clone())
-    }
-}
 
 impl ResolvesClientCert for SlotResolver {
     fn resolve(

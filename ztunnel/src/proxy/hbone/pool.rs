@@ -150,7 +150,7 @@ impl Pool {
         sockets: &SocketFactory,
     ) -> Result<Arc<PooledConnection>, ProxyError> {
         let addr = key.destination;
-        let certificate = self.certs.get(&key.source_identity).await?;
+        let certificate = self.certs.for_connection(&key.source_identity).await?;
         let config = self
             .tls
             .client_config(certificate, vec![key.destination_identity.clone()])?;

@@ -1,0 +1,247 @@
+//! Workload identity end to end on two simulated nodes, with the mesh CA
+//! (`mesh-node controller`) signing every certificate: what goes on the wire carries the pod's
+//! SPIFFE ID and chains to the mesh root (read with `openssl s_client`, checked with `openssl
+//! verify`); no tunnel process has the signing key; with the CA down for a minute, traffic
+//! goes on and a new pod gets its certificate once the CA is back, without a restart.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use conformance::cluster::{Cluster, ClusterSpec, PodSpec};
+
+const TD: &str = "cluster.local";
+
+/// The certificates `openssl s_client` was shown by the HBONE listener at `ip`:15008, dialled
+/// from node `from` (PEM blocks, leaf first). The handshake itself fails: s_client has no
+/// client certificate, and TLS 1.3 servers send theirs before asking for one.
+fn certificates_served(cluster: &Cluster, from: usize, ip: std::net::Ipv4Addr) -> Vec<String> {
+    let out = cluster
+        .node(from)
+        .netns
+        .command("timeout")
+        .args(["10", "openssl", "s_client", "-showcerts", "-connect"])
+        .arg(format!("{ip}:15008"))
+        .args(["-alpn", "h2"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut blocks = Vec::new();
+    let mut rest = text.as_str();
+    while let Some(start) = rest.find("-----BEGIN CERTIFICATE-----") {
+        let end = rest[start..].find("-----END CERTIFICATE-----").unwrap() + start + 25;
+        blocks.push(format!("{}\n", &rest[start..end]));
+        rest = &rest[end..];
+    }
+    assert!(
+        !blocks.is_empty(),
+        "s_client saw no certificate at {ip}:15008:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    blocks
+}
+
+fn openssl(args: &[&str], input_file: &Path) -> String {
+    let out = Command::new("openssl")
+        .args(args)
+        .arg(input_file)
+        .output()
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn certificates_on_the_wire_carry_each_pods_spiffe_id_chain_to_the_mesh_root_and_no_tunnel_holds_the_key()
+ {
+    let cluster = Cluster::client_server(&[]).unwrap();
+    // Traffic both ways through the mesh first.
+    let url = format!("http://{}:8080/", cluster.pod("server").ip);
+    let curl = cluster.curl_socks("client", &url, &[]).unwrap();
+    assert!(curl.success, "{curl:?}");
+    let scratch = tempfile::tempdir().unwrap();
+    for (pod, from) in [("server", 1), ("client", 2)] {
+        let ip = cluster.pod(pod).ip;
+        let served = certificates_served(&cluster, from, ip);
+        let leaf = scratch.path().join(format!("{pod}.pem"));
+        std::fs::write(&leaf, &served[0]).unwrap();
+        let san = openssl(&["x509", "-noout", "-ext", "subjectAltName", "-in"], &leaf);
+        let expected = format!("URI:spiffe://{TD}/ns/default/sa/{pod}");
+        let names: Vec<&str> = san
+            .lines()
+            .skip_while(|l| !l.contains("Subject Alternative Name"))
+            .skip(1)
+            .flat_map(|l| l.split(','))
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .collect();
+        assert_eq!(names, vec![expected.as_str()], "{pod}'s SANs:\n{san}");
+        let bundle = cluster.trust_bundle();
+        let verified = openssl(
+            &[
+                "verify",
+                "-CAfile",
+                bundle.to_str().unwrap(),
+                "-purpose",
+                "sslserver",
+            ],
+            &leaf,
+        );
+        assert!(verified.contains(": OK"), "{pod}'s certificate: {verified}");
+        let text = openssl(&["x509", "-noout", "-text", "-in"], &leaf);
+        assert!(text.contains("CA:FALSE"), "{text}");
+        assert!(text.contains("TLS Web Client Authentication"), "{text}");
+    }
+    // The client's certificate, which s_client cannot see, was verified by the server's
+    // tunnel against the same bundle and read for its SPIFFE ID.
+    let from_client = cluster
+        .node(2)
+        .meshed_from(&format!("spiffe://{TD}/ns/default/sa/client"))
+        .unwrap();
+    assert!(from_client >= 1.0, "no mTLS connection from the client");
+    // The CA holds the key; no tunnel has it on its command line, in its environment or
+    // among its open files.
+    let ca_dir = cluster.ca_dir();
+    assert!(ca_dir.join("ca.key").exists());
+    for i in 1..=2 {
+        let pid = cluster.node(i).tunnel.as_ref().unwrap().pid().unwrap();
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+        assert!(exe.ends_with("ztunnel"), "pid {pid} is {}", exe.display());
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        let environ = String::from_utf8_lossy(&environ).replace('\0', " ");
+        for text in [&cmdline, &environ] {
+            assert!(!text.contains("ca.key"), "node{i}'s tunnel: {text}");
+            assert!(
+                !text.contains(ca_dir.to_str().unwrap()),
+                "node{i}'s tunnel: {text}"
+            );
+        }
+        assert!(cmdline.contains("--ca-token-file"), "{cmdline}");
+        let mut files = 0;
+        for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+            if let Ok(target) = std::fs::read_link(fd.unwrap().path()) {
+                files += 1;
+                assert!(
+                    !target.starts_with(&ca_dir),
+                    "node{i}'s tunnel holds {} open",
+                    target.display()
+                );
+            }
+        }
+        assert!(files > 5, "only {files} descriptors read: not the tunnel's");
+    }
+}
+
+#[test]
+fn with_the_ca_down_for_a_minute_traffic_goes_on_and_a_new_pod_gets_its_certificate_after() {
+    let spec = ClusterSpec {
+        // Idle pooled connections close at once: every request below is a new TLS handshake.
+        tunnel_args: vec!["--pool-idle-timeout".into(), "200ms".into()],
+        ..ClusterSpec::new(
+            2,
+            vec![
+                PodSpec::new("client", 1),
+                PodSpec::new("server", 2),
+                PodSpec::new("late", 1),
+            ],
+        )
+    };
+    let mut cluster = Cluster::build(spec).unwrap();
+    // `late` is not meshed yet: its tunnel has not asked for its certificate.
+    let without_late = cluster.state_yaml(|p| p.mesh = p.name != "late");
+    for i in 1..=2 {
+        std::fs::write(&cluster.node(i).state_file, &without_late).unwrap();
+    }
+    cluster
+        .start_app(
+            "server",
+            &["http", "--port", "8080", "--name", "server"],
+            8080,
+        )
+        .unwrap();
+    cluster.start_tunnels().unwrap();
+    let url = format!("http://{}:8080/", cluster.pod("server").ip);
+    assert!(cluster.curl_socks("client", &url, &[]).unwrap().success);
+
+    cluster.stop_ca();
+    // The new pod arrives while the CA is down.
+    let with_late = cluster.state_yaml(|_| {});
+    for i in 1..=2 {
+        std::fs::write(&cluster.node(i).state_file, &with_late).unwrap();
+    }
+    let late_id = format!("spiffe://{TD}/ns/default/sa/late");
+    let down_since = Instant::now();
+    let (mut served, mut failed) = (0, Vec::new());
+    let mut late_refused_with_cert = false;
+    while down_since.elapsed() < Duration::from_secs(60) {
+        let curl = cluster
+            .curl_socks("client", &url, &["--max-time", "5"])
+            .unwrap();
+        if curl.success {
+            served += 1;
+        } else {
+            failed.push(curl.stderr);
+        }
+        if !late_refused_with_cert {
+            let late = cluster
+                .curl_socks("late", &url, &["--max-time", "5"])
+                .unwrap();
+            assert!(!late.success, "late connected without a certificate");
+            late_refused_with_cert = cluster.node(1).access_logs().iter().any(|e| {
+                e["response_flags"] == "CERT"
+                    && (e["src.identity"] == late_id.as_str() || e["src.workload"] == "late")
+            });
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed with the CA down: {failed:?}",
+        failed.len(),
+        served + failed.len()
+    );
+    assert!(served >= 20, "only {served} requests in a minute");
+    assert!(
+        late_refused_with_cert,
+        "the late pod's refusal carried no CERT flag:\n{}",
+        cluster.node(1).log()
+    );
+    // Readiness and the config dump say who waits and why.
+    let (status, body) = cluster.node(1).http_get(15021, "/healthz/ready").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&late_id), "{body}");
+    let (_, dump) = cluster.node(1).http_get(15000, "/config_dump").unwrap();
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert!(
+        dump["certificates"]["waiting"][&late_id].as_str().is_some(),
+        "{dump}"
+    );
+
+    // The CA is back: the late pod gets its certificate by itself, no restart.
+    cluster.start_ca().unwrap();
+    let back = Instant::now();
+    loop {
+        if cluster
+            .curl_socks("late", &url, &["--max-time", "5"])
+            .unwrap()
+            .success
+        {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(30),
+            "late has no certificate 30 s after the CA came back:\n{}",
+            cluster.node(1).log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (_, body) = cluster.node(1).http_get(15021, "/healthz/ready").unwrap();
+    assert!(!body.contains(&late_id), "{body}");
+    assert!(cluster.curl_socks("client", &url, &[]).unwrap().success);
+}
