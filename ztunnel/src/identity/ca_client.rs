@@ -131,8 +131,7 @@ impl MeshCaClient {
             .await
             .map_err(|status| CertificateError::CaRefused {
                 identity: identity.clone(),
-                address: self.settings.address.clone(),
-                reason: describe_status(&status),
+                reason: format!("at {}: {}", self.settings.address, describe_status(&status)),
             })?
             .into_inner();
         let chain = response

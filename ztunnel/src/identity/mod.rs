@@ -34,12 +34,10 @@ pub enum CertificateError {
     },
     #[error("cannot sign a certificate for {identity}: {reason}")]
     Signing { identity: Identity, reason: String },
-    #[error("the mesh CA at {address} refused or failed the certificate of {identity}: {reason}")]
-    CaRefused {
-        identity: Identity,
-        address: String,
-        reason: String,
-    },
+    /// `reason` names the CA's address: kept in one string, so that this error (carried in
+    /// every connection's error type) is no larger than the others.
+    #[error("the mesh CA refused or failed the certificate of {identity}: {reason}")]
+    CaRefused { identity: Identity, reason: String },
     #[error("no certificate for {identity} yet: {reason}")]
     Waiting { identity: Identity, reason: String },
     #[error("--ca-address {address}: {reason}")]

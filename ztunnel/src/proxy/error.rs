@@ -33,8 +33,10 @@ pub enum ProxyError {
     ConnectTimeout { addr: SocketAddr },
     #[error("TLS handshake with {addr} failed: {reason}")]
     Handshake { addr: SocketAddr, reason: String },
+    /// Boxed: certificate errors carry an identity and a reason, and every connection's
+    /// task holds room for its error type.
     #[error("no certificate for the source workload: {0}")]
-    Certificate(#[from] CertificateError),
+    Certificate(Box<CertificateError>),
     #[error("TLS configuration: {0}")]
     Tls(#[from] TlsError),
     #[error("HTTP/2 error: {0}")]
@@ -98,5 +100,11 @@ impl ProxyError {
             ProxyError::Denied(_) => StatusCode::FORBIDDEN,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         }
+    }
+}
+
+impl From<CertificateError> for ProxyError {
+    fn from(error: CertificateError) -> Self {
+        ProxyError::Certificate(Box::new(error))
     }
 }
