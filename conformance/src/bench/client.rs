@@ -87,3 +87,39 @@ pub fn request_response(
     }
     Ok(samples)
 }
+
+/// New connections per second along `path`, each a new TCP connection from the application
+/// that carries one 64-byte round trip to a `weft-testapp echo` server and closes: `workers`
+/// clients at once for `duration`. A failed connection fails the measurement.
+pub fn connection_rate(
+    path: Path,
+    target: SocketAddr,
+    workers: usize,
+    duration: std::time::Duration,
+) -> Result<f64> {
+    let start = Instant::now();
+    let handles: Vec<_> = (0..workers)
+        .map(|_| {
+            // Threads start in the namespace of the thread that spawns them.
+            std::thread::spawn(move || -> Result<u64> {
+                let msg = [0x42u8; 64];
+                let mut back = [0u8; 64];
+                let mut made = 0u64;
+                while start.elapsed() < duration {
+                    let mut s = connect(path, target)?;
+                    s.write_all(&msg)?;
+                    s.read_exact(&mut back)?;
+                    made += 1;
+                }
+                Ok(made)
+            })
+        })
+        .collect();
+    let mut total = 0u64;
+    for handle in handles {
+        total += handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("a connecting client panicked"))??;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}

@@ -3,7 +3,8 @@
 //! an unmodified client captured by eBPF (`capture`, the path users get); through a stunnel
 //! pair held to Weft's cipher suite and peer verification; and one plain relay (`relay`). Each
 //! bulk transfer also reads the CPU time of the lane's proxies (both tunnels, or both
-//! stunnels) from `schedstat`: CPU seconds per GB moved.
+//! stunnels) from `schedstat`: CPU seconds per GB moved. Each lane also makes new connections
+//! for two seconds (four clients, each connection one round trip): new connections per second.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -34,6 +35,7 @@ struct Figures {
     rr_p99: Vec<f64>,
     cpu_s_per_gb: Vec<f64>,
     rr_cpu_us: Vec<f64>,
+    conn_per_s: Vec<f64>,
 }
 
 /// A lane's medians over the rounds.
@@ -44,6 +46,7 @@ struct Medians {
     rr_p99: f64,
     cpu_s_per_gb: f64,
     rr_cpu_us: f64,
+    conn_per_s: f64,
 }
 
 impl Medians {
@@ -54,6 +57,7 @@ impl Medians {
             rr_p99: median(&f.rr_p99),
             cpu_s_per_gb: median(&f.cpu_s_per_gb),
             rr_cpu_us: median(&f.rr_cpu_us),
+            conn_per_s: median(&f.conn_per_s),
         }
     }
 }
@@ -69,6 +73,10 @@ struct Lane {
     proxies: Vec<u32>,
     figures: Figures,
 }
+
+/// Clients making new connections at once, and for how long, in the connection-rate measure.
+const CONNECTING_CLIENTS: usize = 4;
+const CONNECTING_FOR: Duration = Duration::from_secs(2);
 
 /// The crypto of the stunnel lane: the pair is configured to Weft's suite (`stunnel.rs`).
 const CRYPTO_STUNNEL: &str = "stunnel4 + OpenSSL 3, TLS_AES_128_GCM_SHA256";
@@ -211,7 +219,6 @@ pub fn run(args: &TunnelBench) -> Result<String> {
                     let rr_cpu_ns = cpu().saturating_sub(before);
                     Ok((gbps, cpu_ns, rr, rr_cpu_ns))
                 })??;
-            drop(capture);
             if lane.captured {
                 // The lane must really have gone through both tunnels (two connections).
                 let meshed = meshed_from_client(&cluster)? - meshed_before;
@@ -220,14 +227,21 @@ pub fn run(args: &TunnelBench) -> Result<String> {
                     "capture lane: {meshed} meshed connections from the client, not 2: capture did not take it"
                 );
             }
+            // New connections, each a new TCP connection from the application (Weft's pool
+            // absorbs the TLS handshakes; stunnel makes one per connection).
+            let conn_per_s = client_ns.run_in(move || {
+                client::connection_rate(echo.0, echo.1, CONNECTING_CLIENTS, CONNECTING_FOR)
+            })??;
+            drop(capture);
             let cpu_s_per_gb = cpu_ns as f64 / 1e9 / (bytes as f64 / 1e9);
             // Warm-up round trips included: the CPU was read around all of them.
             let rr_cpu_us = rr_cpu_ns as f64 / 1e3 / (iters + iters / 10) as f64;
             let (p50, p99) = (quantile(&rr, 0.5), quantile(&rr, 0.99));
             eprintln!(
-                "  round {round} {:8} {gbps:7.2} Gbit/s   rr p50 {p50:7.1} us  p99 {p99:7.1} us   proxies' CPU {cpu_s_per_gb:5.2} s/GB, {rr_cpu_us:6.1} us per round trip",
+                "  round {round} {:8} {gbps:7.2} Gbit/s   rr p50 {p50:7.1} us  p99 {p99:7.1} us   proxies' CPU {cpu_s_per_gb:5.2} s/GB, {rr_cpu_us:6.1} us per round trip   {conn_per_s:7.0} new connections/s",
                 lane.name
             );
+            lane.figures.conn_per_s.push(conn_per_s);
             lane.figures.rr_cpu_us.push(rr_cpu_us);
             lane.figures.gbps.push(gbps);
             lane.figures.rr_p50.push(p50);
@@ -240,11 +254,13 @@ pub fn run(args: &TunnelBench) -> Result<String> {
     }
     let medians: Vec<Medians> = lanes.iter().map(|l| Medians::of(&l.figures)).collect();
     println!("medians over {} rounds:", args.measure.rounds);
-    println!("  lane      throughput      rr p50      rr p99    proxies' CPU (bulk, round trips)");
+    println!(
+        "  lane      throughput      rr p50      rr p99    proxies' CPU (bulk, round trips)   new connections"
+    );
     for (lane, m) in lanes.iter().zip(&medians) {
         println!(
-            "  {:8}{:8.2} Gbit/s {:8.1} us {:8.1} us {:8.2} s/GB {:8.1} us/round trip",
-            lane.name, m.gbps, m.rr_p50, m.rr_p99, m.cpu_s_per_gb, m.rr_cpu_us
+            "  {:8}{:8.2} Gbit/s {:8.1} us {:8.1} us {:8.2} s/GB {:8.1} us/round trip {:8.0}/s",
+            lane.name, m.gbps, m.rr_p50, m.rr_p99, m.cpu_s_per_gb, m.rr_cpu_us, m.conn_per_s
         );
     }
     let [direct, weft, capture, stunnel, relay] = [0, 1, 2, 3, 4].map(|i| medians[i]);
@@ -284,12 +300,23 @@ pub fn run(args: &TunnelBench) -> Result<String> {
         "  CPU per round trip: weft {:.1} us, stunnel {:.1} us (both proxies of the lane together)",
         weft.rr_cpu_us, stunnel.rr_cpu_us
     );
+    println!(
+        "  new connections: weft {:.0}/s, stunnel {:.0}/s, ratio {:.2} (target > 1), direct {:.0}/s",
+        weft.conn_per_s,
+        stunnel.conn_per_s,
+        weft.conn_per_s / stunnel.conn_per_s,
+        direct.conn_per_s
+    );
     println!("  crypto: weft {crypto_weft}; stunnel {CRYPTO_STUNNEL}");
     let json = serde_json::json!({
         "bench": "tunnel",
         "direct_gbps": round2(direct.gbps),
         "weft_gbps": round2(weft.gbps),
         "stunnel_gbps": round2(stunnel.gbps),
+        "weft_conn_per_s": round2(weft.conn_per_s),
+        "stunnel_conn_per_s": round2(stunnel.conn_per_s),
+        "direct_conn_per_s": round2(direct.conn_per_s),
+        "capture_conn_per_s": round2(capture.conn_per_s),
         "direct_rr_p50_us": round2(direct.rr_p50),
         "weft_rr_p50_us": round2(weft.rr_p50),
         "stunnel_rr_p50_us": round2(stunnel.rr_p50),
