@@ -248,46 +248,18 @@ fn with_the_ca_down_for_a_minute_traffic_goes_on_and_a_new_pod_gets_its_certific
     assert!(cluster.curl_socks("client", &url, &[]).unwrap().success);
 }
 
-/// SHA-256 of a PEM certificate's DER, to tell certificates apart.
-fn fingerprint(pem: &str) -> String {
-    use sha2::Digest;
-    let der = rustls_pemfile::certs(&mut pem.as_bytes())
-        .next()
-        .unwrap()
-        .unwrap();
-    format!("{:x}", sha2::Sha256::digest(&der))
-}
+/// What [`steady_load`] did: new connections made, their failures, each long-lived
+/// connection's echoes.
+type LoadResult = (u32, Vec<String>, Vec<u32>);
 
-#[test]
-fn with_twenty_second_certificates_a_minute_of_new_and_long_connections_loses_none() {
-    let spec = ClusterSpec {
-        // One stream per HBONE connection and idle ones closed at once: each short connection
-        // below is a new TLS handshake, made with the certificates of the moment.
-        tunnel_args: [
-            "--cert-lifetime",
-            "20s",
-            "--pool-max-streams",
-            "1",
-            "--pool-idle-timeout",
-            "100ms",
-        ]
-        .map(String::from)
-        .to_vec(),
-        ..ClusterSpec::new(
-            2,
-            vec![PodSpec::new("client", 1), PodSpec::new("server", 2)],
-        )
-    };
-    let mut cluster = Cluster::build(spec).unwrap();
-    cluster
-        .start_app("server", &["echo", "--port", "9000"], 9000)
-        .unwrap();
-    cluster.start_tunnels().unwrap();
-    let server = cluster.pod("server");
-    let server_ip = server.ip;
-    let target = std::net::SocketAddr::from((server_ip, 9000));
-    let minute = Duration::from_secs(60);
-    let load = cluster.pod("client").netns.spawn_in(move || {
+/// From the client pod, for `minute`: four long-lived connections echoing every 250 ms, and
+/// a new connection every 150 ms (each one echo), all to `target` through the mesh.
+fn steady_load(
+    cluster: &Cluster,
+    target: std::net::SocketAddr,
+    minute: Duration,
+) -> std::thread::JoinHandle<anyhow::Result<anyhow::Result<LoadResult>>> {
+    cluster.pod("client").netns.spawn_in(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -333,7 +305,49 @@ fn with_twenty_second_certificates_a_minute_of_new_and_long_connections_loses_no
             }
             anyhow::Ok((fresh, failures, ticks))
         })
-    });
+    })
+}
+
+/// SHA-256 of a PEM certificate's DER, to tell certificates apart.
+fn fingerprint(pem: &str) -> String {
+    use sha2::Digest;
+    let der = rustls_pemfile::certs(&mut pem.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    format!("{:x}", sha2::Sha256::digest(&der))
+}
+
+#[test]
+fn with_twenty_second_certificates_a_minute_of_new_and_long_connections_loses_none() {
+    let spec = ClusterSpec {
+        // One stream per HBONE connection and idle ones closed at once: each short connection
+        // below is a new TLS handshake, made with the certificates of the moment.
+        tunnel_args: [
+            "--cert-lifetime",
+            "20s",
+            "--pool-max-streams",
+            "1",
+            "--pool-idle-timeout",
+            "100ms",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..ClusterSpec::new(
+            2,
+            vec![PodSpec::new("client", 1), PodSpec::new("server", 2)],
+        )
+    };
+    let mut cluster = Cluster::build(spec).unwrap();
+    cluster
+        .start_app("server", &["echo", "--port", "9000"], 9000)
+        .unwrap();
+    cluster.start_tunnels().unwrap();
+    let server = cluster.pod("server");
+    let server_ip = server.ip;
+    let target = std::net::SocketAddr::from((server_ip, 9000));
+    let minute = Duration::from_secs(60);
+    let load = steady_load(&cluster, target, minute);
     // Meanwhile, what the server's HBONE listener presents to new handshakes, every 4 s.
     let mut seen: Vec<String> = Vec::new();
     let began = Instant::now();
@@ -378,4 +392,120 @@ fn with_twenty_second_certificates_a_minute_of_new_and_long_connections_loses_no
             "node{node} renewed {renewals} times in a minute of 20 s certificates"
         );
     }
+}
+
+/// Whether `leaf_pem` verifies against `root_pem` alone, with openssl.
+fn chains_to(leaf_pem: &str, root_pem: &str, scratch: &Path) -> bool {
+    let (leaf, root) = (scratch.join("leaf.pem"), scratch.join("root.pem"));
+    std::fs::write(&leaf, leaf_pem).unwrap();
+    std::fs::write(&root, root_pem).unwrap();
+    openssl(&["verify", "-CAfile", root.to_str().unwrap()], &leaf).contains(": OK")
+}
+
+#[test]
+fn a_root_rotation_under_load_loses_no_connection_and_new_handshakes_chain_to_the_new_root() {
+    let spec = ClusterSpec {
+        tunnel_args: [
+            "--cert-lifetime",
+            "20s",
+            "--pool-max-streams",
+            "1",
+            "--pool-idle-timeout",
+            "100ms",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..ClusterSpec::new(
+            2,
+            vec![PodSpec::new("client", 1), PodSpec::new("server", 2)],
+        )
+    };
+    let mut cluster = Cluster::build(spec).unwrap();
+    cluster
+        .start_app("server", &["echo", "--port", "9000"], 9000)
+        .unwrap();
+    cluster.start_tunnels().unwrap();
+    let server_ip = cluster.pod("server").ip;
+    let target = std::net::SocketAddr::from((server_ip, 9000));
+    let scratch = tempfile::tempdir().unwrap();
+    let old_root = std::fs::read_to_string(cluster.ca_dir().join("ca.pem")).unwrap();
+    let rotate = |step: &str| {
+        let out = Command::new(conformance::binary("mesh-node"))
+            .args(["ca-root", step, "--ca-dir"])
+            .arg(cluster.ca_dir())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ca-root {step}: {out:?}");
+    };
+    let bundle_roots = || {
+        std::fs::read_to_string(cluster.trust_bundle())
+            .unwrap()
+            .matches("BEGIN CERTIFICATE")
+            .count()
+    };
+    let wait_for = |what: &str, ok: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ok() {
+            assert!(Instant::now() < deadline, "{what}:\n{}", cluster.ca_log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let minute = Duration::from_secs(60);
+    let load = steady_load(&cluster, target, minute);
+    std::thread::sleep(Duration::from_secs(5));
+    // Stage: both roots in the bundle; the tunnels follow it within a second or two.
+    rotate("stage");
+    wait_for("the bundle never held two roots", &|| bundle_roots() == 2);
+    std::thread::sleep(Duration::from_secs(3));
+    let new_root = std::fs::read_to_string(cluster.ca_dir().join("next/ca.pem")).unwrap();
+    // Promote: the new root signs; renewals (every ~10 s) move every certificate to it.
+    rotate("promote");
+    wait_for("the CA never reloaded", &|| {
+        cluster.ca_log().contains("signer_changed=true")
+    });
+    std::thread::sleep(Duration::from_secs(25));
+    for (pod, from) in [("server", 1), ("client", 2)] {
+        let leaf = certificates_served(&cluster, from, cluster.pod(pod).ip).remove(0);
+        assert!(
+            chains_to(&leaf, &new_root, scratch.path()),
+            "{pod}'s certificate does not chain to the new root 25 s after promotion"
+        );
+        assert!(!chains_to(&leaf, &old_root, scratch.path()));
+    }
+    // Retire the old root once what it signed has expired (20 s certificates).
+    rotate("retire");
+    wait_for("the bundle never dropped the old root", &|| {
+        bundle_roots() == 1
+    });
+    let (fresh, failures, ticks) = load
+        .join()
+        .unwrap()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e:#}\nnode1:\n{}", cluster.node(1).log()));
+    eprintln!("{fresh} new connections, long-lived echoes {ticks:?} through a root rotation");
+    assert!(
+        failures.is_empty(),
+        "{} of {} new connections failed during the rotation: {failures:?}",
+        failures.len(),
+        fresh as usize + failures.len()
+    );
+    assert!(fresh >= 100, "only {fresh} new connections in a minute");
+    assert!(
+        ticks.iter().all(|t| *t >= 200),
+        "long-lived connections stalled: {ticks:?}"
+    );
+    // After retirement, new connections still work: everything chains to the new root.
+    let curl_like = cluster
+        .pod("client")
+        .netns
+        .block_on(move || async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = conformance::load::socks_connect(target).await?;
+            stream.write_all(b"after").await?;
+            let mut back = [0u8; 5];
+            stream.read_exact(&mut back).await?;
+            anyhow::Ok(back == *b"after")
+        })
+        .unwrap();
+    assert!(curl_like.unwrap(), "no echo after the old root was retired");
 }

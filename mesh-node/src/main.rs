@@ -33,6 +33,18 @@ enum Command {
     /// the status of MeshPolicies and MeshAuthentications and, with --ca-dir, runs the mesh
     /// CA, until SIGTERM.
     Controller(ControllerArgs),
+    /// Rotates the mesh CA's root in three steps, each picked up by a running CA within a
+    /// second: `stage` a new root (trusted at once, beside the current one), `promote` it once
+    /// every tunnel has the new bundle (it signs; the old stays trusted), `retire` the old
+    /// roots once the certificates they signed have expired (a certificate lifetime later).
+    CaRoot {
+        #[arg(value_enum)]
+        step: RotationStep,
+        #[arg(long, env = "WEFT_CA_DIR")]
+        ca_dir: PathBuf,
+        #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
+        trust_domain: String,
+    },
     /// Writes a new per-node token for the local mesh CA (`<dir>/<node>.token`, mode 0600)
     /// unless the node has one; prints its path. The CA (--node-tokens) and the node's tunnel
     /// (--ca-token-file) read the same file.
@@ -42,6 +54,14 @@ enum Command {
         #[arg(long)]
         node: String,
     },
+}
+
+/// A step of a root rotation.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RotationStep {
+    Stage,
+    Promote,
+    Retire,
 }
 
 /// The mesh CA, run by the controller.
@@ -200,6 +220,35 @@ fn main() -> std::process::ExitCode {
     let result = match Args::parse().command {
         Command::Run(args) => run(args),
         Command::Controller(args) => run_controller(args),
+        Command::CaRoot {
+            step,
+            ca_dir,
+            trust_domain,
+        } => match step {
+            RotationStep::Stage => mesh_node::ca::stage_root(&ca_dir, &trust_domain).map(|()| {
+                println!(
+                    "a new root is staged in {}/next: trusted, not signing yet",
+                    ca_dir.display()
+                )
+            }),
+            RotationStep::Promote => mesh_node::ca::promote(&ca_dir).map(|()| {
+                println!(
+                    "the new root signs; the old one stays trusted in {}/retired.pem",
+                    ca_dir.display()
+                )
+            }),
+            RotationStep::Retire => mesh_node::ca::retire(&ca_dir).map(|removed| {
+                println!(
+                    "{}",
+                    if removed {
+                        "the retired roots are no longer trusted"
+                    } else {
+                        "no retired roots"
+                    }
+                )
+            }),
+        }
+        .map_err(anyhow::Error::from),
         Command::NodeToken { dir, node } => {
             mesh_node::ca::authenticate::create_node_token(&dir, &node)
                 .map(|path| println!("{}", path.display()))

@@ -102,16 +102,121 @@ pub(super) fn load_or_create(
     }
     let issuer = Issuer::from_ca_cert_der(&ders[0].as_slice().into(), key)
         .map_err(|e| bad_cert(e.to_string()))?;
-    // The last certificate is the root tunnels trust; the others go after each leaf.
+    // The last certificate is the root tunnels trust; the others go after each leaf. A root
+    // staged for rotation and the roots retired by one are trusted beside it.
     let root = blocks.len() - 1;
+    let mut bundle_pem = vec![blocks[root].clone()];
+    for extra in [dir.join(NEXT).join("ca.pem"), dir.join(RETIRED)] {
+        if extra.exists() {
+            check_file(&extra, Exposure::Trusted)?;
+            for block in certificate_blocks(&read(&extra)?) {
+                if !bundle_pem.contains(&block) {
+                    bundle_pem.push(block);
+                }
+            }
+        }
+    }
     Ok((
         Material {
             issuer,
             chain_pem: blocks[..root].to_vec(),
-            bundle_pem: vec![blocks[root].clone()],
+            bundle_pem,
         },
         created,
     ))
+}
+
+/// Where a new root waits, trusted but not signing yet.
+const NEXT: &str = "next";
+/// Roots that signed before a rotation: trusted until the certificates they signed expire.
+const RETIRED: &str = "retired.pem";
+
+/// Rotation, step 1: a new root in `next/` of `dir`. The CA trusts it at once (tunnels get it
+/// in their bundle) but signs with the current key until [`promote`].
+pub fn stage_root(dir: &Path, trust_domain: &str) -> Result<(), CaError> {
+    let next = dir.join(NEXT);
+    if next.exists() {
+        return Err(CaError::BadFile {
+            path: next,
+            reason: "a new root is staged already: promote it, or remove the folder".into(),
+        });
+    }
+    std::fs::create_dir(&next).map_err(|source| CaError::Write {
+        path: next.clone(),
+        source,
+    })?;
+    create_root(&next.join("ca.pem"), &next.join("ca.key"), trust_domain)
+}
+
+/// Rotation, step 2, once every tunnel has the bundle with the new root: the new root signs;
+/// the old one is kept trusted in `retired.pem`. Only for a root the CA made (a user's
+/// intermediate is rotated by replacing `ca.pem` and `ca.key` with the new one).
+pub fn promote(dir: &Path) -> Result<(), CaError> {
+    let next = dir.join(NEXT);
+    let (cert, key) = (dir.join("ca.pem"), dir.join("ca.key"));
+    if !next.join("ca.pem").exists() || !next.join("ca.key").exists() {
+        return Err(CaError::BadFile {
+            path: next,
+            reason: "no staged root to promote (stage one first)".into(),
+        });
+    }
+    let current = read(&cert)?;
+    if certificate_blocks(&current).len() != 1 {
+        return Err(CaError::BadFile {
+            path: cert,
+            reason: "holds a chain: the CA signs as a user's intermediate, which is rotated by replacing ca.pem and ca.key".into(),
+        });
+    }
+    // The old root stays trusted before anything else changes.
+    let retired = dir.join(RETIRED);
+    let mut kept = if retired.exists() {
+        read(&retired)?
+    } else {
+        String::new()
+    };
+    kept.push_str(&current);
+    write_atomically(&retired, kept.as_bytes())?;
+    // The key first, then the certificate: in between, the CA finds them apart and keeps
+    // signing with what it loaded before.
+    for (from, to) in [(next.join("ca.key"), key), (next.join("ca.pem"), cert)] {
+        std::fs::rename(&from, &to).map_err(|source| CaError::Write { path: to, source })?;
+    }
+    std::fs::remove_dir(&next).map_err(|source| CaError::Write { path: next, source })
+}
+
+/// Rotation, step 3, once the certificates the old roots signed have expired (a certificate
+/// lifetime after [`promote`]): they are no longer trusted.
+pub fn retire(dir: &Path) -> Result<bool, CaError> {
+    let retired = dir.join(RETIRED);
+    match std::fs::remove_file(&retired) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(CaError::Write {
+            path: retired,
+            source,
+        }),
+    }
+}
+
+/// What changes when the CA's files change: their sizes and modification times.
+pub fn fingerprint(dir: &Path) -> Vec<Option<(u64, std::time::SystemTime)>> {
+    ["ca.pem", "ca.key", "next/ca.pem", RETIRED]
+        .iter()
+        .map(|name| {
+            let meta = std::fs::metadata(dir.join(name)).ok()?;
+            Some((meta.len(), meta.modified().ok()?))
+        })
+        .collect()
+}
+
+fn write_atomically(path: &Path, data: &[u8]) -> Result<(), CaError> {
+    let failed = |source| CaError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let temporary = path.with_extension("tmp");
+    std::fs::write(&temporary, data).map_err(failed)?;
+    std::fs::rename(&temporary, path).map_err(failed)
 }
 
 /// A self-signed root that may sign workload certificates and nothing else (path length 0).

@@ -25,7 +25,7 @@ use rcgen::{
 };
 
 pub use authorize::{Refusal, may_hold};
-pub use files::Created;
+pub use files::{Created, fingerprint, promote, retire, stage_root};
 
 /// Why the CA cannot start, or refuses a request.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +123,21 @@ impl MeshCa {
         &self.bundle_pem
     }
 
+    /// Loads the CA from `dir` as it stands (after a rotation step); creates nothing.
+    pub fn reload(
+        dir: &std::path::Path,
+        trust_domain: &str,
+        lifetime: Duration,
+    ) -> Result<MeshCa, CaError> {
+        if !dir.join("ca.pem").exists() || !dir.join("ca.key").exists() {
+            return Err(CaError::BadFile {
+                path: dir.to_owned(),
+                reason: "ca.pem or ca.key is missing (mid-rotation?)".into(),
+            });
+        }
+        Ok(MeshCa::load_or_create(dir, trust_domain, lifetime)?.0)
+    }
+
     /// The SPIFFE ID of a service account in this CA's trust domain.
     pub fn spiffe_id(&self, namespace: &str, service_account: &str) -> Result<String, CaError> {
         let id = format!(
@@ -140,8 +155,8 @@ impl MeshCa {
         self.lifetime
     }
 
-    /// The root the certificates it signs chain to (the last of the bundle's roots that this
-    /// CA's key signs under).
+    /// The root the certificates it signs chain to (the first of the bundle; the others are a
+    /// staged next root and retired ones).
     pub fn signing_root(&self) -> &str {
         // The bundle is built from the CA's own chain and never empty (see files.rs).
         &self.bundle_pem[0]

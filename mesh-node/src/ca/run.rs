@@ -96,9 +96,61 @@ impl RunningCa {
                 }
             }
         };
+        let follow = follow_files(self.ca.clone(), self.serving.clone(), self.settings.clone());
         tokio::select! {
             served = serve(self.listener, self.serving, self.service, stop) => served,
             () = renew => Ok(()),
+            () = follow => Ok(()),
+        }
+    }
+}
+
+/// How often the CA's folder is looked at for a rotation step.
+const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+
+/// Loads the CA again when its files change (a root staged, promoted or retired): the new
+/// signer signs from then on, the serving certificate is renewed with it, the bundle is
+/// written again. Files that do not load (a step half done) keep the CA as it was.
+async fn follow_files(
+    ca: Arc<ArcSwap<MeshCa>>,
+    serving: Arc<ServingCertificate>,
+    settings: CaSettings,
+) {
+    let mut seen = super::fingerprint(&settings.dir);
+    let mut last_error = String::new();
+    loop {
+        tokio::time::sleep(FOLLOW_EVERY).await;
+        let now = super::fingerprint(&settings.dir);
+        if now == seen {
+            continue;
+        }
+        match MeshCa::reload(&settings.dir, &settings.trust_domain, settings.lifetime) {
+            Ok(fresh) => {
+                seen = now;
+                last_error.clear();
+                let signer_changed = fresh.signing_root() != ca.load().signing_root();
+                if let Some(path) = &settings.bundle_file
+                    && let Err(error) = write_bundle(path, fresh.trust_bundle())
+                {
+                    warn!(%error, "writing the trust bundle failed; retrying");
+                    seen.clear();
+                }
+                info!(
+                    roots = fresh.trust_bundle().len(),
+                    signer_changed, "mesh CA files changed: reloaded"
+                );
+                ca.store(Arc::new(fresh));
+                if signer_changed && let Err(error) = serving.renew(&ca.load()) {
+                    warn!(%error, "renewing the CA's serving certificate under the new root failed");
+                }
+            }
+            Err(error) => {
+                let text = error.to_string();
+                if text != last_error {
+                    warn!("mesh CA files changed but do not load: {text}; signing as before");
+                    last_error = text;
+                }
+            }
         }
     }
 }
