@@ -2,7 +2,8 @@
 //! Replicas elect a leader with a Lease (`lease.rs`); the leader follows the whole cluster
 //! (the agents' Kubernetes source) and keeps each MeshPolicy's and MeshAuthentication's
 //! `status.conditions` true to what the agents and tunnels do with it (`status.rs`). Followers
-//! only watch the Lease. (The identity issue's CA joins this role.)
+//! only watch the Lease. The mesh CA (`crate::ca`) runs beside this loop on every replica,
+//! authorizing against the objects this loop hands it.
 
 pub mod lease;
 pub mod status;
