@@ -318,11 +318,11 @@ fn fingerprint(pem: &str) -> String {
     format!("{:x}", sha2::Sha256::digest(&der))
 }
 
-#[test]
-fn with_twenty_second_certificates_a_minute_of_new_and_long_connections_loses_none() {
+/// Client on node 1, an echo server on node 2 (port 9000), certificates living 20 s, one
+/// stream per HBONE connection and idle ones closed at once: each short connection is a new
+/// TLS handshake, made with the certificates of the moment.
+fn short_lived_certificates_cluster() -> (Cluster, std::net::SocketAddr) {
     let spec = ClusterSpec {
-        // One stream per HBONE connection and idle ones closed at once: each short connection
-        // below is a new TLS handshake, made with the certificates of the moment.
         tunnel_args: [
             "--cert-lifetime",
             "20s",
@@ -343,9 +343,14 @@ fn with_twenty_second_certificates_a_minute_of_new_and_long_connections_loses_no
         .start_app("server", &["echo", "--port", "9000"], 9000)
         .unwrap();
     cluster.start_tunnels().unwrap();
-    let server = cluster.pod("server");
-    let server_ip = server.ip;
-    let target = std::net::SocketAddr::from((server_ip, 9000));
+    let target = std::net::SocketAddr::from((cluster.pod("server").ip, 9000));
+    (cluster, target)
+}
+
+#[test]
+fn with_twenty_second_certificates_a_minute_of_new_and_long_connections_loses_none() {
+    let (cluster, target) = short_lived_certificates_cluster();
+    let server_ip = cluster.pod("server").ip;
     let minute = Duration::from_secs(60);
     let load = steady_load(&cluster, target, minute);
     // Meanwhile, what the server's HBONE listener presents to new handshakes, every 4 s.
@@ -404,29 +409,7 @@ fn chains_to(leaf_pem: &str, root_pem: &str, scratch: &Path) -> bool {
 
 #[test]
 fn a_root_rotation_under_load_loses_no_connection_and_new_handshakes_chain_to_the_new_root() {
-    let spec = ClusterSpec {
-        tunnel_args: [
-            "--cert-lifetime",
-            "20s",
-            "--pool-max-streams",
-            "1",
-            "--pool-idle-timeout",
-            "100ms",
-        ]
-        .map(String::from)
-        .to_vec(),
-        ..ClusterSpec::new(
-            2,
-            vec![PodSpec::new("client", 1), PodSpec::new("server", 2)],
-        )
-    };
-    let mut cluster = Cluster::build(spec).unwrap();
-    cluster
-        .start_app("server", &["echo", "--port", "9000"], 9000)
-        .unwrap();
-    cluster.start_tunnels().unwrap();
-    let server_ip = cluster.pod("server").ip;
-    let target = std::net::SocketAddr::from((server_ip, 9000));
+    let (cluster, target) = short_lived_certificates_cluster();
     let scratch = tempfile::tempdir().unwrap();
     let old_root = std::fs::read_to_string(cluster.ca_dir().join("ca.pem")).unwrap();
     let rotate = |step: &str| {
