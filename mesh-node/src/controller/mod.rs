@@ -58,7 +58,8 @@ pub async fn run_controller(
     objects: Option<tokio::sync::watch::Sender<Arc<crate::cluster::ClusterObjects>>>,
     stop: impl std::future::Future<Output = ()>,
 ) {
-    let mut published = false;
+    // The cluster as listed, made once per change: handed to the CA and read by status passes.
+    let mut snapshot: Option<Arc<crate::cluster::ClusterObjects>> = None;
     let elector = Elector::new(
         client.clone(),
         &settings.lease_namespace,
@@ -127,18 +128,18 @@ pub async fn run_controller(
         let mut problem = lease_failure.current().map(str::to_owned);
         // Taken whether leading or not: a new leader passes anyway.
         let changed = source.take_changed();
+        if changed {
+            snapshot = None;
+        }
         pass_due |= changed || last_pass.elapsed() >= TRUST_WRITTEN;
-        if let Some(objects) = objects
-            .as_ref()
-            .filter(|_| synced && (changed || !published))
-        {
-            objects.send_replace(Arc::new(source.objects()));
-            published = true;
+        if let Some(objects) = objects.as_ref().filter(|_| synced && snapshot.is_none()) {
+            objects.send_replace(current_objects(&mut snapshot, &source));
         }
         if leading && synced && pass_due {
             pass_due = false;
             last_pass = Instant::now();
-            for stale in status::stale_statuses(&source.objects(), &settings.root_namespace) {
+            let cluster = current_objects(&mut snapshot, &source);
+            for stale in status::stale_statuses(&cluster, &settings.root_namespace) {
                 let key = (stale.kind, stale.namespace.clone(), stale.name.clone());
                 let just_written = written.get(&key).is_some_and(|(conditions, at)| {
                     *conditions == stale.conditions && at.elapsed() < TRUST_WRITTEN
@@ -174,4 +175,14 @@ pub async fn run_controller(
             Err(error) => warn!("{error}; the Lease expires by itself"),
         }
     }
+}
+
+/// The snapshot of the cluster, made from `source` if there is none since the last change.
+fn current_objects(
+    snapshot: &mut Option<Arc<crate::cluster::ClusterObjects>>,
+    source: &KubeSource,
+) -> Arc<crate::cluster::ClusterObjects> {
+    snapshot
+        .get_or_insert_with(|| Arc::new(source.objects()))
+        .clone()
 }
