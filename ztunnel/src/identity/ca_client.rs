@@ -12,8 +12,7 @@ use ca_api::tonic;
 use ca_api::{IstioCertificateRequest, IstioCertificateServiceClient};
 use futures_util::future::BoxFuture;
 use rcgen::{CertificateParams, KeyPair, SanType};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-use rustls::sign::CertifiedKey;
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::sync::Semaphore;
 
 use super::{CertificateError, CertificateProvider, Identity, WorkloadCertificate};
@@ -154,18 +153,7 @@ impl MeshCaClient {
         let not_after = not_after(leaf).map_err(failed)?;
         let mut sent = vec![leaf.clone()];
         sent.extend(rest.iter().take(rest.len().saturating_sub(1)).cloned());
-        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let signing_key = self
-            .crypto
-            .key_provider
-            .load_private_key(key_der)
-            .map_err(|e| CertificateError::Key(e.to_string()))?;
-        Ok(WorkloadCertificate {
-            identity: identity.clone(),
-            certified_key: Arc::new(CertifiedKey::new(sent, signing_key)),
-            issued_at,
-            not_after,
-        })
+        WorkloadCertificate::with_key(identity, sent, &key, &self.crypto, issued_at, not_after)
     }
 }
 

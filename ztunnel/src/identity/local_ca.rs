@@ -12,8 +12,7 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use rustls::sign::CertifiedKey;
+use rustls::pki_types::CertificateDer;
 use tunnel_proto::file_trust::{Exposure, check_file, write_secret};
 
 use super::{CertificateError, CertificateProvider, Identity, WorkloadCertificate};
@@ -129,19 +128,8 @@ impl LocalCa {
         params.not_before = (issued_at - BACKDATE).into();
         params.not_after = not_after.into();
         let cert = params.signed_by(&key, &self.issuer).map_err(signing)?;
-        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let signing_key = self
-            .crypto
-            .key_provider
-            .load_private_key(key_der)
-            .map_err(|e| CertificateError::Key(e.to_string()))?;
         let chain = vec![cert.der().clone()];
-        Ok(WorkloadCertificate {
-            identity: identity.clone(),
-            certified_key: Arc::new(CertifiedKey::new(chain, signing_key)),
-            issued_at,
-            not_after,
-        })
+        WorkloadCertificate::with_key(identity, chain, &key, &self.crypto, issued_at, not_after)
     }
 }
 

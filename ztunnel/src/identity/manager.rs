@@ -157,10 +157,7 @@ impl CertificateManager {
     /// The slot for `identity`, fetching the first certificate if needed. Concurrent callers
     /// for the same identity wait for one fetch.
     pub async fn get(&self, identity: &Identity) -> Result<Arc<CertificateSlot>, CertificateError> {
-        let cell = self
-            .slots
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        let cell = lock(&self.slots)
             .entry(identity.clone())
             .or_default()
             .clone();

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use futures_util::future::BoxFuture;
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
 
 use super::{CertificateError, Identity};
@@ -21,6 +21,29 @@ pub struct WorkloadCertificate {
 }
 
 impl WorkloadCertificate {
+    /// A certificate of `identity` for `chain` (leaf first), whose key is `key`, loaded for
+    /// rustls with `crypto`.
+    pub fn with_key(
+        identity: &Identity,
+        chain: Vec<CertificateDer<'static>>,
+        key: &rcgen::KeyPair,
+        crypto: &rustls::crypto::CryptoProvider,
+        issued_at: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<Self, CertificateError> {
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let signing_key = crypto
+            .key_provider
+            .load_private_key(key_der)
+            .map_err(|e| CertificateError::Key(e.to_string()))?;
+        Ok(WorkloadCertificate {
+            identity: identity.clone(),
+            certified_key: Arc::new(CertifiedKey::new(chain, signing_key)),
+            issued_at,
+            not_after,
+        })
+    }
+
     /// When the certificate should be replaced: half-way through its life.
     pub fn refresh_at(&self) -> SystemTime {
         let life = self
