@@ -3,7 +3,6 @@
 //! under the cluster's `ca/` folder, authenticating each node by its token under
 //! `node-tokens/`, and writing the trust bundle the tunnels follow. No tunnel is given the key.
 
-use std::fmt::Write as _;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Command;
@@ -77,15 +76,9 @@ impl Cluster {
             );
         }
         if !self.spec.agents {
-            let mut yaml = String::new();
-            for pod in &self.pods {
-                let _ = write!(
-                    yaml,
-                    "apiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}}}\nspec:\n  nodeName: node{}\n  serviceAccountName: {}\n  containers: [{{name: app}}]\nstatus: {{phase: Running}}\n---\n",
-                    pod.spec.name, pod.spec.namespace, pod.spec.node, pod.spec.service_account
-                );
-            }
-            std::fs::write(self.ca_manifest_dir().join("pods.yaml"), yaml)?;
+            // The same Pods the agents would follow (every pod, scheduled on its node).
+            let pods = self.manifests_yaml(&crate::agents::Manifests::default());
+            std::fs::write(self.ca_manifest_dir().join("pods.yaml"), pods)?;
         }
         Ok(())
     }
