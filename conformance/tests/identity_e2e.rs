@@ -308,6 +308,36 @@ fn steady_load(
     })
 }
 
+/// Waits for [`steady_load`] and asserts it lost nothing `during` its minute: no new
+/// connection failed, at least 100 were made, and every long-lived one echoed at least 200
+/// times.
+fn assert_none_lost(
+    load: std::thread::JoinHandle<anyhow::Result<anyhow::Result<LoadResult>>>,
+    cluster: &Cluster,
+    during: &str,
+) {
+    let (fresh, failures, ticks) = load
+        .join()
+        .unwrap()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e:#}\nnode1:\n{}", cluster.node(1).log()));
+    eprintln!("{during}: {fresh} new connections, long-lived echoes {ticks:?}");
+    assert!(
+        failures.is_empty(),
+        "{during}: {} of {} new connections failed: {failures:?}",
+        failures.len(),
+        fresh as usize + failures.len()
+    );
+    assert!(
+        fresh >= 100,
+        "{during}: only {fresh} new connections in a minute"
+    );
+    assert!(
+        ticks.iter().all(|t| *t >= 200),
+        "{during}: long-lived connections stalled: {ticks:?}"
+    );
+}
+
 /// SHA-256 of a PEM certificate's DER, to tell certificates apart.
 fn fingerprint(pem: &str) -> String {
     use sha2::Digest;
@@ -364,22 +394,7 @@ fn with_twenty_second_certificates_a_minute_of_new_and_long_connections_loses_no
         }
         std::thread::sleep(Duration::from_secs(4));
     }
-    let (fresh, failures, ticks) = load
-        .join()
-        .unwrap()
-        .unwrap()
-        .unwrap_or_else(|e| panic!("{e:#}\nnode1:\n{}", cluster.node(1).log()));
-    assert!(
-        failures.is_empty(),
-        "{} of {} new connections failed: {failures:?}",
-        failures.len(),
-        fresh as usize + failures.len()
-    );
-    assert!(fresh >= 100, "only {fresh} new connections in a minute");
-    assert!(
-        ticks.iter().all(|t| *t >= 200),
-        "long-lived connections stalled: {ticks:?}"
-    );
+    assert_none_lost(load, &cluster, "with 20 s certificates");
     // Renewed about every 9-10 s: new handshakes met at least four different certificates.
     assert!(
         seen.len() >= 4,
@@ -460,23 +475,7 @@ fn a_root_rotation_under_load_loses_no_connection_and_new_handshakes_chain_to_th
     wait_for("the bundle never dropped the old root", &|| {
         bundle_roots() == 1
     });
-    let (fresh, failures, ticks) = load
-        .join()
-        .unwrap()
-        .unwrap()
-        .unwrap_or_else(|e| panic!("{e:#}\nnode1:\n{}", cluster.node(1).log()));
-    eprintln!("{fresh} new connections, long-lived echoes {ticks:?} through a root rotation");
-    assert!(
-        failures.is_empty(),
-        "{} of {} new connections failed during the rotation: {failures:?}",
-        failures.len(),
-        fresh as usize + failures.len()
-    );
-    assert!(fresh >= 100, "only {fresh} new connections in a minute");
-    assert!(
-        ticks.iter().all(|t| *t >= 200),
-        "long-lived connections stalled: {ticks:?}"
-    );
+    assert_none_lost(load, &cluster, "through a root rotation");
     // After retirement, new connections still work: everything chains to the new root.
     let curl_like = cluster
         .pod("client")
