@@ -3,9 +3,11 @@
 //! workload and service tables.
 
 pub mod agent;
+pub mod api_access;
 pub mod ca;
 pub mod capture;
 pub mod changes;
+pub mod cli;
 pub mod cluster;
 pub mod controller;
 pub mod enrollment;
@@ -13,6 +15,7 @@ pub mod kube_source;
 pub mod manifests;
 pub mod pod_netns;
 pub mod policies;
+pub mod preflight;
 pub mod readiness;
 pub mod tunnel_link;
 pub mod tunnel_state;

@@ -1,212 +1,22 @@
 //! `mesh-node run`: the per-node agent; `mesh-node controller`: the cluster's controller.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use mesh_node::agent::{AgentScope, AgentStatus, ClusterSource, TunnelOutput, run_agent};
 use mesh_node::ca::authenticate::{Authenticator, NodeTokens, TokenReviewer};
 use mesh_node::ca::run::{CaSettings, start_ca};
 use mesh_node::capture::CaptureReconciler;
+use mesh_node::cli::{Args, Command, ControllerArgs, PreflightArgs, RotationStep, RunArgs};
 use mesh_node::controller::{
     ControllerSettings, ControllerStatus, run_controller as run_controller_loop,
 };
 use mesh_node::kube_source::KubeSource;
 use mesh_node::manifests::ManifestFolder;
 use mesh_node::tunnel_link::TunnelLink;
-use redirect_ebpf::{DEFAULT_TUNNEL_MARK, Options, Redirect, cgroup2_mount, parse_mark};
+use redirect_ebpf::{Options, Redirect, cgroup2_mount};
 use tracing::info;
-
-#[derive(Parser)]
-#[command(name = "mesh-node", version, about = "Weft's per-node agent")]
-struct Args {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Follow the cluster and enroll this node's pods until SIGTERM.
-    Run(RunArgs),
-    /// The cluster's controller (one Deployment, replicas elect a leader with a Lease): writes
-    /// the status of MeshPolicies and MeshAuthentications and, with --ca-dir, runs the mesh
-    /// CA, until SIGTERM.
-    Controller(ControllerArgs),
-    /// Rotates the mesh CA's root in three steps, each picked up by a running CA within a
-    /// second: `stage` a new root (trusted at once, beside the current one), `promote` it once
-    /// every tunnel has the new bundle (it signs; the old stays trusted), `retire` the old
-    /// roots once the certificates they signed have expired (a certificate lifetime later).
-    CaRoot {
-        #[arg(value_enum)]
-        step: RotationStep,
-        #[arg(long, env = "WEFT_CA_DIR")]
-        ca_dir: PathBuf,
-        #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
-        trust_domain: String,
-    },
-    /// Writes a new per-node token for the local mesh CA (`<dir>/<node>.token`, mode 0600)
-    /// unless the node has one; prints its path. The CA (--node-tokens) and the node's tunnel
-    /// (--ca-token-file) read the same file.
-    NodeToken {
-        #[arg(long)]
-        dir: PathBuf,
-        #[arg(long)]
-        node: String,
-    },
-}
-
-/// A step of a root rotation.
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum RotationStep {
-    Stage,
-    Promote,
-    Retire,
-}
-
-/// The mesh CA, run by the controller.
-#[derive(clap::Args)]
-struct CaArgs {
-    /// Run the mesh CA with its key material in this folder (`ca.pem`, `ca.key` mode 0600;
-    /// a new root is created there if neither exists).
-    #[arg(long, env = "WEFT_CA_DIR")]
-    ca_dir: Option<PathBuf>,
-    /// SPIFFE trust domain of the mesh.
-    #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
-    trust_domain: String,
-    /// Lifetime of workload certificates (a request may ask for less).
-    #[arg(long, env = "WEFT_CERT_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]
-    cert_lifetime: Duration,
-    /// Where the CA serves CreateCertificate (gRPC over TLS).
-    #[arg(long, env = "WEFT_CA_LISTEN", default_value = "0.0.0.0:15012")]
-    ca_listen: std::net::SocketAddr,
-    /// DNS names of the CA's serving certificate (what tunnels verify); repeatable.
-    #[arg(long = "ca-server-name", default_value = "weft-ca.weft-system.svc")]
-    ca_server_names: Vec<String>,
-    /// Write the trust bundle (PEM roots) here for tunnels (--trust-bundle).
-    #[arg(long, env = "WEFT_TRUST_BUNDLE_OUT")]
-    trust_bundle_out: Option<PathBuf>,
-    /// Authenticate nodes by the tokens in this folder (`<node>.token`; `mesh-node
-    /// node-token` makes them) instead of by TokenReview.
-    #[arg(long, env = "WEFT_NODE_TOKENS")]
-    node_tokens: Option<PathBuf>,
-    /// On Kubernetes, the service accounts of node agents, whose tokens (audience weft-ca)
-    /// the CA accepts; repeatable.
-    #[arg(
-        long = "node-agent-account",
-        default_value = "system:serviceaccount:weft-system:weft-node"
-    )]
-    node_agent_accounts: Vec<String>,
-}
-
-#[derive(clap::Args)]
-struct ControllerArgs {
-    /// Namespace of the Lease the replicas elect a leader with.
-    #[arg(long, env = "WEFT_CONTROLLER_NAMESPACE", default_value = "weft-system")]
-    lease_namespace: String,
-    /// Name of that Lease.
-    #[arg(long, default_value = "weft-controller")]
-    lease_name: String,
-    /// This replica's name among the candidates (unique; in a pod, its name).
-    #[arg(long, env = "POD_NAME")]
-    identity: Option<String>,
-    /// How long a leader holds the Lease past each renewal (renewed every third of it).
-    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
-    lease_duration: Duration,
-    /// With --manifests: how often the folder is read again, besides on every inotify event.
-    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
-    poll: Duration,
-    #[command(flatten)]
-    mesh: MeshArgs,
-    #[command(flatten)]
-    ca: CaArgs,
-    /// Follow this folder of Kubernetes YAML instead of the API (one machine, demos, tests):
-    /// only the CA runs, authorizing against its pods (needs --ca-dir and --node-tokens).
-    #[arg(long, env = "WEFT_MANIFESTS")]
-    manifests: Option<PathBuf>,
-    /// Where readiness is served (200 once the cluster was listed, leading or not).
-    #[arg(
-        long,
-        env = "WEFT_CONTROLLER_READINESS_ADDR",
-        default_value = "127.0.0.1:15023"
-    )]
-    readiness_addr: std::net::SocketAddr,
-}
-
-/// What the agent and the controller read the same way.
-#[derive(clap::Args)]
-struct MeshArgs {
-    /// MeshPolicies and MeshAuthentications of this namespace apply to the whole mesh.
-    #[arg(long, env = "WEFT_ROOT_NAMESPACE", default_value = "weft-system")]
-    root_namespace: String,
-}
-
-#[derive(clap::Args)]
-struct RunArgs {
-    /// This node's name (the pods' spec.nodeName).
-    #[arg(long, env = "WEFT_NODE_NAME")]
-    node_name: String,
-    #[command(flatten)]
-    mesh: MeshArgs,
-    /// Folder of Kubernetes YAML (Namespaces, Pods, Services) to follow (one machine, demos,
-    /// tests).
-    #[arg(
-        long,
-        env = "WEFT_MANIFESTS",
-        conflicts_with = "kubernetes",
-        required_unless_present = "kubernetes"
-    )]
-    manifests: Option<PathBuf>,
-    /// Follow the Kubernetes API (in-cluster service account, or KUBECONFIG).
-    #[arg(long)]
-    kubernetes: bool,
-    /// How often the folder is read again, besides at once on every inotify event (and
-    /// problems retried).
-    #[arg(long, env = "WEFT_MANIFEST_POLL", default_value = "200ms", value_parser = humantime::parse_duration)]
-    poll: Duration,
-    /// Serve the tunnel protocol on this Unix socket (the tunnel connects with --agent-socket).
-    #[arg(
-        long,
-        env = "WEFT_TUNNEL_SOCKET",
-        conflicts_with = "tunnel_state_file",
-        required_unless_present = "tunnel_state_file"
-    )]
-    tunnel_socket: Option<PathBuf>,
-    /// The user the tunnel runs as: a process of any other user connecting to the tunnel
-    /// socket is refused. Default: this agent's own user.
-    #[arg(long, env = "WEFT_TUNNEL_UID")]
-    tunnel_uid: Option<u32>,
-    /// Or write the tables to this YAML file, which the tunnel polls (--state-file).
-    #[arg(long, env = "WEFT_TUNNEL_STATE_FILE")]
-    tunnel_state_file: Option<PathBuf>,
-    /// Where capture is pinned; default: weft on the BPF file system.
-    #[arg(long, env = "WEFT_CAPTURE_PIN_DIR")]
-    pin_dir: Option<PathBuf>,
-    /// The cgroup capture attaches to; default: the root of the cgroup v2 hierarchy.
-    #[arg(long)]
-    cgroup: Option<PathBuf>,
-    /// The tunnel's cgroup (never captured); repeatable.
-    #[arg(long = "exclude-cgroup")]
-    exclude_cgroups: Vec<PathBuf>,
-    /// The tunnel's socket mark (its --socket-mark): sockets carrying it are never captured;
-    /// 0 for none (the cgroup exclusion alone). The tunnel is told it and refuses to follow
-    /// an agent whose mark differs from its own.
-    #[arg(long, env = "WEFT_TUNNEL_MARK", default_value_t = DEFAULT_TUNNEL_MARK, value_parser = parse_mark)]
-    tunnel_mark: u32,
-    /// Move bytes between applications and the tunnel with sockops + sk_msg.
-    #[arg(long)]
-    fast_path: bool,
-    /// Where readiness is served (any `GET`: 200 ready, 503 not yet, reasons in the body).
-    #[arg(
-        long,
-        env = "WEFT_AGENT_READINESS_ADDR",
-        default_value = "127.0.0.1:15022"
-    )]
-    readiness_addr: std::net::SocketAddr,
-    /// Do not touch capture (only compute and hand on the tables).
-    #[arg(long)]
-    no_capture: bool,
-}
 
 fn main() -> std::process::ExitCode {
     use std::io::IsTerminal;
@@ -249,6 +59,8 @@ fn main() -> std::process::ExitCode {
             }),
         }
         .map_err(anyhow::Error::from),
+        Command::Preflight(args) => return preflight(&args),
+        Command::Uninstall { pin_dir } => uninstall(pin_dir),
         Command::NodeToken { dir, node } => {
             mesh_node::ca::authenticate::create_node_token(&dir, &node)
                 .map(|path| println!("{}", path.display()))
@@ -262,6 +74,45 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Prints every finding; on a blocking one, also writes them where Kubernetes shows them in
+/// the pod's status, and fails.
+fn preflight(args: &PreflightArgs) -> std::process::ExitCode {
+    let facts = mesh_node::preflight::NodeFacts::read(&args.cgroup, &args.bpffs, &args.btf);
+    let findings = mesh_node::preflight::check(&facts);
+    let report: String = findings.iter().map(|f| format!("{f}\n")).collect();
+    print!("{report}");
+    if !findings.iter().any(|f| f.blocking) {
+        return std::process::ExitCode::SUCCESS;
+    }
+    let problems: String = findings
+        .iter()
+        .filter(|f| f.blocking)
+        .map(|f| format!("{}\n", f.text))
+        .collect();
+    let message = format!("this node cannot run Weft's capture:\n{problems}");
+    if let Err(e) = std::fs::write(&args.termination_log, &message) {
+        eprintln!(
+            "mesh-node: cannot write {}: {e}",
+            args.termination_log.display()
+        );
+    }
+    eprint!("mesh-node: {message}");
+    std::process::ExitCode::FAILURE
+}
+
+fn uninstall(pin_dir: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    let dir = match pin_dir {
+        Some(dir) => dir,
+        None => redirect_ebpf::default_pin_dir()?,
+    };
+    if redirect_ebpf::uninstall(&dir)? {
+        println!("capture removed from this node ({})", dir.display());
+    } else {
+        println!("no capture pinned at {}", dir.display());
+    }
+    Ok(())
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {

@@ -4,8 +4,6 @@
 //! audience (TokenReview served by the list/watch test API server), a CSR with an extra SAN,
 //! a CSR asking to be a CA. The caller learns only that it was refused.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
@@ -18,7 +16,7 @@ use mesh_node::ca::run::{CaSettings, start_ca};
 use mesh_node::cluster::{ClusterObjects, Object};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
 use rustls::pki_types::ServerName;
-use support::apiserver::{ApiServer, IssuedToken};
+use test_apiserver::{ApiServer, IssuedToken};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 const TD: &str = "cluster.local";
@@ -351,6 +349,15 @@ async fn on_kubernetes_only_a_node_agents_live_token_for_weft_ca_is_taken_and_na
         assert_refused(
             ca.ask(bad, WEB, csr(&[WEB], |_| {})).await,
             Code::Unauthenticated,
+        );
+    }
+    let granted = mesh_node::api_access::controller();
+    let asked = api.accesses();
+    assert!(!asked.is_empty());
+    for (group, resource, verb) in asked {
+        assert!(
+            mesh_node::api_access::allows(&granted, &group, &resource, &verb),
+            "the CA asked {verb} {group}/{resource}, not in api_access::controller()"
         );
     }
 }

@@ -4,14 +4,12 @@
 //! tightened with its rule), once, and again when the object changes; when the leader stops,
 //! the other replica takes the Lease over and goes on.
 
-mod support;
-
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mesh_node::controller::{ControllerSettings, ControllerStatus, run_controller};
 use serde_json::Value;
-use support::apiserver::ApiServer;
+use test_apiserver::ApiServer;
 
 const CLUSTER: &str = r#"
 apiVersion: v1
@@ -213,4 +211,12 @@ async fn one_leader_writes_each_status_once_and_another_takes_over() {
         .unwrap();
     assert_ne!(lease["spec"]["holderIdentity"], holder.as_str());
     follower.stop().await;
+    // Every request the replicas made is one the controller's RBAC list grants.
+    let granted = mesh_node::api_access::controller();
+    for (group, resource, verb) in server.accesses() {
+        assert!(
+            mesh_node::api_access::allows(&granted, &group, &resource, &verb),
+            "the controller asked {verb} {group}/{resource}, not in api_access::controller()"
+        );
+    }
 }

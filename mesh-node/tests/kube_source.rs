@@ -3,8 +3,6 @@
 //! same objects,
 //! live changes followed, and again after a `410 Gone` forces a relist.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use mesh_node::agent::{NetnsLookup, local_enrolled};
@@ -13,7 +11,7 @@ use mesh_node::kube_source::KubeSource;
 use mesh_node::manifests::parse_documents;
 use mesh_node::policies::{attach_policies, check_policies};
 use mesh_node::tunnel_state::tunnel_state;
-use support::apiserver::ApiServer;
+use test_apiserver::ApiServer;
 
 const CLUSTER: &str = r#"
 apiVersion: v1
@@ -258,4 +256,17 @@ async fn the_kubernetes_source_enrolls_like_the_folder_through_changes_and_a_410
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // What the source asked of the API is exactly what the node agent's RBAC list grants.
+    let mut asked = server.accesses();
+    let mut granted: Vec<(String, String, String)> = mesh_node::api_access::node_agent()
+        .iter()
+        .flat_map(|a| {
+            a.verbs
+                .iter()
+                .map(|v| (a.group.to_owned(), a.resource.to_owned(), (*v).to_owned()))
+        })
+        .collect();
+    asked.sort();
+    granted.sort();
+    assert_eq!(asked, granted, "requests made vs api_access::node_agent()");
 }

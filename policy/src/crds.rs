@@ -1,4 +1,4 @@
-//! The CustomResourceDefinitions, generated from the types (`install/crds.yaml` holds this
+//! The CustomResourceDefinitions, generated from the types (`install/base/crds.yaml` holds this
 //! text; a test keeps the two equal).
 
 use kube::CustomResourceExt;

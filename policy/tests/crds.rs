@@ -1,10 +1,10 @@
-//! `install/crds.yaml` is what the types generate: never edited by hand, never stale.
+//! `install/base/crds.yaml` is what the types generate: never edited by hand, never stale.
 
 use std::path::PathBuf;
 
 #[test]
 fn install_crds_match_the_types() {
-    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../install/crds.yaml");
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../install/base/crds.yaml");
     let generated = policy::crds_yaml();
     if std::env::var_os("WEFT_WRITE_CRDS").is_some() {
         std::fs::write(&file, &generated).unwrap();

@@ -30,7 +30,7 @@ pub use inbound::InboundListeners;
 pub use mounts::{bpffs_mount, cgroup2_mount};
 pub use netns::{netns_cookie, netns_cookie_of, run_in_netns, socket_netns_cookie};
 pub use pins::{default_pin_dir, uninstall};
-pub use preflight::{MIN_KERNEL, preflight};
+pub use preflight::{MIN_KERNEL, kernel_version, preflight};
 pub use redirect_common::{DEFAULT_TUNNEL_MARK, OUTBOUND_PORT};
 
 use inbound::{INBOUND_MAP, address_key};

@@ -21,7 +21,7 @@ pub fn preflight() -> Result<(), RedirectError> {
 }
 
 /// `(major, minor)` of a kernel release string such as `6.18.44-fc-v782`.
-fn kernel_version(release: &str) -> Option<(u32, u32)> {
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
     let mut parts = release.split(|c: char| !c.is_ascii_digit());
     let major = parts.next()?.parse().ok()?;
     let minor = parts.next()?.parse().ok()?;

@@ -6,7 +6,10 @@
 //! objects read (`GET`), created (`POST`, 409 if present), replaced (`PUT`, 409 unless the
 //! resource version is the current one: optimistic concurrency, as Leases rely on), and
 //! status written through the status subresource (`PATCH .../status`, a JSON merge patch of
-//! `status` only), each write an event for the watchers.
+//! `status` only), each write an event for the watchers. TokenReview answers for the tokens a
+//! test issued. Every request is remembered as the (group, resource, verb) an RBAC rule would
+//! have to allow, so tests can hold the code to its declared permissions. Plain HTTP, or TLS
+//! for clients that take their configuration from inside a pod (`KUBERNETES_SERVICE_HOST`).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -38,6 +41,8 @@ struct State {
     status_patches: Vec<(String, String, String, Value)>,
     /// Service account tokens the TokenReview endpoint knows.
     tokens: BTreeMap<String, IssuedToken>,
+    /// Every request as RBAC sees it: (API group, resource[/subresource], verb).
+    accesses: std::collections::BTreeSet<(String, String, String)>,
 }
 
 /// A service account token as the API server issued it.
@@ -143,9 +148,19 @@ fn kind_at(path: &str) -> Option<(&'static str, &'static str, &'static str)> {
 }
 
 impl ApiServer {
+    /// Serves plain HTTP on a new loopback port.
     pub async fn start() -> ApiServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(listener, None)
+    }
+
+    /// Serves on `listener`, over TLS with `tls` when given (HTTP/1.1).
+    pub fn serve(
+        listener: tokio::net::TcpListener,
+        tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    ) -> ApiServer {
         let addr = listener.local_addr().unwrap();
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         let state = Arc::new(Mutex::new(State::default()));
         let (changes, _) = broadcast::channel(1024);
         let server = ApiServer {
@@ -159,14 +174,28 @@ impl ApiServer {
                     return;
                 };
                 let (state, changes) = (state.clone(), changes.clone());
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
                         let (state, changes) = (state.clone(), changes.clone());
                         async move { Ok::<_, Infallible>(handle(req, state, changes).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match acceptor {
+                        None => {
+                            let _ = http
+                                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                .await;
+                        }
+                        Some(acceptor) => {
+                            let Ok(stream) = acceptor.accept(stream).await else {
+                                return;
+                            };
+                            let _ = http
+                                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                .await;
+                        }
+                    }
                 });
             }
         });
@@ -198,6 +227,19 @@ impl ApiServer {
     /// Status patches served so far: (plural, namespace, name, patch).
     pub fn status_patches(&self) -> Vec<(String, String, String, Value)> {
         self.state.lock().unwrap().status_patches.clone()
+    }
+
+    /// Every request served so far as RBAC sees it: (API group, resource, verb), e.g.
+    /// `("coordination.k8s.io", "leases", "update")`, `("weft.dev", "meshpolicies/status",
+    /// "patch")`.
+    pub fn accesses(&self) -> Vec<(String, String, String)> {
+        self.state
+            .lock()
+            .unwrap()
+            .accesses
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// List requests served so far (a relist after 410 Gone adds to it).
@@ -401,11 +443,59 @@ fn merge(target: &mut Value, patch: &Value) {
     }
 }
 
+/// What RBAC would check for a request: (API group, resource[/subresource], verb), as the API
+/// server's request-info reads a path.
+pub fn rbac_access(method: &str, path: &str, query: &str) -> Option<(String, String, String)> {
+    let (group, rest) = match path.strip_prefix("/api/v1/") {
+        Some(rest) => ("", rest),
+        None => {
+            let rest = path.strip_prefix("/apis/")?;
+            let (group, rest) = rest.split_once('/')?;
+            let (_version, rest) = rest.split_once('/')?;
+            (group, rest)
+        }
+    };
+    let mut parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
+    // `namespaces/<ns>/<resource>...` is the namespaced form; `namespaces[/<name>]` alone is
+    // the Namespace resource itself.
+    if parts.len() > 2 && parts[0] == "namespaces" {
+        parts.drain(..2);
+    }
+    let resource = match parts.as_slice() {
+        [plural] | [plural, _] => (*plural).to_owned(),
+        [plural, _, sub] => format!("{plural}/{sub}"),
+        _ => return None,
+    };
+    let named = parts.len() >= 2;
+    let watch = query
+        .split('&')
+        .any(|kv| kv == "watch=true" || kv == "watch=1");
+    let verb = match (method, named) {
+        ("GET", _) if watch => "watch",
+        ("GET", true) => "get",
+        ("GET", false) => "list",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", true) => "delete",
+        ("DELETE", false) => "deletecollection",
+        _ => return None,
+    };
+    Some((group.to_owned(), resource, verb.to_owned()))
+}
+
 async fn handle(
     req: Request<hyper::body::Incoming>,
     state: Arc<Mutex<State>>,
     changes: broadcast::Sender<Change>,
 ) -> Response<Body> {
+    if let Some(access) = rbac_access(
+        req.method().as_str(),
+        req.uri().path(),
+        req.uri().query().unwrap_or(""),
+    ) {
+        state.lock().unwrap().accesses.insert(access);
+    }
     if req.method() == hyper::Method::POST
         && req.uri().path() == "/apis/authentication.k8s.io/v1/tokenreviews"
     {
@@ -542,4 +632,55 @@ async fn token_review(req: Request<hyper::body::Incoming>, state: &Mutex<State>)
         json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
             "spec": review["spec"], "status": result}),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rbac_access;
+
+    fn access(method: &str, path: &str, query: &str) -> (String, String, String) {
+        rbac_access(method, path, query).unwrap()
+    }
+
+    #[test]
+    fn requests_read_as_rbac_reads_them() {
+        let a = |g: &str, r: &str, v: &str| (g.to_owned(), r.to_owned(), v.to_owned());
+        assert_eq!(access("GET", "/api/v1/pods", ""), a("", "pods", "list"));
+        assert_eq!(
+            access("GET", "/api/v1/namespaces", "watch=true&resourceVersion=3"),
+            a("", "namespaces", "watch")
+        );
+        assert_eq!(
+            access("GET", "/api/v1/namespaces/shop", ""),
+            a("", "namespaces", "get")
+        );
+        assert_eq!(
+            access("GET", "/api/v1/namespaces/shop/pods/web", ""),
+            a("", "pods", "get")
+        );
+        assert_eq!(
+            access(
+                "PUT",
+                "/apis/coordination.k8s.io/v1/namespaces/weft-system/leases/weft-controller",
+                ""
+            ),
+            a("coordination.k8s.io", "leases", "update")
+        );
+        assert_eq!(
+            access(
+                "PATCH",
+                "/apis/weft.dev/v1alpha1/namespaces/shop/meshpolicies/p/status",
+                ""
+            ),
+            a("weft.dev", "meshpolicies/status", "patch")
+        );
+        assert_eq!(
+            access("POST", "/apis/authentication.k8s.io/v1/tokenreviews", ""),
+            a("authentication.k8s.io", "tokenreviews", "create")
+        );
+        assert_eq!(
+            access("GET", "/apis/discovery.k8s.io/v1/endpointslices", "watch=1"),
+            a("discovery.k8s.io", "endpointslices", "watch")
+        );
+    }
 }
