@@ -49,11 +49,13 @@ done
 needed=$(for b in "${binaries[@]}"; do ldd "target/$profile/$b"; done \
   | awk '/=>/ {print $1} /ld-linux/ {print $1}' | xargs -n1 basename | sort -u)
 for lib in $needed; do
-  found=$(find "$work/unpacked" -name "$lib" | head -1)
+  found=$(cd "$work/unpacked" && find . -name "$lib")
   [ -n "$found" ] || { echo "image: $lib is in none of ${packages[*]}" >&2; exit 1; }
-  dest="$root/${found#"$work/unpacked/"}"
-  mkdir -p "$(dirname "$dest")"
-  cp -L "$found" "$dest"
+  # Every path the package gives it (the loader is also /lib64/ld-linux-x86-64.so.2, a link).
+  for path in $found; do
+    mkdir -p "$root/$(dirname "$path")"
+    cp -a "$work/unpacked/$path" "$root/$path"
+  done
 done
 mkdir -p "$root/usr/share/doc/weft"
 for p in "${packages[@]}"; do

@@ -24,6 +24,10 @@ declare -A packages=(
   [ss]=iproute2
   [nft]=nftables
   [bpftool]=bpftool
+  # The install's node pod is rehearsed under podman, from an image buildah builds.
+  [podman]=podman
+  [buildah]=buildah
+  [runc]=runc
 )
 # The demo runs a real Prometheus; the tests do not need it.
 if [ "$demo" = 1 ]; then packages[prometheus]=prometheus; fi
@@ -71,4 +75,20 @@ mkdir -p /run/netns
 if ! grep -qs ' - bpf ' /proc/self/mountinfo; then
   echo "setup: mounting the BPF file system on /sys/fs/bpf"
   mount -t bpf bpf /sys/fs/bpf
+fi
+
+# podman 4.3 on these machines: the runc runtime (crun refuses the hybrid cgroup layout), and no
+# default ulimits (its defaults are above what the machine allows).
+if ! grep -qs '^default_ulimits' /etc/containers/containers.conf; then
+  mkdir -p /etc/containers
+  printf '[containers]\ndefault_ulimits = []\n[engine]\nruntime = "runc"\n' >> /etc/containers/containers.conf
+fi
+# The install is rendered with `kubectl kustomize` (kustomize 4 or later, for components).
+if ! command -v kubectl >/dev/null 2>&1; then
+  echo "setup: installing kubernetes-client for kubectl"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kubernetes-client >/dev/null
+fi
+if ! kubectl version --client 2>/dev/null | grep -q 'Kustomize Version: v[4-9]'; then
+  echo "setup: warning: $(command -v kubectl) has no kustomize 4 or later; install/'s tests need it (kubectl 1.21+)" >&2
 fi

@@ -12,11 +12,13 @@ pub mod load;
 pub mod mesh_ca;
 pub mod metrics;
 pub mod netns;
+pub mod node_pod;
 pub mod pattern;
 pub mod pcap;
 pub mod pki;
 pub mod process;
 pub mod prometheus;
+pub mod rehearsal;
 pub mod tour;
 
 pub use cluster::{Cluster, ClusterSpec, Node, Pod, PodSpec};

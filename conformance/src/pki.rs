@@ -85,6 +85,18 @@ impl TestCa {
     }
 }
 
+impl TestCa {
+    /// A server certificate for `ips` (IP SANs), as PEM: (certificate, key).
+    pub fn issue_server_pem(&self, ips: &[std::net::IpAddr]) -> Result<(String, String)> {
+        let key = KeyPair::generate()?;
+        let mut params = leaf_params();
+        params.subject_alt_names = ips.iter().map(|ip| SanType::IpAddress(*ip)).collect();
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
 fn rustls_pemfile_first(pem: &str) -> Result<CertificateDer<'static>> {
     rustls_pemfile::certs(&mut pem.as_bytes())
         .next()

@@ -225,7 +225,10 @@ fn rbac_rules_are_exactly_what_the_code_asks_of_the_api() {
     );
     assert_eq!(
         install.bindings_of("weft-node"),
-        BTreeSet::from([("ClusterRole".to_owned(), "weft-node".to_owned())])
+        BTreeSet::from([
+            ("ClusterRole".to_owned(), "weft-node".to_owned()),
+            ("Role".to_owned(), "weft-node".to_owned()),
+        ])
     );
     assert_eq!(
         install
@@ -366,6 +369,12 @@ fn each_container_command_is_accepted_by_its_binary_and_agrees_with_the_manifest
     assert!(run.kubernetes && run.manifests.is_none());
     assert_eq!(run.node_name, "node1", "WEFT_NODE_NAME from spec.nodeName");
     assert!(!run.no_capture);
+    assert_eq!(
+        run.owner_daemonset.as_deref(),
+        install.daemon_set().metadata.name.as_deref(),
+        "the agent watches its own DaemonSet to tell an update from an uninstall"
+    );
+    assert_eq!(run.pod_namespace, "weft-system");
     assert_eq!(
         run.readiness_addr.port() as i32,
         probe_port(agent).0,

@@ -20,7 +20,7 @@ pub struct ApiAccess {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scope {
     Cluster,
-    /// The namespace Weft is installed in (the controller's Lease).
+    /// The namespace Weft is installed in (the controller's Lease, the node DaemonSet).
     OwnNamespace,
 }
 
@@ -65,9 +65,18 @@ const fn cluster(
     }
 }
 
+/// What the node agent asks besides following the cluster: at shutdown, whether its
+/// DaemonSet is still there (`owner`: an update keeps capture, an uninstall removes it).
+pub const NODE_AGENT_OWN: &[ApiAccess] = &[ApiAccess {
+    group: "apps",
+    resource: "daemonsets",
+    verbs: &["get"],
+    scope: Scope::OwnNamespace,
+}];
+
 /// The node agent's permissions (`mesh-node run --kubernetes`).
 pub fn node_agent() -> Vec<ApiAccess> {
-    WATCHED.to_vec()
+    WATCHED.iter().chain(NODE_AGENT_OWN).copied().collect()
 }
 
 /// The controller's permissions (`mesh-node controller`).

@@ -29,6 +29,11 @@ pub struct CaptureReconciler {
 }
 
 impl CaptureReconciler {
+    /// Where the capture it drives is pinned.
+    pub fn pin_dir(&self) -> &std::path::Path {
+        self.redirect.pin_dir()
+    }
+
     pub fn new(redirect: Redirect) -> Self {
         CaptureReconciler {
             redirect,

@@ -226,4 +226,13 @@ pub struct RunArgs {
     /// Do not touch capture (only compute and hand on the tables).
     #[arg(long)]
     pub no_capture: bool,
+    /// With --kubernetes: the DaemonSet that runs this agent (in --pod-namespace). On SIGTERM,
+    /// if it is gone, being deleted, or no longer readable by this agent, Weft is being
+    /// uninstalled and capture is removed from the node; otherwise (a rolling update) capture
+    /// stays pinned.
+    #[arg(long, env = "WEFT_OWNER_DAEMONSET", requires = "kubernetes")]
+    pub owner_daemonset: Option<String>,
+    /// The namespace this agent's pod runs in.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "weft-system")]
+    pub pod_namespace: String,
 }

@@ -13,6 +13,7 @@ pub mod controller;
 pub mod enrollment;
 pub mod kube_source;
 pub mod manifests;
+pub mod owner;
 pub mod pod_netns;
 pub mod policies;
 pub mod preflight;

@@ -142,6 +142,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         );
         Some(CaptureReconciler::new(redirect))
     };
+    let pin_dir = capture.as_ref().map(|c| c.pin_dir().to_owned());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -158,6 +159,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             (None, Some(file)) => TunnelOutput::StateFile(file.clone()),
             (None, None) => anyhow::bail!("give --tunnel-socket or --tunnel-state-file"),
         };
+        let mut client = None;
         let source = match &args.manifests {
             Some(folder) => {
                 let mut folder = ManifestFolder::new(folder);
@@ -167,10 +169,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 ClusterSource::Folder(folder)
             }
             None => {
-                let client = kube::Client::try_default()
+                let kube = kube::Client::try_default()
                     .await
                     .context("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG)")?;
-                ClusterSource::Kubernetes(KubeSource::start(client))
+                client = Some(kube.clone());
+                ClusterSource::Kubernetes(KubeSource::start(kube))
             }
         };
         let from = args
@@ -196,7 +199,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             shutdown_signal(),
         )
         .await;
-        info!("SIGTERM: exiting; capture stays pinned");
+        match (&client, &args.owner_daemonset, &pin_dir) {
+            (Some(client), Some(daemon_set), Some(pins)) => {
+                leave(client, &args.pod_namespace, daemon_set, pins).await
+            }
+            _ => info!("SIGTERM: exiting; capture stays pinned"),
+        }
         Ok(())
     })
 }
@@ -338,6 +346,30 @@ async fn follow_folder(
             () = tokio::time::sleep(poll) => {}
             () = &mut stop => break,
         }
+    }
+}
+
+/// On SIGTERM on Kubernetes: removes capture when Weft is being uninstalled, keeps it for an
+/// update.
+async fn leave(client: &kube::Client, namespace: &str, daemon_set: &str, pins: &std::path::Path) {
+    use mesh_node::owner::{Shutdown, at_shutdown};
+    match at_shutdown(client, namespace, daemon_set).await {
+        Shutdown::Update => info!(
+            daemon_set = %format!("{namespace}/{daemon_set}"),
+            "SIGTERM: exiting; the DaemonSet stays, so capture stays pinned for the next agent"
+        ),
+        Shutdown::Uninstall(reason) => match redirect_ebpf::uninstall(pins) {
+            Ok(_) => {
+                info!(%reason, pins = %pins.display(), "SIGTERM: Weft is being uninstalled: capture removed from this node")
+            }
+            Err(error) => {
+                tracing::error!(%reason, %error, "SIGTERM: Weft is being uninstalled, and removing capture failed: run `mesh-node uninstall` on this node")
+            }
+        },
+        Shutdown::Unknown(reason) => tracing::warn!(
+            %reason,
+            "SIGTERM: cannot tell an update from an uninstall; capture stays pinned (fail closed). If Weft is being uninstalled, run `mesh-node uninstall` on this node"
+        ),
     }
 }
 

@@ -256,9 +256,9 @@ async fn the_kubernetes_source_enrolls_like_the_folder_through_changes_and_a_410
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // What the source asked of the API is exactly what the node agent's RBAC list grants.
+    // What the source asked of the API is exactly what its list in api_access grants.
     let mut asked = server.accesses();
-    let mut granted: Vec<(String, String, String)> = mesh_node::api_access::node_agent()
+    let mut granted: Vec<(String, String, String)> = mesh_node::api_access::WATCHED
         .iter()
         .flat_map(|a| {
             a.verbs
@@ -268,5 +268,5 @@ async fn the_kubernetes_source_enrolls_like_the_folder_through_changes_and_a_410
         .collect();
     asked.sort();
     granted.sort();
-    assert_eq!(asked, granted, "requests made vs api_access::node_agent()");
+    assert_eq!(asked, granted, "requests made vs api_access::WATCHED");
 }

@@ -121,6 +121,7 @@ const KINDS: &[(&str, &str, &str)] = &[
         "weft.dev/v1alpha1",
     ),
     ("Lease", "leases", "coordination.k8s.io/v1"),
+    ("DaemonSet", "daemonsets", "apps/v1"),
 ];
 
 fn plural(kind: &str) -> String {
@@ -216,6 +217,22 @@ impl ApiServer {
         }
         drop(state);
         let _ = self.changes.send(Change::Event);
+    }
+
+    /// Deletes the object `namespace/name` of `kind` (a `DELETED` event for watchers);
+    /// whether it was there.
+    pub fn delete(&self, kind: &str, namespace: &str, name: &str) -> bool {
+        let key = (plural(kind), namespace.to_owned(), name.to_owned());
+        let mut state = self.state.lock().unwrap();
+        let Some(object) = state.objects.remove(&key) else {
+            return false;
+        };
+        state.rv += 1;
+        let rv = state.rv;
+        state.log.push((rv, key.0, "DELETED", object));
+        drop(state);
+        let _ = self.changes.send(Change::Event);
+        true
     }
 
     /// The object `namespace/name` of `kind` as stored now.

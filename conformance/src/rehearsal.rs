@@ -1,0 +1,441 @@
+//! The node pod of the install rehearsed on the simulated cluster: the DaemonSet `weft-node`
+//! as `kubectl kustomize install/` renders it, run under podman on both simulated nodes
+//! ([`crate::node_pod`]) from the image `scripts/image.sh` builds, following a Kubernetes API
+//! (the test API server, over TLS, in the router's namespace, as the pods' in-cluster
+//! configuration finds it), and meshing the cluster's pods. What the simulated node provides
+//! in place of a real one: its own BPF file system (a separate bpffs instance per node, so two
+//! nodes on one machine do not share pins), the machine's cgroup v2 hierarchy, a pod network
+//! namespace for the node pod, the mesh CA of the cluster (reached under the CA Service's
+//! DNS name), and pods whose processes sit in kubelet-style cgroups named after their UIDs.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::core::v1::PodSpec as K8sPodSpec;
+use test_apiserver::ApiServer;
+
+use crate::cluster::{Cluster, ClusterSpec, PodSpec};
+use crate::node_pod::{Edit, Kubelet, NodePod};
+use crate::process::Process;
+
+/// The port the test API server listens on in the router's namespace.
+pub const API_PORT: u16 = 6443;
+
+pub struct Rehearsal {
+    pub cluster: Cluster,
+    pub api: ApiServer,
+    /// The node pod as rendered.
+    pub pod: K8sPodSpec,
+    kubelets: Vec<Kubelet>,
+    pub running: Vec<NodePod>,
+    bpffs: Vec<PathBuf>,
+    kubepods: PathBuf,
+    pod_processes: Vec<Process>,
+    api_stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// The app pods: a client on node 1 and an HTTP server on node 2, in namespace `default`
+/// (labelled `weft.dev/mesh=enabled` in the API).
+const APPS: [(&str, usize); 2] = [("client", 1), ("server", 2)];
+
+fn uid(i: usize) -> String {
+    format!("00000000-0000-4000-8000-{i:012}")
+}
+
+impl Rehearsal {
+    /// Renders the install, builds the image from the debug binaries, builds the cluster and
+    /// its API; no node pod runs yet.
+    pub fn build() -> Result<Rehearsal> {
+        crate::require_root();
+        let daemon_set = weft_install::load(&weft_install::install_dir())?
+            .into_iter()
+            .find_map(|o| match o {
+                weft_install::Object::DaemonSet(d) => Some(d),
+                _ => None,
+            })
+            .context("the install has no DaemonSet")?;
+        let daemon_set_json = serde_json::to_string(&daemon_set)?;
+        let pod = daemon_set
+            .spec
+            .template
+            .spec
+            .clone()
+            .context("the DaemonSet has no pod template")?;
+        let image = pod.containers[0]
+            .image
+            .clone()
+            .context("the node pod's first container has no image")?;
+        build_image(&image)?;
+
+        let mut pods: Vec<PodSpec> = APPS.iter().map(|(n, i)| PodSpec::new(n, *i)).collect();
+        for i in 1..=2 {
+            let mut node_pod = PodSpec::new(&format!("weft-node-{i}"), i).outside_mesh();
+            node_pod.namespace = "weft-system".into();
+            node_pod.service_account = "weft-node".into();
+            pods.push(node_pod);
+        }
+        let mut cluster = Cluster::build(ClusterSpec::new(2, pods))?;
+        cluster.start_app(
+            "server",
+            &["http", "--port", "8080", "--name", "server"],
+            8080,
+        )?;
+
+        // The API server, over TLS, on every node's router address.
+        let api_ca = crate::pki::TestCa::generate()?;
+        let ips: Vec<IpAddr> = (1..=2)
+            .map(|i| IpAddr::V4(Ipv4Addr::new(10, 255, i, 1)))
+            .collect();
+        let (cert, key) = api_ca.issue_server_pem(&ips)?;
+        let (api, api_stop) = serve_api(&cluster, &cert, &key)?;
+        api.apply(&cluster_objects(&cluster));
+        // The DaemonSet itself: the agents read it at shutdown to tell an update from an
+        // uninstall.
+        api.apply(&daemon_set_json);
+
+        // Each app pod's process in a kubelet-style cgroup named after its UID: how the agent
+        // finds the pod's network namespace on a real node.
+        let cgroup2 = redirect_ebpf::cgroup2_mount()?;
+        let kubepods = cgroup2.join(format!("{}-kubepods", cluster.prefix));
+        let mut pod_processes = Vec::new();
+        for (j, (name, _)) in APPS.iter().enumerate() {
+            let cgroup = kubepods.join(format!("pod{}", uid(j + 1)));
+            std::fs::create_dir_all(&cgroup)?;
+            let mut cmd = cluster.pod(name).command("sleep");
+            cmd.arg("3600");
+            let log = cluster.dir.path().join(format!("{name}-pause.log"));
+            let process = Process::spawn(&format!("{name}-pause"), cmd, log)?;
+            let pid = process.pid().context("the pod's process has a pid")?;
+            std::fs::write(cgroup.join("cgroup.procs"), pid.to_string())
+                .with_context(|| format!("move {name}'s process into {}", cgroup.display()))?;
+            pod_processes.push(process);
+        }
+
+        let mut bpffs = Vec::new();
+        let mut kubelets = Vec::new();
+        for i in 1..=2usize {
+            let fs = PathBuf::from("/sys/fs/bpf").join(format!("{}-node{i}", cluster.prefix));
+            std::fs::create_dir_all(&fs)?;
+            crate::netns::run(&["mount", "-t", "bpf", "bpf", &fs.to_string_lossy()])
+                .context("mount a BPF file system for the simulated node")?;
+            bpffs.push(fs.clone());
+            let state_dir = cluster.dir.path().join(format!("kubelet-node{i}"));
+            let trust = state_dir.join("configmap-weft-trust-bundle");
+            std::fs::create_dir_all(&trust)?;
+            std::fs::copy(cluster.trust_bundle(), trust.join("roots.pem"))?;
+            let router = IpAddr::V4(Ipv4Addr::new(10, 255, i as u8, 1));
+            let node_pod = cluster.pod(&format!("weft-node-{i}"));
+            kubelets.push(Kubelet {
+                node_name: format!("node{i}"),
+                pod_name: format!("weft-node-{i}"),
+                pod_namespace: "weft-system".into(),
+                pod_netns: node_pod.netns.path(),
+                host_paths: BTreeMap::from([
+                    ("/sys/fs/bpf".to_owned(), fs),
+                    ("/sys/fs/cgroup".to_owned(), cgroup2.clone()),
+                ]),
+                config_maps: BTreeMap::from([("weft-trust-bundle".to_owned(), trust)]),
+                // The simulated cluster's CA authenticates nodes by their tokens (the
+                // Kubernetes CA reviews the projected token instead; ca_service tests that).
+                projected_token: std::fs::read_to_string(cluster.node_token(i))?,
+                api_server: SocketAddr::new(router, API_PORT),
+                api_ca_pem: api_ca.pem.clone(),
+                api_token: format!("token-of-weft-node-{i}"),
+                hosts: vec![("weft-ca.weft-system.svc".into(), router)],
+                state_dir,
+            });
+        }
+        Ok(Rehearsal {
+            cluster,
+            api,
+            pod,
+            kubelets,
+            running: Vec::new(),
+            bpffs,
+            kubepods,
+            pod_processes,
+            api_stop: Some(api_stop),
+        })
+    }
+
+    /// Starts the node pod, as written but for `edit`, on both nodes.
+    pub fn start_node_pods(&mut self, edit: &Edit) -> Result<()> {
+        for kubelet in &self.kubelets {
+            let pod = NodePod::start(&self.pod, kubelet, edit)
+                .with_context(|| format!("the node pod on {}", kubelet.node_name))?;
+            self.running.push(pod);
+        }
+        Ok(())
+    }
+
+    /// Stops the node pods as a rolling update or a deletion does (SIGTERM, grace period).
+    pub fn stop_node_pods(&mut self) {
+        for mut pod in self.running.drain(..) {
+            pod.stop();
+        }
+    }
+
+    /// GET `path` on `port` of node `i`'s node pod, from the node (as the kubelet probes).
+    pub fn get(&self, i: usize, port: u16, path: &str) -> Result<(u16, String)> {
+        let ip = self.cluster.pod(&format!("weft-node-{i}")).ip;
+        let out = self.cluster.nodes[i - 1]
+            .netns
+            .command("curl")
+            .args([
+                "-s",
+                "--max-time",
+                "3",
+                "-w",
+                "\n%{http_code}",
+                &format!("http://{ip}:{port}{path}"),
+            ])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        Ok((code.trim().parse().unwrap_or(0), body.to_owned()))
+    }
+
+    /// Waits until every readiness probe of the node pods, as the manifest writes them,
+    /// answers 200.
+    pub fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let probes: Vec<(String, u16, String)> = self
+            .pod
+            .containers
+            .iter()
+            .filter_map(|c| {
+                let get = c.readiness_probe.as_ref()?.http_get.as_ref()?;
+                let port = match &get.port {
+                    k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(p) => *p as u16,
+                    k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(_) => {
+                        return None;
+                    }
+                };
+                Some((c.name.clone(), port, get.path.clone().unwrap_or_default()))
+            })
+            .collect();
+        ensure!(
+            !probes.is_empty(),
+            "the node pod has no HTTP readiness probe"
+        );
+        let deadline = Instant::now() + timeout;
+        for i in 1..=self.kubelets.len() {
+            for (container, port, path) in &probes {
+                loop {
+                    let (status, body) = self.get(i, *port, path)?;
+                    if status == 200 {
+                        break;
+                    }
+                    if Instant::now() > deadline {
+                        bail!(
+                            "node{i}'s {container} not ready on {port}{path} ({status}: {body}):\n{}",
+                            self.logs(i)
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every container's log on node `i`.
+    pub fn logs(&self, i: usize) -> String {
+        let Some(pod) = self.running.get(i - 1) else {
+            return String::new();
+        };
+        self.pod
+            .containers
+            .iter()
+            .map(|c| format!("--- {} ---\n{}", c.name, pod.logs(&c.name)))
+            .collect()
+    }
+
+    /// The server node's tunnel metrics: connections it accepted over mutual TLS from the
+    /// client's identity.
+    pub fn meshed_from_client(&self) -> Result<f64> {
+        let (status, body) = self.get(2, 15020, "/metrics")?;
+        ensure!(status == 200, "node2's tunnel metrics: {status}");
+        Ok(crate::metrics::sum(
+            &crate::metrics::parse(&body),
+            "weft_tcp_connections_opened_total",
+            &[
+                ("reporter", "destination"),
+                (
+                    "source_principal",
+                    "spiffe://cluster.local/ns/default/sa/client",
+                ),
+                ("connection_security_policy", "mutual_tls"),
+            ],
+        ))
+    }
+
+    /// A plain `curl` from the client pod to the server: whether it answered.
+    pub fn echo(&self, text: &str) -> bool {
+        let url = format!("http://{}:8080/echo/{text}", self.cluster.pod("server").ip);
+        self.cluster
+            .run_in("client", "curl", &["-sS", "--max-time", "3", &url])
+            .map(|o| {
+                o.status.success()
+                    && String::from_utf8_lossy(&o.stdout) == format!("server saw {text}\n")
+            })
+            .unwrap_or(false)
+    }
+
+    /// Whether a request from the client reaches the server through both tunnels within
+    /// `timeout` (answered, and counted as mutual TLS by the server's tunnel).
+    pub fn meshes_within(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(before) = self.meshed_from_client()
+                && self.echo("meshed")
+                && self.meshed_from_client().is_ok_and(|after| after > before)
+            {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Node `i`'s capture pins, as the node's BPF file system holds them.
+    pub fn pin_dir(&self, i: usize) -> PathBuf {
+        self.bpffs[i - 1].join("weft")
+    }
+
+    /// Runs `mesh-node <args>` from the image with node `i`'s BPF file system mounted, as a
+    /// one-off cleanup pod would.
+    pub fn run_image(&self, i: usize, args: &[&str]) -> Result<String> {
+        let image = self.pod.containers[0].image.clone().unwrap_or_default();
+        let out = Command::new("podman")
+            .args(["run", "--rm", "--cap-drop", "all", "--cap-add", "CAP_BPF"])
+            .args([
+                "--cap-add",
+                "CAP_NET_ADMIN",
+                "--security-opt",
+                "seccomp=unconfined",
+            ])
+            .arg("--volume")
+            .arg(format!("{}:/sys/fs/bpf", self.bpffs[i - 1].display()))
+            .args(["--entrypoint", "mesh-node", &image])
+            .args(args)
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            out.status.success(),
+            "mesh-node {args:?} in the image: {text}"
+        );
+        Ok(text)
+    }
+}
+
+impl Drop for Rehearsal {
+    fn drop(&mut self) {
+        self.stop_node_pods();
+        for fs in &self.bpffs {
+            // Unmounting the node's BPF file system releases its pins: links detach.
+            let _ = redirect_ebpf::uninstall(&fs.join("weft"));
+            let _ = Command::new("umount").arg(fs).output();
+            let _ = std::fs::remove_dir(fs);
+        }
+        for process in &mut self.pod_processes {
+            process.kill();
+        }
+        if let Ok(entries) = std::fs::read_dir(&self.kubepods) {
+            for entry in entries.flatten() {
+                let _ = std::fs::remove_dir(entry.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&self.kubepods);
+        if let Some(stop) = self.api_stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Builds `image` from target/debug's binaries with `scripts/image.sh`.
+fn build_image(image: &str) -> Result<()> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/image.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .args(["--debug", "--tag", image])
+        .output()
+        .context("run scripts/image.sh")?;
+    ensure!(
+        out.status.success(),
+        "scripts/image.sh --debug --tag {image}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Serves the test API server over TLS on 0.0.0.0:6443 in the router's namespace, from a
+/// thread of its own; the sender stops it.
+fn serve_api(
+    cluster: &Cluster,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<(ApiServer, tokio::sync::oneshot::Sender<()>)> {
+    let certs = rustls_pemfile::certs(&mut cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+    let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())?.context("a key")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tls = Arc::new(tls);
+    let netns = cluster.router.path();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let failed = ready_tx.clone();
+        let run = || -> Result<()> {
+            let file = std::fs::File::open(&netns)?;
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(("0.0.0.0", API_PORT)).await?;
+                let _ = ready_tx.send(Ok(ApiServer::serve(listener, Some(tls))));
+                let _ = stop_rx.await;
+                Ok::<_, anyhow::Error>(())
+            })
+        };
+        if let Err(e) = run() {
+            let _ = failed.send(Err(e));
+        }
+    });
+    let api = ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .context("the API server did not start")??;
+    Ok((api, stop_tx))
+}
+
+/// The cluster's namespaces and app pods as the API serves them, with the UIDs their
+/// processes' cgroups carry.
+fn cluster_objects(cluster: &Cluster) -> String {
+    let mut out = String::from(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {weft.dev/mesh: enabled}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: weft-system, labels: {weft.dev/mesh: disabled}}\n",
+    );
+    for (j, (name, node)) in APPS.iter().enumerate() {
+        let pod = cluster.pod(name);
+        out.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, uid: {uid}, labels: {{app: {name}}}}}\nspec:\n  nodeName: node{node}\n  serviceAccountName: {name}\n  containers: [{{name: app, image: weft-testapp}}]\nstatus:\n  phase: Running\n  podIP: {ip}\n  podIPs: [{{ip: {ip}}}, {{ip: \"{ip6}\"}}]\n",
+            uid = uid(j + 1),
+            ip = pod.ip,
+            ip6 = pod.ip6,
+        ));
+    }
+    out
+}
