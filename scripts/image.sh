@@ -64,7 +64,8 @@ done
 
 for b in "${binaries[@]}"; do
   install -m 0755 "target/$profile/$b" "$root/usr/bin/$b"
-  strip --strip-debug "$root/usr/bin/$b" 2>/dev/null || true
+  # Release: no symbols (a panic's message and location stay); debug: symbols, for backtraces.
+  if [ "$profile" = release ]; then strip --strip-all "$root/usr/bin/$b"; else strip --strip-debug "$root/usr/bin/$b"; fi
 done
 cat > "$root/etc/passwd" <<'EOF'
 root:x:0:0:root:/root:/usr/sbin/nologin

@@ -309,8 +309,8 @@ impl Rehearsal {
         self.bpffs[i - 1].join("weft")
     }
 
-    /// Runs `mesh-node <args>` from the image with node `i`'s BPF file system mounted, as a
-    /// one-off cleanup pod would.
+    /// Runs `mesh-node <args>` from the image with node `i`'s BPF file system mounted, as the
+    /// README's cleanup command does on a node.
     pub fn run_image(&self, i: usize, args: &[&str]) -> Result<String> {
         let image = self.pod.containers[0].image.clone().unwrap_or_default();
         let out = Command::new("podman")

@@ -172,7 +172,11 @@ fn every_rendered_object_parses_into_its_type_with_no_unknown_key() {
     let dashboard = monitoring
         .iter()
         .find_map(|o| match o {
-            Object::ConfigMap(c) => Some(c),
+            Object::ConfigMap(c)
+                if c.metadata.name.as_deref() == Some("weft-grafana-dashboard") =>
+            {
+                Some(c)
+            }
             _ => None,
         })
         .expect("the dashboard's ConfigMap");
@@ -521,6 +525,36 @@ fn each_container_command_is_accepted_by_its_binary_and_agrees_with_the_manifest
     assert!(
         settings.ca.ca_server_names.contains(&config.ca_server_name),
         "the CA's certificate names what the tunnel verifies"
+    );
+    // The bundle the CA publishes is the file the tunnel follows.
+    let published = settings
+        .ca
+        .trust_bundle_configmap
+        .as_deref()
+        .expect("the CA publishes its bundle in a ConfigMap");
+    let mounted = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "trust-bundle")
+        .and_then(|v| v.config_map.as_ref())
+        .map(|c| c.name.as_str());
+    assert_eq!(
+        mounted,
+        Some(published),
+        "the tunnel mounts the CA's ConfigMap"
+    );
+    assert_eq!(
+        config.trust_bundle.file_name().and_then(|n| n.to_str()),
+        Some(mesh_node::ca::publish::BUNDLE_KEY)
+    );
+    assert!(
+        install
+            .objects
+            .iter()
+            .any(|o| matches!(o, Object::ConfigMap(c)
+            if c.metadata.name.as_deref() == Some(published) && c.data.is_none())),
+        "the install creates the ConfigMap empty, for the CA to fill"
     );
     assert_eq!(
         service.spec.as_ref().unwrap().selector,

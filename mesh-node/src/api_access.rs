@@ -38,8 +38,8 @@ pub const WATCHED: &[ApiAccess] = &[
 ];
 
 /// What only the controller does besides following the cluster: policy status (`controller::
-/// status`), leader election (`controller::lease`), and the CA's TokenReviews
-/// (`ca::authenticate`).
+/// status`), leader election (`controller::lease`), the CA's TokenReviews
+/// (`ca::authenticate`) and its trust bundle (`ca::publish`).
 pub const CONTROLLER_WRITES: &[ApiAccess] = &[
     cluster("weft.dev", "meshpolicies/status", &["patch"]),
     cluster("weft.dev", "meshauthentications/status", &["patch"]),
@@ -48,6 +48,13 @@ pub const CONTROLLER_WRITES: &[ApiAccess] = &[
         group: "coordination.k8s.io",
         resource: "leases",
         verbs: &["get", "create", "update"],
+        scope: Scope::OwnNamespace,
+    },
+    // The trust bundle, into the ConfigMap the install creates (`ca::publish`).
+    ApiAccess {
+        group: "",
+        resource: "configmaps",
+        verbs: &["patch"],
         scope: Scope::OwnNamespace,
     },
 ];

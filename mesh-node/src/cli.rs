@@ -23,8 +23,8 @@ pub enum Command {
     /// the status of MeshPolicies and MeshAuthentications and, with --ca-dir, runs the mesh
     /// CA, until SIGTERM.
     Controller(ControllerArgs),
-    /// Rotates the mesh CA's root in three steps, each picked up by a running CA within a
-    /// second: `stage` a new root (trusted at once, beside the current one), `promote` it once
+    /// Makes the mesh CA's first root (`init`), and rotates it in three steps, each picked up
+    /// by a running CA within a second: `stage` a new root (trusted at once, beside the current one), `promote` it once
     /// every tunnel has the new bundle (it signs; the old stays trusted), `retire` the old
     /// roots once the certificates they signed have expired (a certificate lifetime later).
     CaRoot {
@@ -79,6 +79,9 @@ pub struct PreflightArgs {
 /// A step of a root rotation.
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum RotationStep {
+    /// Create the first root (`ca.pem`, `ca.key`) in an empty folder: for a cluster, to put
+    /// in the Secret weft-ca.
+    Init,
     Stage,
     Promote,
     Retire,
@@ -106,6 +109,10 @@ pub struct CaArgs {
     /// Write the trust bundle (PEM roots) here for tunnels (--trust-bundle).
     #[arg(long, env = "WEFT_TRUST_BUNDLE_OUT")]
     pub trust_bundle_out: Option<PathBuf>,
+    /// On Kubernetes: publish the trust bundle (key roots.pem) in this ConfigMap of the
+    /// controller's namespace, which every node's tunnel mounts. The install creates it.
+    #[arg(long, env = "WEFT_TRUST_BUNDLE_CONFIGMAP")]
+    pub trust_bundle_configmap: Option<String>,
     /// Authenticate nodes by the tokens in this folder (`<node>.token`; `mesh-node
     /// node-token` makes them) instead of by TokenReview.
     #[arg(long, env = "WEFT_NODE_TOKENS")]

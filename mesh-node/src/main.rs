@@ -34,31 +34,7 @@ fn main() -> std::process::ExitCode {
             step,
             ca_dir,
             trust_domain,
-        } => match step {
-            RotationStep::Stage => mesh_node::ca::stage_root(&ca_dir, &trust_domain).map(|()| {
-                println!(
-                    "a new root is staged in {}/next: trusted, not signing yet",
-                    ca_dir.display()
-                )
-            }),
-            RotationStep::Promote => mesh_node::ca::promote(&ca_dir).map(|()| {
-                println!(
-                    "the new root signs; the old one stays trusted in {}/retired.pem",
-                    ca_dir.display()
-                )
-            }),
-            RotationStep::Retire => mesh_node::ca::retire(&ca_dir).map(|removed| {
-                println!(
-                    "{}",
-                    if removed {
-                        "the retired roots are no longer trusted"
-                    } else {
-                        "no retired roots"
-                    }
-                )
-            }),
-        }
-        .map_err(anyhow::Error::from),
+        } => ca_root(step, &ca_dir, &trust_domain),
         Command::Preflight(args) => return preflight(&args),
         Command::Uninstall { pin_dir } => uninstall(pin_dir),
         Command::NodeToken { dir, node } => {
@@ -74,6 +50,54 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `mesh-node ca-root <step>`.
+fn ca_root(step: RotationStep, ca_dir: &std::path::Path, trust_domain: &str) -> anyhow::Result<()> {
+    let dir = ca_dir.display();
+    match step {
+        RotationStep::Init => {
+            private_folder(ca_dir)?;
+            let lifetime = Duration::from_secs(24 * 3600);
+            let (_, created) =
+                mesh_node::ca::MeshCa::load_or_create(ca_dir, trust_domain, lifetime)?;
+            match created {
+                mesh_node::ca::Created::NewRoot => println!(
+                    "a new mesh root is in {dir}: ca.pem (the certificate) and ca.key (its key, mode 0600)"
+                ),
+                mesh_node::ca::Created::Loaded => println!("{dir} holds a root already; unchanged"),
+            }
+        }
+        RotationStep::Stage => {
+            mesh_node::ca::stage_root(ca_dir, trust_domain)?;
+            println!("a new root is staged in {dir}/next: trusted, not signing yet");
+        }
+        RotationStep::Promote => {
+            mesh_node::ca::promote(ca_dir)?;
+            println!("the new root signs; the old one stays trusted in {dir}/retired.pem");
+        }
+        RotationStep::Retire => {
+            if mesh_node::ca::retire(ca_dir)? {
+                println!("the retired roots are no longer trusted");
+            } else {
+                println!("no retired roots");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Creates `dir` (mode 0700) unless it exists.
+fn private_folder(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))
 }
 
 /// Prints every finding; on a blocking one, also writes them where Kubernetes shows them in
@@ -260,7 +284,20 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
                     server_names: args.ca.ca_server_names.clone(),
                     bundle_file: args.ca.trust_bundle_out.clone(),
                 };
-                Some(start_ca(settings, authenticator, objects_rx).await?)
+                let ca = start_ca(settings, authenticator, objects_rx).await?;
+                match (&args.ca.trust_bundle_configmap, &client) {
+                    (Some(name), Some(client)) => {
+                        Some(ca.publish_to(mesh_node::ca::publish::BundleConfigMap {
+                            client: client.clone(),
+                            namespace: args.lease_namespace.clone(),
+                            name: name.clone(),
+                        }))
+                    }
+                    (Some(_), None) => anyhow::bail!(
+                        "--trust-bundle-configmap publishes through the Kubernetes API: not with --manifests (use --trust-bundle-out)"
+                    ),
+                    (None, _) => Some(ca),
+                }
             }
             None => None,
         };

@@ -6,7 +6,8 @@
 //! objects read (`GET`), created (`POST`, 409 if present), replaced (`PUT`, 409 unless the
 //! resource version is the current one: optimistic concurrency, as Leases rely on), and
 //! status written through the status subresource (`PATCH .../status`, a JSON merge patch of
-//! `status` only), each write an event for the watchers. TokenReview answers for the tokens a
+//! `status` only), objects patched (`PATCH`, a JSON merge patch) and deleted, each write an
+//! event for the watchers. TokenReview answers for the tokens a
 //! test issued. Every request is remembered as the (group, resource, verb) an RBAC rule would
 //! have to allow, so tests can hold the code to its declared permissions. Plain HTTP, or TLS
 //! for clients that take their configuration from inside a pod (`KUBERNETES_SERVICE_HOST`).
@@ -122,6 +123,7 @@ const KINDS: &[(&str, &str, &str)] = &[
     ),
     ("Lease", "leases", "coordination.k8s.io/v1"),
     ("DaemonSet", "daemonsets", "apps/v1"),
+    ("ConfigMap", "configmaps", "v1"),
 ];
 
 fn plural(kind: &str) -> String {
@@ -427,6 +429,14 @@ async fn object_request(
             state
                 .status_patches
                 .push((plural.to_owned(), namespace.clone(), name, body));
+            full(200, state.store(plural, object))
+        }
+        ("PATCH", Some(name), None) => {
+            let Some(current) = state.objects.get(&key(&name)) else {
+                return not_found(&name);
+            };
+            let mut object = current.clone();
+            merge(&mut object, &body);
             full(200, state.store(plural, object))
         }
         (method, name, sub) => status(

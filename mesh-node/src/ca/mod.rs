@@ -12,6 +12,7 @@ pub mod authenticate;
 mod authorize;
 mod csr;
 mod files;
+pub mod publish;
 pub mod run;
 pub mod serve;
 pub mod service;

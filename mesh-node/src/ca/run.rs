@@ -62,6 +62,7 @@ pub async fn start_ca(
     info!(endpoint = %describe(bound, &settings.server_names), "mesh CA serving CreateCertificate");
     Ok(RunningCa {
         bound,
+        publish: None,
         ca,
         serving,
         service,
@@ -73,6 +74,8 @@ pub async fn start_ca(
 /// A CA ready to serve.
 pub struct RunningCa {
     pub bound: SocketAddr,
+    /// Where the bundle is published besides `bundle_file`, if anywhere.
+    publish: Option<super::publish::BundleConfigMap>,
     ca: Arc<ArcSwap<MeshCa>>,
     serving: Arc<ServingCertificate>,
     service: CaService,
@@ -81,6 +84,12 @@ pub struct RunningCa {
 }
 
 impl RunningCa {
+    /// Also publishes the trust bundle in `configmap` while serving.
+    pub fn publish_to(mut self, configmap: super::publish::BundleConfigMap) -> Self {
+        self.publish = Some(configmap);
+        self
+    }
+
     /// Serves until `stop`.
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> Result<(), CaError> {
         let renew = {
@@ -97,10 +106,20 @@ impl RunningCa {
             }
         };
         let follow = follow_files(self.ca.clone(), self.serving.clone(), self.settings.clone());
+        let publish = {
+            let (target, ca) = (self.publish.clone(), self.ca.clone());
+            async move {
+                match target {
+                    Some(configmap) => configmap.follow(ca).await,
+                    None => std::future::pending().await,
+                }
+            }
+        };
         tokio::select! {
             served = serve(self.listener, self.serving, self.service, stop) => served,
             () = renew => Ok(()),
             () = follow => Ok(()),
+            () = publish => Ok(()),
         }
     }
 }
