@@ -1,7 +1,7 @@
 //! A pod of the install's rendered manifests run under podman the way a kubelet would run
 //! it on one simulated node: its image, commands, arguments, environment (field references
 //! resolved), volumes (host paths mapped to the simulated node's, emptyDirs, ConfigMaps,
-//! projected service account tokens, the automounted API credentials), security context
+//! Secrets, projected service account tokens, the automounted API credentials), security context
 //! (capabilities dropped and added one by one, read-only root, no privilege escalation,
 //! seccomp) and PID namespace as written, in its own pod network namespace. Anything in the
 //! pod that this translation does not know is refused, so the rehearsal can never pass by
@@ -29,6 +29,9 @@ pub struct Kubelet {
     pub host_paths: BTreeMap<String, PathBuf>,
     /// A ConfigMap's name -> a folder holding its keys as files.
     pub config_maps: BTreeMap<String, PathBuf>,
+    /// A Secret's name -> a folder holding its keys as files (copied with the volume's mode,
+    /// as the kubelet writes them).
+    pub secrets: BTreeMap<String, PathBuf>,
     /// What a projected service account token volume holds (any audience): the token's text.
     pub projected_token: String,
     /// The API server the pod's in-cluster configuration points at.
@@ -264,6 +267,22 @@ fn prepare_volumes(volumes: &[Volume], kubelet: &Kubelet) -> Result<BTreeMap<Str
                 .get(&map.name)
                 .cloned()
                 .with_context(|| format!("volume {}: no ConfigMap {}", volume.name, map.name))?
+        } else if let Some(secret) = &volume.secret {
+            let name = secret.secret_name.as_deref().unwrap_or_default();
+            let from = kubelet
+                .secrets
+                .get(name)
+                .with_context(|| format!("volume {}: no Secret {name}", volume.name))?;
+            let dir = kubelet.state_dir.join(format!("secret-{}", volume.name));
+            std::fs::create_dir_all(&dir)?;
+            let mode = secret.default_mode.unwrap_or(0o644) as u32;
+            for entry in std::fs::read_dir(from)? {
+                let entry = entry?;
+                let to = dir.join(entry.file_name());
+                std::fs::copy(entry.path(), &to)?;
+                std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+            }
+            dir
         } else if let Some(projected) = &volume.projected {
             let dir = kubelet.state_dir.join(format!("projected-{}", volume.name));
             std::fs::create_dir_all(&dir)?;

@@ -1,12 +1,15 @@
-//! The node pod of the install rehearsed on the simulated cluster: the DaemonSet `weft-node`
-//! as `kubectl kustomize install/` renders it, run under podman on both simulated nodes
+//! The install rehearsed on the simulated cluster: the controller Deployment and the node
+//! DaemonSet `weft-node` as `kubectl kustomize install/` renders them, run under podman
 //! ([`crate::node_pod`]) from the image `scripts/image.sh` builds, following a Kubernetes API
 //! (the test API server, over TLS, in the router's namespace, as the pods' in-cluster
-//! configuration finds it), and meshing the cluster's pods. What the simulated node provides
-//! in place of a real one: its own BPF file system (a separate bpffs instance per node, so two
-//! nodes on one machine do not share pins), the machine's cgroup v2 hierarchy, a pod network
-//! namespace for the node pod, the mesh CA of the cluster (reached under the CA Service's
-//! DNS name), and pods whose processes sit in kubelet-style cgroups named after their UIDs.
+//! configuration finds it), and meshing the cluster's pods. The controller's CA (its root in
+//! the Secret `weft-ca`) authenticates each node pod by its projected token (TokenReview) and
+//! publishes the trust bundle in the ConfigMap the node pods mount. What a simulated node
+//! provides in place of a real one: its own BPF file system (a separate bpffs instance per
+//! node, so two nodes on one machine do not share pins), the machine's cgroup v2 hierarchy, a
+//! pod network namespace for each of Weft's pods, the Service `weft-ca` as a host name for the
+//! controller pod's address, and app pods whose processes sit in kubelet-style cgroups named
+//! after their UIDs.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -33,6 +36,9 @@ pub struct Rehearsal {
     pub pod: K8sPodSpec,
     kubelets: Vec<Kubelet>,
     pub running: Vec<NodePod>,
+    /// The controller's pod as rendered, and running.
+    pub controller_pod: K8sPodSpec,
+    pub controller: Option<NodePod>,
     bpffs: Vec<PathBuf>,
     kubepods: PathBuf,
     pod_processes: Vec<Process>,
@@ -52,13 +58,28 @@ impl Rehearsal {
     /// its API; no node pod runs yet.
     pub fn build() -> Result<Rehearsal> {
         crate::require_root();
-        let daemon_set = weft_install::load(&weft_install::install_dir())?
-            .into_iter()
+        let objects = weft_install::load(&weft_install::install_dir())?;
+        let daemon_set = objects
+            .iter()
             .find_map(|o| match o {
-                weft_install::Object::DaemonSet(d) => Some(d),
+                weft_install::Object::DaemonSet(d) => Some(d.clone()),
                 _ => None,
             })
             .context("the install has no DaemonSet")?;
+        let controller_pod = objects
+            .iter()
+            .find_map(|o| match o {
+                weft_install::Object::Deployment(d) => d.spec.template.spec.clone(),
+                _ => None,
+            })
+            .context("the install has no controller Deployment")?;
+        let bundle_map = objects
+            .iter()
+            .find_map(|o| match o {
+                weft_install::Object::ConfigMap(c) => Some(serde_json::to_string(c)),
+                _ => None,
+            })
+            .context("the install has no trust bundle ConfigMap")??;
         let daemon_set_json = serde_json::to_string(&daemon_set)?;
         let pod = daemon_set
             .spec
@@ -79,6 +100,10 @@ impl Rehearsal {
             node_pod.service_account = "weft-node".into();
             pods.push(node_pod);
         }
+        let mut controller_netns = PodSpec::new("weft-controller-1", 1).outside_mesh();
+        controller_netns.namespace = "weft-system".into();
+        controller_netns.service_account = "weft-controller".into();
+        pods.push(controller_netns);
         let mut cluster = Cluster::build(ClusterSpec::new(2, pods))?;
         cluster.start_app(
             "server",
@@ -95,8 +120,54 @@ impl Rehearsal {
         let (api, api_stop) = serve_api(&cluster, &cert, &key)?;
         api.apply(&cluster_objects(&cluster));
         // The DaemonSet itself: the agents read it at shutdown to tell an update from an
-        // uninstall.
+        // uninstall. The bundle's ConfigMap, empty, as the install creates it.
         api.apply(&daemon_set_json);
+        api.apply(&bundle_map);
+        // Each node pod's projected token, as the API server would review it: the node agent's
+        // service account, for the CA's audience, bound to a pod on that node.
+        for i in 1..=2 {
+            api.issue_token(
+                &node_ca_token(i),
+                test_apiserver::IssuedToken {
+                    user: "system:serviceaccount:weft-system:weft-node".into(),
+                    audiences: vec!["weft-ca".into()],
+                    node: Some(format!("node{i}")),
+                    expired: false,
+                },
+            );
+        }
+
+        // The controller, with its root in the Secret weft-ca.
+        let secret = cluster.dir.path().join("secret-weft-ca");
+        let init = Command::new(crate::binary("mesh-node"))
+            .args(["ca-root", "init", "--ca-dir"])
+            .arg(&secret)
+            .output()?;
+        ensure!(
+            init.status.success(),
+            "mesh-node ca-root init: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        let controller_ip = IpAddr::V4(cluster.pod("weft-controller-1").ip);
+        let controller_kubelet = Kubelet {
+            node_name: "node1".into(),
+            pod_name: "weft-controller-1".into(),
+            pod_namespace: "weft-system".into(),
+            pod_netns: cluster.pod("weft-controller-1").netns.path(),
+            host_paths: BTreeMap::new(),
+            config_maps: BTreeMap::new(),
+            secrets: BTreeMap::from([("weft-ca".to_owned(), secret)]),
+            projected_token: String::new(),
+            api_server: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 255, 1, 1)), API_PORT),
+            api_ca_pem: api_ca.pem.clone(),
+            api_token: CONTROLLER_TOKEN.into(),
+            hosts: Vec::new(),
+            state_dir: cluster.dir.path().join("kubelet-controller"),
+        };
+        let controller = NodePod::start(&controller_pod, &controller_kubelet, &Edit::default())
+            .context("the controller pod")?;
+        // What the kubelet would bring to the node pods: the ConfigMap, once the CA filled it.
+        let roots = wait_for_bundle(&api, &controller)?;
 
         // Each app pod's process in a kubelet-style cgroup named after its UID: how the agent
         // finds the pod's network namespace on a real node.
@@ -127,7 +198,7 @@ impl Rehearsal {
             let state_dir = cluster.dir.path().join(format!("kubelet-node{i}"));
             let trust = state_dir.join("configmap-weft-trust-bundle");
             std::fs::create_dir_all(&trust)?;
-            std::fs::copy(cluster.trust_bundle(), trust.join("roots.pem"))?;
+            std::fs::write(trust.join(mesh_node::ca::publish::BUNDLE_KEY), &roots)?;
             let router = IpAddr::V4(Ipv4Addr::new(10, 255, i as u8, 1));
             let node_pod = cluster.pod(&format!("weft-node-{i}"));
             kubelets.push(Kubelet {
@@ -140,13 +211,14 @@ impl Rehearsal {
                     ("/sys/fs/cgroup".to_owned(), cgroup2.clone()),
                 ]),
                 config_maps: BTreeMap::from([("weft-trust-bundle".to_owned(), trust)]),
-                // The simulated cluster's CA authenticates nodes by their tokens (the
-                // Kubernetes CA reviews the projected token instead; ca_service tests that).
-                projected_token: std::fs::read_to_string(cluster.node_token(i))?,
+                secrets: BTreeMap::new(),
+                projected_token: node_ca_token(i),
                 api_server: SocketAddr::new(router, API_PORT),
                 api_ca_pem: api_ca.pem.clone(),
-                api_token: format!("token-of-weft-node-{i}"),
-                hosts: vec![("weft-ca.weft-system.svc".into(), router)],
+                api_token: node_api_token(i),
+                // The Service weft-ca, as cluster DNS and kube-proxy would take the tunnel to
+                // the controller's pod.
+                hosts: vec![("weft-ca.weft-system.svc".into(), controller_ip)],
                 state_dir,
             });
         }
@@ -156,6 +228,8 @@ impl Rehearsal {
             pod,
             kubelets,
             running: Vec::new(),
+            controller_pod,
+            controller: Some(controller),
             bpffs,
             kubepods,
             pod_processes,
@@ -182,8 +256,14 @@ impl Rehearsal {
 
     /// GET `path` on `port` of node `i`'s node pod, from the node (as the kubelet probes).
     pub fn get(&self, i: usize, port: u16, path: &str) -> Result<(u16, String)> {
-        let ip = self.cluster.pod(&format!("weft-node-{i}")).ip;
-        let out = self.cluster.nodes[i - 1]
+        self.get_from_pod(&format!("weft-node-{i}"), port, path)
+    }
+
+    /// GET `path` on `port` of the simulated pod `pod`, from its node.
+    pub fn get_from_pod(&self, pod: &str, port: u16, path: &str) -> Result<(u16, String)> {
+        let pod = self.cluster.pod(pod);
+        let ip = pod.ip;
+        let out = self.cluster.nodes[pod.spec.node - 1]
             .netns
             .command("curl")
             .args([
@@ -200,40 +280,28 @@ impl Rehearsal {
         Ok((code.trim().parse().unwrap_or(0), body.to_owned()))
     }
 
-    /// Waits until every readiness probe of the node pods, as the manifest writes them,
-    /// answers 200.
+    /// Waits until every readiness probe of the node pods and of the controller, as the
+    /// manifests write them, answers 200.
     pub fn wait_ready(&self, timeout: Duration) -> Result<()> {
-        let probes: Vec<(String, u16, String)> = self
-            .pod
-            .containers
-            .iter()
-            .filter_map(|c| {
-                let get = c.readiness_probe.as_ref()?.http_get.as_ref()?;
-                let port = match &get.port {
-                    k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(p) => *p as u16,
-                    k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(_) => {
-                        return None;
-                    }
-                };
-                Some((c.name.clone(), port, get.path.clone().unwrap_or_default()))
-            })
-            .collect();
-        ensure!(
-            !probes.is_empty(),
-            "the node pod has no HTTP readiness probe"
-        );
         let deadline = Instant::now() + timeout;
-        for i in 1..=self.kubelets.len() {
+        let mut pods: Vec<(String, &K8sPodSpec)> = (1..=self.kubelets.len())
+            .map(|i| (format!("weft-node-{i}"), &self.pod))
+            .collect();
+        pods.push(("weft-controller-1".into(), &self.controller_pod));
+        for (name, spec) in pods {
+            let probes = http_probes(spec);
+            ensure!(!probes.is_empty(), "{name} has no HTTP readiness probe");
             for (container, port, path) in &probes {
                 loop {
-                    let (status, body) = self.get(i, *port, path)?;
+                    let (status, body) = self.get_from_pod(&name, *port, path)?;
                     if status == 200 {
                         break;
                     }
                     if Instant::now() > deadline {
                         bail!(
-                            "node{i}'s {container} not ready on {port}{path} ({status}: {body}):\n{}",
-                            self.logs(i)
+                            "{name}'s {container} not ready on {port}{path} ({status}: {body}):\n{}\ncontroller:\n{}",
+                            self.logs(1) + &self.logs(2),
+                            self.controller_log()
                         );
                     }
                     std::thread::sleep(Duration::from_millis(100));
@@ -241,6 +309,14 @@ impl Rehearsal {
             }
         }
         Ok(())
+    }
+
+    /// The controller's log.
+    pub fn controller_log(&self) -> String {
+        self.controller
+            .as_ref()
+            .map(|c| c.logs("controller"))
+            .unwrap_or_default()
     }
 
     /// Every container's log on node `i`.
@@ -339,6 +415,9 @@ impl Rehearsal {
 impl Drop for Rehearsal {
     fn drop(&mut self) {
         self.stop_node_pods();
+        if let Some(mut controller) = self.controller.take() {
+            controller.stop();
+        }
         for fs in &self.bpffs {
             // Unmounting the node's BPF file system releases its pins: links detach.
             let _ = redirect_ebpf::uninstall(&fs.join("weft"));
@@ -438,4 +517,63 @@ fn cluster_objects(cluster: &Cluster) -> String {
         ));
     }
     out
+}
+
+/// The bearer token the controller's pod calls the API with.
+pub const CONTROLLER_TOKEN: &str = "token-of-weft-controller";
+
+/// The bearer token node `i`'s pod calls the API with.
+pub fn node_api_token(i: usize) -> String {
+    format!("token-of-weft-node-{i}")
+}
+
+/// Node `i`'s projected token for the CA (audience weft-ca).
+fn node_ca_token(i: usize) -> String {
+    format!("projected-weft-ca-token-of-node{i}")
+}
+
+/// The HTTP readiness probes of `pod`: (container, port, path).
+fn http_probes(pod: &K8sPodSpec) -> Vec<(String, u16, String)> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    pod.containers
+        .iter()
+        .filter_map(|c| {
+            let get = c.readiness_probe.as_ref()?.http_get.as_ref()?;
+            let port = match &get.port {
+                IntOrString::Int(p) => *p as u16,
+                IntOrString::String(name) => {
+                    c.ports
+                        .iter()
+                        .flatten()
+                        .find(|p| p.name.as_deref() == Some(name))?
+                        .container_port as u16
+                }
+            };
+            Some((c.name.clone(), port, get.path.clone().unwrap_or_default()))
+        })
+        .collect()
+}
+
+/// Waits until the controller published the trust bundle in its ConfigMap; the roots.
+fn wait_for_bundle(api: &ApiServer, controller: &NodePod) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(roots) = api
+            .get("ConfigMap", "weft-system", "weft-trust-bundle")
+            .and_then(|c| {
+                c["data"][mesh_node::ca::publish::BUNDLE_KEY]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+        {
+            return Ok(roots);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the controller did not publish the trust bundle:\n{}",
+                controller.logs("controller")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

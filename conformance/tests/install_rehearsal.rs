@@ -1,9 +1,10 @@
-//! The install's node pod, rehearsed for real: the DaemonSet `weft-node` as `kubectl
-//! kustomize install/` renders it runs under podman on both simulated nodes (its image, built
-//! by `scripts/image.sh`; its command, arguments, environment, mounts and capabilities as
-//! written), follows the Kubernetes API (the test API server, over TLS, found through the
-//! in-cluster configuration), and meshes an unmodified client's connection to a server on
-//! the other node: mutual TLS on the link, nothing in clear. Then each capability the
+//! The install, rehearsed for real: the controller Deployment and the DaemonSet `weft-node`
+//! as `kubectl kustomize install/` renders them run under podman (their image, built by
+//! `scripts/image.sh`; command, arguments, environment, mounts and capabilities as written),
+//! follow the Kubernetes API (the test API server, over TLS, found through the in-cluster
+//! configuration); the controller's CA reviews each node pod's projected token and publishes
+//! the trust bundle they mount; and the node pods mesh an unmodified client's connection to a
+//! server on the other node: mutual TLS on the link, nothing in clear. Then each capability the
 //! manifest adds is taken away in turn, and the pod no longer meshes: the list is what is
 //! needed, not more. Then the rolling update and the uninstall the README describes.
 
@@ -11,12 +12,13 @@ use std::time::Duration;
 
 use conformance::node_pod::Edit;
 use conformance::pcap;
-use conformance::rehearsal::Rehearsal;
+use conformance::rehearsal::{CONTROLLER_TOKEN, Rehearsal, node_api_token};
 
 const READY: Duration = Duration::from_secs(30);
 
 #[test]
-fn the_rendered_node_pod_meshes_a_cluster_under_podman_and_needs_every_capability_it_adds() {
+fn the_rendered_install_meshes_a_cluster_under_podman_and_the_node_pod_needs_every_capability_it_adds()
+ {
     let mut rehearsal = Rehearsal::build().expect("build the rehearsal");
     assert!(
         rehearsal.echo("before"),
@@ -36,6 +38,17 @@ fn the_rendered_node_pod_meshes_a_cluster_under_podman_and_needs_every_capabilit
         rehearsal.logs(1),
         rehearsal.logs(2)
     );
+    // The certificates came from the controller's CA, each to the node of its pod, which it
+    // authenticated by TokenReview.
+    let log = rehearsal.controller_log();
+    for (node, pod) in [("node1", "client"), ("node2", "server")] {
+        assert!(
+            log.lines().any(|l| l.contains("certificate signed")
+                && l.contains(&format!("node={node}"))
+                && l.contains(&format!("sa/{pod}"))),
+            "the controller signed {pod}'s certificate for {node}:\n{log}"
+        );
+    }
     let secret = "rehearsal-secret-5e1";
     let (mut tcpdump, pcap) = rehearsal.cluster.capture_link(2, "rehearsal").unwrap();
     assert!(rehearsal.echo(secret));
@@ -138,12 +151,42 @@ fn the_rendered_node_pod_meshes_a_cluster_under_podman_and_needs_every_capabilit
         "nothing of Weft is left in the way"
     );
 
-    // Everything the agents asked of the API is in the node agent's RBAC list.
-    let granted = mesh_node::api_access::node_agent();
-    for (group, resource, verb) in rehearsal.api.accesses() {
+    // Everything each of Weft's pods asked of the API is in its role's RBAC rules.
+    for (who, token, granted) in [
+        (
+            "node1's agent",
+            node_api_token(1),
+            mesh_node::api_access::node_agent(),
+        ),
+        (
+            "node2's agent",
+            node_api_token(2),
+            mesh_node::api_access::node_agent(),
+        ),
+        (
+            "the controller",
+            CONTROLLER_TOKEN.to_owned(),
+            mesh_node::api_access::controller(),
+        ),
+    ] {
+        let asked = rehearsal.api.accesses_of(&token);
+        assert!(!asked.is_empty(), "{who} made no request");
+        for (group, resource, verb) in asked {
+            assert!(
+                mesh_node::api_access::allows(&granted, &group, &resource, &verb),
+                "{who} asked {verb} {group}/{resource}, which install/ does not grant it"
+            );
+        }
+    }
+    let controller = rehearsal.api.accesses_of(CONTROLLER_TOKEN);
+    for used in [
+        ("authentication.k8s.io", "tokenreviews", "create"),
+        ("", "configmaps", "patch"),
+    ] {
+        let used = (used.0.to_owned(), used.1.to_owned(), used.2.to_owned());
         assert!(
-            mesh_node::api_access::allows(&granted, &group, &resource, &verb),
-            "the agent asked {verb} {group}/{resource}, which install/ does not grant"
+            controller.contains(&used),
+            "the controller's CA used {used:?}"
         );
     }
 }

@@ -42,8 +42,10 @@ struct State {
     status_patches: Vec<(String, String, String, Value)>,
     /// Service account tokens the TokenReview endpoint knows.
     tokens: BTreeMap<String, IssuedToken>,
-    /// Every request as RBAC sees it: (API group, resource[/subresource], verb).
+    /// Every request as RBAC sees it: (API group, resource[/subresource], verb), and by the
+    /// bearer token it carried (`""` for none).
     accesses: std::collections::BTreeSet<(String, String, String)>,
+    accesses_by: BTreeMap<String, std::collections::BTreeSet<(String, String, String)>>,
 }
 
 /// A service account token as the API server issued it.
@@ -259,6 +261,17 @@ impl ApiServer {
             .iter()
             .cloned()
             .collect()
+    }
+
+    /// The requests made with the bearer token `token`, as [`ApiServer::accesses`].
+    pub fn accesses_of(&self, token: &str) -> Vec<(String, String, String)> {
+        self.state
+            .lock()
+            .unwrap()
+            .accesses_by
+            .get(token)
+            .map(|a| a.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// List requests served so far (a relist after 410 Gone adds to it).
@@ -521,7 +534,16 @@ async fn handle(
         req.uri().path(),
         req.uri().query().unwrap_or(""),
     ) {
-        state.lock().unwrap().accesses.insert(access);
+        let bearer = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default()
+            .to_owned();
+        let mut state = state.lock().unwrap();
+        state.accesses.insert(access.clone());
+        state.accesses_by.entry(bearer).or_default().insert(access);
     }
     if req.method() == hyper::Method::POST
         && req.uri().path() == "/apis/authentication.k8s.io/v1/tokenreviews"
