@@ -247,6 +247,23 @@ impl Rehearsal {
         Ok(())
     }
 
+    /// Starts the node pod on node `i` with some host paths of that node replaced (a node
+    /// without cgroup v2 or a BPF file system): the error, carrying the termination message,
+    /// or the running pod.
+    pub fn start_node_pod_with_host_paths(
+        &self,
+        i: usize,
+        host_paths: &[(&str, PathBuf)],
+    ) -> Result<NodePod> {
+        let mut kubelet = self.kubelets[i - 1].clone();
+        for (path, replacement) in host_paths {
+            kubelet
+                .host_paths
+                .insert((*path).to_owned(), replacement.clone());
+        }
+        NodePod::start(&self.pod, &kubelet, &Edit::default())
+    }
+
     /// Stops the node pods as a rolling update or a deletion does (SIGTERM, grace period).
     pub fn stop_node_pods(&mut self) {
         for mut pod in self.running.drain(..) {

@@ -25,6 +25,34 @@ fn the_rendered_install_meshes_a_cluster_under_podman_and_the_node_pod_needs_eve
         "without Weft, the client reaches the server"
     );
 
+    // A node without a BPF file system or without cgroup v2: the preflight init container
+    // stops the pod with the reason as its termination message (the pod's status), and
+    // nothing else starts.
+    let plain = rehearsal.cluster.dir.path().join("not-a-special-fs");
+    std::fs::create_dir_all(&plain).unwrap();
+    for (path, says) in [
+        ("/sys/fs/bpf", "no BPF file system at /sys/fs/bpf"),
+        (
+            "/sys/fs/cgroup",
+            "/host/sys/fs/cgroup is not a cgroup v2 hierarchy",
+        ),
+    ] {
+        let refused = rehearsal
+            .start_node_pod_with_host_paths(1, &[(path, plain.clone())])
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        let message = refused
+            .split_once("termination message ")
+            .and_then(|(_, rest)| rest.split_once("; log:"))
+            .map(|(message, _)| message)
+            .unwrap_or_default();
+        assert!(
+            refused.contains("init container preflight failed") && message.contains(says),
+            "{path} missing: the termination message says why: {refused}"
+        );
+    }
+
     // As written: ready by the manifest's own probes, and meshing.
     rehearsal
         .start_node_pods(&Edit::default())
