@@ -28,7 +28,9 @@ pub async fn run(config: RunConfig, set_log_filter: SetLogFilter) -> anyhow::Res
     raise_fd_limit();
     start_busy_polling(&config);
     let crypto = Arc::new(choose_crypto(config.crypto));
-    let bundle = crate::identity::bundle_file::load(&config.trust_bundle, crypto.clone())?;
+    let bundle =
+        crate::identity::bundle_file::load_when_present(&config.trust_bundle, crypto.clone())
+            .await?;
     let ca = MeshCaClient::new(
         CaClientSettings {
             address: config.ca_address.clone(),
