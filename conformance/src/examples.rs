@@ -69,6 +69,18 @@ pub fn spec_for(objects: &ClusterObjects) -> Result<ClusterSpec> {
 }
 
 impl Cluster {
+    /// The demo's cluster from `examples/`: built, its apps, agents and tunnels running.
+    pub fn from_examples() -> Result<Cluster> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let objects = read_examples(&dir)?;
+        let mut cluster = Cluster::build(spec_for(&objects)?)?;
+        cluster.start_example_apps(&objects)?;
+        cluster.write_live_manifests(&objects)?;
+        cluster.start_agents()?;
+        cluster.start_tunnels()?;
+        Ok(cluster)
+    }
+
     /// Starts each pod's `weft-testapp` containers (their `args`, waiting for their first
     /// declared port).
     pub fn start_example_apps(&mut self, objects: &ClusterObjects) -> Result<()> {

@@ -429,13 +429,7 @@ fn a_killed_tunnel_fails_closed_until_a_new_one_serves() {
 /// labelled namespace's client, by service address too, and leaves the other one plain.
 #[test]
 fn the_example_manifests_mesh_the_labelled_namespace() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    let objects = conformance::examples::read_examples(&dir).unwrap();
-    let mut cluster = Cluster::build(conformance::examples::spec_for(&objects).unwrap()).unwrap();
-    cluster.start_example_apps(&objects).unwrap();
-    cluster.write_live_manifests(&objects).unwrap();
-    cluster.start_agents().unwrap();
-    cluster.start_tunnels().unwrap();
+    let cluster = Cluster::from_examples().expect("the demo's cluster starts");
     let web = cluster.pod("web").ip;
     let get = |pod: &str, url: &str| {
         let out = cluster

@@ -1,5 +1,5 @@
-//! The tunnel's HTTP endpoints in its own namespace: admin (15000), metrics (15020),
-//! readiness (15021).
+//! The tunnel's HTTP endpoints in its own namespace: admin (15000: `/config_dump`, `/flows`,
+//! `/logging`), metrics (15020), readiness (15021).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -60,9 +60,22 @@ pub async fn serve(
             };
             let state = state.clone();
             tokio::spawn(async move {
-                let service = service_fn(move |req| {
+                let service = service_fn(move |req: Request<Incoming>| {
                     let state = state.clone();
-                    async move { Ok::<_, Infallible>(route(endpoint, req, &state).await) }
+                    async move {
+                        let flows = matches!(endpoint, Endpoint::Admin)
+                            && req.method() == Method::GET
+                            && req.uri().path() == "/flows";
+                        let response = if flows {
+                            crate::flows_http::flows(
+                                req.uri().query().unwrap_or(""),
+                                &state.tunnel.metrics,
+                            )
+                        } else {
+                            route(endpoint, req, &state).await.map(BodyExt::boxed)
+                        };
+                        Ok::<_, Infallible>(response)
+                    }
                 });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
@@ -127,7 +140,7 @@ async fn route(
         (Endpoint::Admin, Method::POST, "/logging") => set_logging(req, state).await,
         (Endpoint::Admin, _, _) => text(
             StatusCode::NOT_FOUND,
-            "endpoints: GET /config_dump, GET /healthz/ready, GET /logging, POST /logging?level=<filter>\n",
+            "endpoints: GET /config_dump, GET /flows?<filters>&last=N&follow=true, GET /healthz/ready, GET /logging, POST /logging?level=<filter>\n",
         ),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }

@@ -42,6 +42,7 @@ pub async fn run(config: RunConfig, set_log_filter: SetLogFilter) -> anyhow::Res
         crypto.clone(),
     )?;
     let metrics = Metrics::new();
+    metrics.flows.set_node(&config.node_name);
     let certs = CertificateManager::new(Arc::new(ca), metrics.clone());
     let tls = TlsContext::new(crypto, bundle.clone(), &config.trust_domain);
     // The state source: a file (ready once loaded) or the node agent (ready at its first

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod app;
 pub mod busy_poll;
 pub mod config;
+pub mod flows_http;
 pub mod identity;
 pub mod inbound_capture;
 mod log_writer;

@@ -255,6 +255,12 @@ impl Authorizer {
         authorizer
     }
 
+    /// The Allow policies in force (`namespace/name`): when none of them matches, they are
+    /// what denied.
+    pub fn allow_policies(&self) -> impl Iterator<Item = &str> {
+        self.allow.iter().map(|p| &*p.name)
+    }
+
     /// Whether no policy applies (everything is allowed and nothing audited).
     pub fn is_empty(&self) -> bool {
         self.deny.is_empty() && self.allow.is_empty() && self.audit.is_empty()

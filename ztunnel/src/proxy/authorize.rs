@@ -165,11 +165,12 @@ fn decide(
                 policy: Some(policy.to_owned()),
             }
         }
+        // Denied because none of the Allow policies allows it: they are what decided.
         (Verdict::Deny, None) => Ruling {
             refused: Some(ProxyError::Denied(format!(
                 "no Allow MeshPolicy of {key} matches"
             ))),
-            policy: None,
+            policy: Some(authorizer.allow_policies().collect::<Vec<_>>().join(",")),
         },
     }
 }

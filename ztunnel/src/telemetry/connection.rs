@@ -7,6 +7,7 @@ use std::time::Instant;
 use prometheus_client::metrics::counter::Counter;
 use tracing::info;
 
+use super::flows::FlowEnd;
 use super::{ConnectionLabels, Metrics, Reporter};
 use crate::identity::Identity;
 
@@ -67,6 +68,14 @@ impl ConnectionRecorder {
             response_flags: "-".into(),
         };
         metrics.opened.get_or_create(&labels).inc();
+        metrics.flows.record(
+            reporter_name(labels.reporter),
+            source_end(&labels, source.addr.map(|a| a.to_string())),
+            destination_end(&labels, destination.addr.map(|a| a.to_string())),
+            super::flows::FlowKind::TcpOpen {
+                security: labels.connection_security_policy.clone(),
+            },
+        );
         let sent = metrics.sent_bytes.get_or_create(&labels).clone();
         let received = metrics.received_bytes.get_or_create(&labels).clone();
         ConnectionRecorder {
@@ -99,6 +108,19 @@ impl ConnectionRecorder {
         self.labels.response_flags = flags.to_owned();
         self.metrics.closed.get_or_create(&self.labels).inc();
         let error = error.map(|e| e.to_string());
+        self.metrics.flows.record(
+            reporter_name(self.labels.reporter),
+            source_end(&self.labels, self.source_addr.map(|a| a.to_string())),
+            destination_end(&self.labels, self.destination_addr.map(|a| a.to_string())),
+            super::flows::FlowKind::TcpClose {
+                security: self.labels.connection_security_policy.clone(),
+                bytes_sent: sent,
+                bytes_received: received,
+                duration_ms: self.started.elapsed().as_millis() as u64,
+                flags: flags.to_owned(),
+                error: error.clone(),
+            },
+        );
         info!(
             target: "access",
             reporter = ?self.labels.reporter,
@@ -119,5 +141,33 @@ impl ConnectionRecorder {
             error,
             "connection complete"
         );
+    }
+}
+
+/// `source` or `destination`.
+pub(crate) fn reporter_name(reporter: Reporter) -> &'static str {
+    match reporter {
+        Reporter::source => "source",
+        Reporter::destination => "destination",
+    }
+}
+
+/// The source end of a flow event, from a connection's labels.
+pub(crate) fn source_end(labels: &ConnectionLabels, addr: Option<String>) -> FlowEnd {
+    FlowEnd {
+        namespace: labels.source_workload_namespace.clone(),
+        workload: labels.source_workload.clone(),
+        identity: labels.source_principal.clone(),
+        addr,
+    }
+}
+
+/// The destination end of a flow event, from a connection's labels.
+pub(crate) fn destination_end(labels: &ConnectionLabels, addr: Option<String>) -> FlowEnd {
+    FlowEnd {
+        namespace: labels.destination_workload_namespace.clone(),
+        workload: labels.destination_workload.clone(),
+        identity: labels.destination_principal.clone(),
+        addr,
     }
 }

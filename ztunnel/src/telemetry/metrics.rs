@@ -58,6 +58,8 @@ pub struct Metrics {
     pub certificate_expiration: Family<IdentityLabels, Gauge>,
     /// Certificate renewals, by `result` (`success`, `failure`).
     pub certificate_renewals: Family<RenewalLabels, Counter>,
+    /// Not a metric: the flow events of the same connections and requests, for `/flows`.
+    pub flows: super::flows::Flows,
 }
 
 /// The SPIFFE ID a certificate proves.
@@ -212,6 +214,7 @@ impl Metrics {
             response_bytes,
             certificate_expiration,
             certificate_renewals,
+            flows: super::flows::Flows::new(),
         })
     }
 

@@ -110,6 +110,20 @@ impl RequestRecord {
         series.request_bytes.observe(request_bytes as f64);
         series.response_bytes.observe(response_bytes as f64);
         let c = &t.labels;
+        t.metrics.flows.record(
+            crate::telemetry::reporter_name(c.reporter),
+            crate::telemetry::source_end(c, Some(t.source_addr.to_string())),
+            crate::telemetry::destination_end(c, None),
+            crate::telemetry::flows::FlowKind::Http {
+                method: self.method.to_string(),
+                authority: self.authority.clone(),
+                path: self.path.clone(),
+                status: code,
+                duration_ms: duration.as_secs_f64() * 1000.0,
+                verdict: self.verdict.to_owned(),
+                policy: self.policy.clone(),
+            },
+        );
         info!(
             target: "access",
             status = code,

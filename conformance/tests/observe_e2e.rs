@@ -1,0 +1,219 @@
+//! Flow events at the source, on the demo's cluster (examples/): the server's tunnel streams
+//! each HTTP request to `web` (`/flows?to_pod=shop/web&type=http&follow=true` on its admin
+//! endpoint) within a second, a refused `POST` with its 403 and the policy that decided; a
+//! filter that matches nothing gets nothing; a subscriber that never reads loses events (and is
+//! told how many) while every request still goes through.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use conformance::Cluster;
+use conformance::process::Process;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// `curl -sN` of node 2's `/flows` with `query`, left running.
+fn follow(cluster: &Cluster, query: &str, name: &str) -> Process {
+    let mut cmd = cluster.node(2).netns.command("curl");
+    cmd.args(["-sN", &format!("http://127.0.0.1:15000/flows?{query}")]);
+    Process::spawn(name, cmd, cluster.dir.path().join(format!("{name}.log"))).unwrap()
+}
+
+fn events(process: &Process) -> Vec<serde_json::Value> {
+    process
+        .output()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[test]
+fn the_servers_tunnel_streams_each_request_with_its_verdict_and_a_stuck_reader_loses_only_its_own()
+{
+    let cluster = Cluster::from_examples().expect("the demo's cluster starts");
+    let curl = |args: &[&str]| {
+        let out = cluster.run_in("shopper", "curl", args).unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // Meshed first (the agents and tunnels settle), then watched.
+    assert_eq!(
+        curl(&["-sS", "http://10.96.0.10/echo/warm"]),
+        "web saw warm\n"
+    );
+
+    let web = follow(
+        &cluster,
+        "to_pod=shop/web&type=http&follow=true",
+        "flows-web",
+    );
+    let nothing = follow(
+        &cluster,
+        "to_pod=legacy/visitor&type=http&follow=true",
+        "flows-nothing",
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cluster.node(2).http_get(15000, "/config_dump").is_err() || events(&web).is_empty() {
+        // The ring's warm-up request comes first (no `last`: the whole ring, then live).
+        assert!(
+            Instant::now() < deadline,
+            "the follower connects: {}",
+            web.output()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let before_get = now_ms();
+    assert_eq!(
+        curl(&["-sS", "http://10.96.0.10/echo/seen"]),
+        "web saw seen\n"
+    );
+    let after_get = now_ms();
+    let code = curl(&[
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-X",
+        "POST",
+        "http://10.96.0.10/echo/refused",
+    ]);
+    let after_post = now_ms();
+    assert_eq!(code, "403");
+
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let find = |path: &str| {
+        events(&web)
+            .into_iter()
+            .find(|e| e["path"].as_str() == Some(path))
+    };
+    let (get, post) = loop {
+        if let (Some(get), Some(post)) = (find("/echo/seen"), find("/echo/refused")) {
+            break (get, post);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "both requests streamed within a second:\n{}",
+            web.output()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(get["method"], "GET");
+    assert_eq!(get["status"], 200);
+    assert_eq!(get["verdict"], "allow");
+    assert_eq!(get["source"]["workload"], "shopper");
+    assert_eq!(
+        get["source"]["identity"],
+        "spiffe://cluster.local/ns/shop/sa/shopper"
+    );
+    assert_eq!(get["destination"]["workload"], "web");
+    assert_eq!(get["node"], "node2");
+    let t = get["time_ms"].as_u64().unwrap();
+    assert!(
+        before_get <= t && t <= after_get + 1000,
+        "{t} in {before_get}..{after_get}"
+    );
+    assert_eq!(post["method"], "POST");
+    assert_eq!(post["status"], 403);
+    assert_eq!(post["verdict"], "deny");
+    assert_eq!(post["policy"], "shop/web-read-only");
+    assert!(post["time_ms"].as_u64().unwrap() <= after_post + 1000);
+    assert!(
+        nothing.output().trim().is_empty(),
+        "a filter that matches nothing prints nothing: {}",
+        nothing.output()
+    );
+
+    // A subscriber that never reads: its queue fills and it loses events; the requests all go
+    // through meanwhile. Small send buffers in node 2's namespace (where the admin endpoint
+    // is), so the kernel does not hold thousands of events for it.
+    cluster
+        .node(2)
+        .netns
+        .sysctl("net.ipv4.tcp_wmem", "4096 4096 4096")
+        .unwrap();
+    let mut stuck = cluster
+        .node(2)
+        .netns
+        .run_in(|| {
+            let socket =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            // Small buffers, so the kernel does not hold thousands of events for it.
+            socket.set_recv_buffer_size(4096).unwrap();
+            socket
+                .connect(&std::net::SocketAddr::from(([127, 0, 0, 1], 15000)).into())
+                .unwrap();
+            let mut stream: std::net::TcpStream = socket.into();
+            stream
+                .write_all(b"GET /flows?follow=true&last=0 HTTP/1.1\r\nHost: admin\r\n\r\n")
+                .unwrap();
+            stream
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let burst = 3000;
+    let codes = curl(&[
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}\n",
+        &format!("http://10.96.0.10/echo/[1-{burst}]"),
+    ]);
+    assert_eq!(
+        codes.lines().filter(|c| *c == "200").count(),
+        burst,
+        "every request of the burst went through"
+    );
+    // Now it reads: what was queued, then, with the next event, how many it lost.
+    stuck
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut received = Vec::new();
+    drain(&mut stuck, &mut received);
+    assert_eq!(
+        curl(&["-sS", "http://10.96.0.10/echo/after"]),
+        "web saw after\n"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let lost = loop {
+        drain(&mut stuck, &mut received);
+        let text = String::from_utf8_lossy(&received);
+        if let Some(lost) = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l.trim()).ok())
+            .find_map(|v| v["lost"].as_u64())
+        {
+            break lost;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stuck reader is told what it lost"
+        );
+    };
+    // Each request of the burst made one HTTP event at web's tunnel (and its connection's
+    // TCP events); the stuck reader could hold only its queue and its socket's buffers.
+    eprintln!(
+        "the stuck reader lost {lost} events and received {} bytes while {burst} requests went through",
+        received.len()
+    );
+    assert!(lost > 1000, "lost {lost}");
+    drop(web);
+    drop(nothing);
+}
+
+/// Reads what `stream` has until it is quiet for its read timeout.
+fn drain(stream: &mut std::net::TcpStream, received: &mut Vec<u8>) {
+    let mut buffer = [0u8; 65536];
+    while let Ok(n) = stream.read(&mut buffer) {
+        if n == 0 {
+            break;
+        }
+        received.extend_from_slice(&buffer[..n]);
+    }
+}
