@@ -1,7 +1,8 @@
 //! Flow events at the source, on the demo's cluster (examples/): the server's tunnel streams
 //! each HTTP request to `web` (`/flows?to_pod=shop/web&type=http&follow=true` on its admin
 //! endpoint) within a second, a refused `POST` with its 403 and the policy that decided; a
-//! filter that matches nothing gets nothing; a subscriber that never reads loses events (and is
+//! filter that matches nothing gets nothing; `weft observe` over both nodes prints them, and
+//! merges both nodes' events in time order; a subscriber that never reads loses events (and is
 //! told how many) while every request still goes through.
 
 use std::io::{Read, Write};
@@ -67,6 +68,25 @@ fn the_servers_tunnel_streams_each_request_with_its_verdict_and_a_stuck_reader_l
         std::thread::sleep(Duration::from_millis(50));
     }
 
+    // `weft observe` over both nodes' tunnels, as a user runs it on the demo's machine.
+    let tunnels: Vec<String> = (1..=2)
+        .map(|i| format!("127.0.0.1:15000@{}", cluster.node(i).netns.path().display()))
+        .collect();
+    let weft = |args: &[&str], name: &str| {
+        let mut cmd = std::process::Command::new(conformance::binary("weft"));
+        cmd.arg("observe");
+        for t in &tunnels {
+            cmd.args(["--tunnel", t]);
+        }
+        cmd.args(args);
+        Process::spawn(name, cmd, cluster.dir.path().join(format!("{name}.log"))).unwrap()
+    };
+    let observed = weft(
+        &["--to-pod", "shop/web", "--type", "http", "--follow"],
+        "weft-observe",
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
     let before_get = now_ms();
     assert_eq!(
         curl(&["-sS", "http://10.96.0.10/echo/seen"]),
@@ -123,6 +143,71 @@ fn the_servers_tunnel_streams_each_request_with_its_verdict_and_a_stuck_reader_l
     assert_eq!(post["verdict"], "deny");
     assert_eq!(post["policy"], "shop/web-read-only");
     assert!(post["time_ms"].as_u64().unwrap() <= after_post + 1000);
+    // The command printed both, one aligned line each.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !observed.output().contains("/echo/refused") {
+        assert!(
+            Instant::now() < deadline,
+            "weft observe prints the requests:\n{}",
+            observed.output()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let printed = observed.output();
+    let line = |path: &str| {
+        printed
+            .lines()
+            .find(|l| l.contains(path))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(
+        line("/echo/seen").contains("shop/shopper → shop/web")
+            && line("/echo/seen").contains("http  allowed  GET"),
+        "{printed}"
+    );
+    assert!(
+        line("/echo/refused").contains("denied   POST")
+            && line("/echo/refused").contains("403")
+            && line("/echo/refused").contains("policy=shop/web-read-only"),
+        "{printed}"
+    );
+    // Both nodes' events of the shopper's flows, merged in time order.
+    let mut merged = weft(
+        &[
+            "--from-pod",
+            "shop/shopper",
+            "--last",
+            "10",
+            "--output",
+            "json",
+        ],
+        "weft-merged",
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while merged.exited().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "weft observe without --follow ends"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let merged_events = events(&merged);
+    assert_eq!(merged_events.len(), 10, "{}", merged.output());
+    let times: Vec<u64> = merged_events
+        .iter()
+        .map(|e| e["time_ms"].as_u64().unwrap())
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "in time order: {times:?}"
+    );
+    for node in ["node1", "node2"] {
+        assert!(
+            merged_events.iter().any(|e| e["node"] == node),
+            "{node}'s events are among them"
+        );
+    }
     assert!(
         nothing.output().trim().is_empty(),
         "a filter that matches nothing prints nothing: {}",
@@ -205,6 +290,7 @@ fn the_servers_tunnel_streams_each_request_with_its_verdict_and_a_stuck_reader_l
     assert!(lost > 1000, "lost {lost}");
     drop(web);
     drop(nothing);
+    drop(observed);
 }
 
 /// Reads what `stream` has until it is quiet for its read timeout.

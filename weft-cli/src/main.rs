@@ -1,0 +1,173 @@
+//! `weft observe`: the mesh's flows, live, from every node's tunnel.
+
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::sync::mpsc;
+use weft::merge::Merger;
+use weft::query::Question;
+use weft::render::{Output, text};
+use weft::source::{Line, Source};
+
+#[derive(Parser)]
+#[command(name = "weft", version, about = "Weft, for the mesh's users")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show connections, HTTP requests and verdicts as the tunnels see them, merged in time
+    /// order (the filters are applied by each tunnel, where the events are made).
+    Observe(ObserveArgs),
+}
+
+#[derive(clap::Args)]
+struct ObserveArgs {
+    /// A tunnel's admin endpoint to ask, HOST:PORT, or HOST:PORT@/run/netns/NAME to reach it
+    /// from inside a network namespace (one machine's simulated nodes); repeatable.
+    #[arg(long = "tunnel", default_value = "127.0.0.1:15000")]
+    tunnels: Vec<Source>,
+    /// Only flows with either end in this namespace.
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Only flows from this pod (namespace/name).
+    #[arg(long)]
+    from_pod: Option<String>,
+    /// Only flows to this pod (namespace/name).
+    #[arg(long)]
+    to_pod: Option<String>,
+    /// Only flows from this SPIFFE ID.
+    #[arg(long)]
+    from_identity: Option<String>,
+    /// Only TCP connection events or only HTTP requests.
+    #[arg(long = "type", value_parser = ["tcp", "http"])]
+    protocol: Option<String>,
+    /// Only flows allowed or only flows denied.
+    #[arg(long, value_parser = ["allowed", "denied"])]
+    verdict: Option<String>,
+    /// Only events this recent (e.g. 30s, 5m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    since: Option<Duration>,
+    /// The last N events (of all tunnels together) first.
+    #[arg(long)]
+    last: Option<usize>,
+    /// Keep printing new events as they happen.
+    #[arg(long, short)]
+    follow: bool,
+    #[arg(long, short, value_enum, default_value = "text")]
+    output: Output,
+}
+
+/// How long an event is held so that another tunnel's earlier one can come first.
+const WINDOW_MS: u64 = 250;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn main() -> std::process::ExitCode {
+    let Command::Observe(args) = Args::parse().command;
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("weft: cannot start: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(observe(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn observe(args: ObserveArgs) -> anyhow::Result<()> {
+    let question = Question {
+        namespace: args.namespace,
+        from_pod: args.from_pod,
+        to_pod: args.to_pod,
+        from_identity: args.from_identity,
+        protocol: args.protocol,
+        verdict: args.verdict,
+        since: args.since,
+        last: args.last,
+        follow: args.follow,
+    };
+    let query = question.query(SystemTime::now());
+    let (tx, mut rx) = mpsc::channel(4096);
+    let names: Vec<String> = args.tunnels.iter().map(ToString::to_string).collect();
+    for (i, source) in args.tunnels.into_iter().enumerate() {
+        tokio::spawn(source.stream(query.clone(), tx.clone(), i));
+    }
+    drop(tx);
+    let colour = args.output == Output::Text && std::io::stdout().is_terminal();
+    let mut out = std::io::stdout().lock();
+    let mut print = |event: &serde_json::Value| -> anyhow::Result<()> {
+        match args.output {
+            Output::Json => writeln!(out, "{event}"),
+            Output::Text => writeln!(out, "{}", text(event, colour)),
+        }
+        .and_then(|()| out.flush())
+        .context("cannot write to standard output")
+    };
+    let mut merger = Merger::new(WINDOW_MS);
+    let mut open = names.len();
+    let mut failures = Vec::new();
+    let mut first = true;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    while open > 0 {
+        tokio::select! {
+            line = rx.recv() => match line {
+                Some((i, Line::Json(value))) => {
+                    if let Some(lost) = value["lost"].as_u64() {
+                        eprintln!("weft: {} lost {lost} events: this command read too slowly", names[i]);
+                    } else {
+                        merger.push(value);
+                    }
+                }
+                Some((i, Line::Ended(error))) => {
+                    open -= 1;
+                    if let Some(error) = error {
+                        eprintln!("weft: {error}");
+                        failures.push(names[i].clone());
+                    }
+                }
+                None => break,
+            },
+            _ = tick.tick(), if question.follow => {
+                // The ring's events first (at most --last of all tunnels together), then live
+                // ones once the window has passed.
+                let ready = if first {
+                    first = false;
+                    tokio::time::sleep(Duration::from_millis(WINDOW_MS)).await;
+                    merger.drain(question.last)
+                } else {
+                    merger.ready(now_ms())
+                };
+                for event in &ready {
+                    print(event)?;
+                }
+            }
+        }
+    }
+    for event in &merger.drain(question.last) {
+        print(event)?;
+    }
+    anyhow::ensure!(
+        failures.len() < names.len(),
+        "no tunnel answered ({})",
+        failures.join(", ")
+    );
+    Ok(())
+}
