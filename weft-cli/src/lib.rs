@@ -4,6 +4,5 @@
 //! merges, orders and prints.
 
 pub mod merge;
-pub mod query;
 pub mod render;
 pub mod source;

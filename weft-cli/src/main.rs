@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::sync::mpsc;
+use tunnel_proto::flows::{FlowFilter, FlowQuery};
 use weft::merge::Merger;
-use weft::query::Question;
 use weft::render::{Output, text};
 use weft::source::{Line, Source};
 
@@ -65,6 +65,34 @@ struct ObserveArgs {
 /// How long an event is held so that another tunnel's earlier one can come first.
 const WINDOW_MS: u64 = 250;
 
+/// The tunnels' question: the filters as given (each checked as the tunnels check it), and
+/// `--since` as a time.
+fn question(args: &ObserveArgs) -> anyhow::Result<FlowQuery> {
+    let mut filter = FlowFilter::default();
+    for (name, value) in [
+        ("namespace", &args.namespace),
+        ("from_pod", &args.from_pod),
+        ("to_pod", &args.to_pod),
+        ("from_identity", &args.from_identity),
+        ("type", &args.protocol),
+        ("verdict", &args.verdict),
+    ] {
+        if let Some(value) = value {
+            filter
+                .set(name, value)
+                .with_context(|| format!("--{}", name.replace('_', "-")))?;
+        }
+    }
+    filter.since_ms = args
+        .since
+        .map(|since| now_ms().saturating_sub(since.as_millis() as u64));
+    Ok(FlowQuery {
+        filter,
+        last: args.last,
+        follow: args.follow,
+    })
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -93,18 +121,8 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn observe(args: ObserveArgs) -> anyhow::Result<()> {
-    let question = Question {
-        namespace: args.namespace,
-        from_pod: args.from_pod,
-        to_pod: args.to_pod,
-        from_identity: args.from_identity,
-        protocol: args.protocol,
-        verdict: args.verdict,
-        since: args.since,
-        last: args.last,
-        follow: args.follow,
-    };
-    let query = question.query(SystemTime::now());
+    let question = question(&args)?;
+    let query = question.to_query();
     let (tx, mut rx) = mpsc::channel(4096);
     let names: Vec<String> = args.tunnels.iter().map(ToString::to_string).collect();
     for (i, source) in args.tunnels.into_iter().enumerate() {
