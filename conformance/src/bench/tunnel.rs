@@ -14,6 +14,7 @@ use anyhow::{Context, Result};
 use super::client::{self, Path};
 use super::{median, quantile, round2};
 use crate::cluster::{Cluster, ClusterSpec, PodSpec, wait_for_port};
+use crate::process::Process;
 
 /// What to measure.
 #[derive(Clone, Debug, clap::Args)]
@@ -69,6 +70,9 @@ struct Lane {
     source: (Path, SocketAddr),
     /// The client pod is captured (eBPF) while this lane runs.
     captured: bool,
+    /// A subscriber that takes every flow event of both tunnels is attached while this lane
+    /// runs (`/flows?follow=true`).
+    observed: bool,
     /// The processes that carry the lane's bytes, whose CPU time is read.
     proxies: Vec<u32>,
     figures: Figures,
@@ -125,6 +129,7 @@ pub fn run(args: &TunnelBench) -> Result<String> {
         echo,
         source,
         captured: false,
+        observed: false,
         proxies: proxies.to_vec(),
         figures: Figures::default(),
     };
@@ -141,6 +146,16 @@ pub fn run(args: &TunnelBench) -> Result<String> {
             (Path::Weft, at(server, SOURCE)),
             &tunnels,
         ),
+        // Weft again, with a subscriber of every flow event on each tunnel.
+        Lane {
+            observed: true,
+            ..lane(
+                "observed",
+                (Path::Weft, at(server, ECHO)),
+                (Path::Weft, at(server, SOURCE)),
+                &tunnels,
+            )
+        },
         // The client connects straight to the server's address, as any application does;
         // capture takes it to its node's tunnel.
         Lane {
@@ -200,6 +215,10 @@ pub fn run(args: &TunnelBench) -> Result<String> {
                 true => Some(cluster.spawn_capture(&["client"], false)?),
                 false => None,
             };
+            let observers = match lane.observed {
+                true => Some(observe_all(&cluster, round)?),
+                false => None,
+            };
             let meshed_before = meshed_from_client(&cluster)?;
             let proxies = lane.proxies.clone();
             let client_ns = &cluster.pod("client").netns;
@@ -233,6 +252,16 @@ pub fn run(args: &TunnelBench) -> Result<String> {
                 client::connection_rate(echo.0, echo.1, CONNECTING_CLIENTS, CONNECTING_FOR)
             })??;
             drop(capture);
+            if let Some(observers) = observers {
+                let (events, lost) = stop_observers(observers)?;
+                anyhow::ensure!(
+                    events > 0,
+                    "observed lane: the subscribers received no event"
+                );
+                eprintln!(
+                    "  round {round} observed: the subscribers received {events} events, lost {lost}"
+                );
+            }
             let cpu_s_per_gb = cpu_ns as f64 / 1e9 / (bytes as f64 / 1e9);
             // Warm-up round trips included: the CPU was read around all of them.
             let rr_cpu_us = rr_cpu_ns as f64 / 1e3 / (iters + iters / 10) as f64;
@@ -263,7 +292,7 @@ pub fn run(args: &TunnelBench) -> Result<String> {
             lane.name, m.gbps, m.rr_p50, m.rr_p99, m.cpu_s_per_gb, m.rr_cpu_us, m.conn_per_s
         );
     }
-    let [direct, weft, capture, stunnel, relay] = [0, 1, 2, 3, 4].map(|i| medians[i]);
+    let [direct, weft, observed, capture, stunnel, relay] = [0, 1, 2, 3, 4, 5].map(|i| medians[i]);
     let weft_added = weft.rr_p50 - direct.rr_p50;
     let stunnel_added = stunnel.rr_p50 - direct.rr_p50;
     let crypto_weft = weft_crypto(&cluster);
@@ -307,6 +336,11 @@ pub fn run(args: &TunnelBench) -> Result<String> {
         weft.conn_per_s / stunnel.conn_per_s,
         direct.conn_per_s
     );
+    println!(
+        "  observed (a subscriber of every flow event on each tunnel): throughput {:.1}% of weft's (target >= 97%), added p50 {:+.1} us over weft's (target <= 2 us)",
+        100.0 * observed.gbps / weft.gbps,
+        observed.rr_p50 - weft.rr_p50
+    );
     println!("  crypto: weft {crypto_weft}; stunnel {CRYPTO_STUNNEL}");
     let json = serde_json::json!({
         "bench": "tunnel",
@@ -326,6 +360,9 @@ pub fn run(args: &TunnelBench) -> Result<String> {
         "relay_gbps": round2(relay.gbps),
         "relay_rr_p50_us": round2(relay.rr_p50),
         "capture_gbps": round2(capture.gbps),
+        "observed_gbps": round2(observed.gbps),
+        "observed_rr_p50_us": round2(observed.rr_p50),
+        "observed_conn_per_s": round2(observed.conn_per_s),
         "capture_rr_p50_us": round2(capture.rr_p50),
         "weft_cpu_s_per_gb": round2(weft.cpu_s_per_gb),
         "stunnel_cpu_s_per_gb": round2(stunnel.cpu_s_per_gb),
@@ -333,10 +370,50 @@ pub fn run(args: &TunnelBench) -> Result<String> {
         "weft_rr_cpu_us": round2(weft.rr_cpu_us),
         "capture_rr_cpu_us": round2(capture.rr_cpu_us),
         "stunnel_rr_cpu_us": round2(stunnel.rr_cpu_us),
-        "crypto": {"weft": crypto_weft, "capture": crypto_weft, "stunnel": CRYPTO_STUNNEL},
+        "crypto": {"weft": crypto_weft, "observed": crypto_weft, "capture": crypto_weft, "stunnel": CRYPTO_STUNNEL},
     });
     drop(cluster);
     serde_json::to_string(&json).context("JSON")
+}
+
+/// Attaches a subscriber of every flow event to each node's tunnel (`curl -sN` of its
+/// admin `/flows?follow=true&last=0`, written to a file).
+fn observe_all(cluster: &Cluster, round: usize) -> Result<Vec<(Process, std::path::PathBuf)>> {
+    let mut observers = Vec::new();
+    for node in &cluster.nodes {
+        let file = cluster
+            .dir
+            .path()
+            .join(format!("flows-{}-{round}.jsonl", node.name));
+        let mut cmd = node.netns.command("curl");
+        cmd.args(["-sN", "-o"])
+            .arg(&file)
+            .arg("http://127.0.0.1:15000/flows?follow=true&last=0");
+        let log = cluster
+            .dir
+            .path()
+            .join(format!("flows-{}-{round}.log", node.name));
+        observers.push((Process::spawn("flows", cmd, log)?, file));
+    }
+    // Subscribed before the lane starts.
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(observers)
+}
+
+/// Stops the subscribers: the events they received, and the events they were told they lost.
+fn stop_observers(observers: Vec<(Process, std::path::PathBuf)>) -> Result<(usize, u64)> {
+    let (mut events, mut lost) = (0, 0);
+    for (mut process, file) in observers {
+        process.stop(Duration::from_secs(2));
+        for line in std::fs::read_to_string(&file).unwrap_or_default().lines() {
+            match serde_json::from_str::<serde_json::Value>(line) {
+                Ok(v) if v["lost"].is_u64() => lost += v["lost"].as_u64().unwrap_or(0),
+                Ok(_) => events += 1,
+                Err(_) => {}
+            }
+        }
+    }
+    Ok((events, lost))
 }
 
 /// The crypto of Weft's lanes: the provider node 1's tunnel chose at start-up (it logs the
