@@ -214,6 +214,8 @@ fn main() -> Result<()> {
         "\n== the cluster stays up. Look around (as root):\n\
          {look}\
          \x20  ip netns exec {node1} curl -s localhost:15000/config_dump  # node1's tunnel state\n\
+         \x20  {weft} observe {tunnels} --to-pod shop/web --type http --follow\n\
+         \x20     # every request to web, live, from both tunnels (curl from a pod again to see it)\n\
          \x20  Prometheus: http://localhost:9090  (try weft_tcp_connections_opened_total, weft_requests_total)\n\
          \x20  Change the cluster live: edit {manifests}/cluster.yaml (e.g. drop the shop label, or\n\
          \x20  edit the MeshPolicy), then read what the agents and tunnels said:\n\
@@ -221,6 +223,13 @@ fn main() -> Result<()> {
          == tear down: sudo ./scripts/demo.sh down   (or Ctrl-C here)",
         node1 = cluster.node(1).netns.name,
         manifests = cluster.manifest_dir().display(),
+        weft = conformance::binary("weft").display(),
+        tunnels = cluster
+            .nodes
+            .iter()
+            .map(|n| format!("--tunnel 127.0.0.1:15000@{}", n.netns.path().display()))
+            .collect::<Vec<_>>()
+            .join(" "),
     );
     wait_for_signal()?;
     println!("== tearing down");
