@@ -93,6 +93,12 @@ buildah config \
   --label org.opencontainers.image.version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)" \
   --label org.opencontainers.image.licenses=Apache-2.0 \
   "$container"
+# The image this tag named before, removed once replaced (repeated builds would pile up).
+previous=$(podman image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)
 buildah commit --quiet --rm "$container" "$tag" >/dev/null
+current=$(podman image inspect --format '{{.Id}}' "$tag")
+if [ -n "$previous" ] && [ "$previous" != "$current" ]; then
+  podman rmi "$previous" >/dev/null 2>&1 || true
+fi
 size=$(podman image inspect "$tag" --format '{{.Size}}')
 echo "image: $tag ($profile binaries), $((size / 1024 / 1024)) MiB ($size bytes)"
