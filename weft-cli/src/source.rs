@@ -9,6 +9,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use tokio::sync::mpsc;
 
+/// The longest line taken from a tunnel (an event is well under 4 KiB).
+const MAX_LINE: usize = 1 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("{0:?}: a tunnel is HOST:PORT or HOST:PORT@/run/netns/NAME")]
@@ -145,6 +148,11 @@ impl Source {
                 continue;
             };
             pending.extend_from_slice(&data);
+            if pending.len() > MAX_LINE && !pending.contains(&b'\n') {
+                return Err(http(format!(
+                    "a line over {MAX_LINE} bytes: not flow events"
+                )));
+            }
             while let Some(end) = pending.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = pending.drain(..=end).collect();
                 match serde_json::from_slice(&line) {
@@ -173,5 +181,55 @@ mod tests {
         assert_eq!(inside.netns, Some(PathBuf::from("/run/netns/demo-node1")));
         assert_eq!(inside.to_string(), "127.0.0.1:15000@/run/netns/demo-node1");
         assert!("node1".parse::<Source>().is_err());
+    }
+
+    /// Serves one HTTP response with `body` on a loopback port.
+    async fn serve_once(body: Vec<u8>) -> SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request).await;
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(&body).await;
+        });
+        addr
+    }
+
+    async fn lines_of(addr: SocketAddr) -> Vec<Line> {
+        let (tx, mut rx) = mpsc::channel(16);
+        let source = Source { addr, netns: None };
+        tokio::spawn(source.stream(String::new(), tx, 0));
+        let mut out = Vec::new();
+        while let Some((_, line)) = rx.recv().await {
+            let ended = matches!(line, Line::Ended(_));
+            out.push(line);
+            if ended {
+                break;
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn lines_are_read_as_json_and_an_endless_line_or_garbage_is_refused() {
+        let good = lines_of(serve_once(b"{\"time_ms\":1}\n{\"lost\":3}\n".to_vec()).await).await;
+        assert!(
+            matches!(&good[..], [Line::Json(a), Line::Json(b), Line::Ended(None)]
+            if a["time_ms"] == 1 && b["lost"] == 3)
+        );
+        let endless = lines_of(serve_once(vec![b'x'; MAX_LINE + 10]).await).await;
+        assert!(
+            matches!(&endless[..], [Line::Ended(Some(e))] if e.contains("a line over")),
+            "{endless:?}"
+        );
+        let garbage = lines_of(serve_once(b"not json\n".to_vec()).await).await;
+        assert!(
+            matches!(&garbage[..], [Line::Ended(Some(e))] if e.contains("not a JSON line")),
+            "{garbage:?}"
+        );
     }
 }
