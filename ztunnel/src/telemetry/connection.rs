@@ -7,7 +7,7 @@ use std::time::Instant;
 use prometheus_client::metrics::counter::Counter;
 use tracing::info;
 
-use super::flows::FlowEnd;
+use super::flows::{FlowEnd, FlowKind};
 use super::{ConnectionLabels, Metrics, Reporter};
 use crate::identity::Identity;
 
@@ -68,11 +68,12 @@ impl ConnectionRecorder {
             response_flags: "-".into(),
         };
         metrics.opened.get_or_create(&labels).inc();
-        metrics.flows.record(
-            reporter_name(labels.reporter),
-            source_end(&labels, source.addr.map(|a| a.to_string())),
-            destination_end(&labels, destination.addr.map(|a| a.to_string())),
-            super::flows::FlowKind::TcpOpen {
+        record_flow(
+            &metrics,
+            &labels,
+            source.addr.map(|a| a.to_string()),
+            destination.addr.map(|a| a.to_string()),
+            FlowKind::TcpOpen {
                 security: labels.connection_security_policy.clone(),
             },
         );
@@ -108,15 +109,17 @@ impl ConnectionRecorder {
         self.labels.response_flags = flags.to_owned();
         self.metrics.closed.get_or_create(&self.labels).inc();
         let error = error.map(|e| e.to_string());
-        self.metrics.flows.record(
-            reporter_name(self.labels.reporter),
-            source_end(&self.labels, self.source_addr.map(|a| a.to_string())),
-            destination_end(&self.labels, self.destination_addr.map(|a| a.to_string())),
-            super::flows::FlowKind::TcpClose {
+        let duration_ms = self.started.elapsed().as_millis() as u64;
+        record_flow(
+            &self.metrics,
+            &self.labels,
+            self.source_addr.map(|a| a.to_string()),
+            self.destination_addr.map(|a| a.to_string()),
+            FlowKind::TcpClose {
                 security: self.labels.connection_security_policy.clone(),
                 bytes_sent: sent,
                 bytes_received: received,
-                duration_ms: self.started.elapsed().as_millis() as u64,
+                duration_ms,
                 flags: flags.to_owned(),
                 error: error.clone(),
             },
@@ -136,7 +139,7 @@ impl ConnectionRecorder {
             security = self.labels.connection_security_policy,
             bytes_sent = sent,
             bytes_received = received,
-            duration_ms = self.started.elapsed().as_millis() as u64,
+            duration_ms,
             response_flags = flags,
             error,
             "connection complete"
@@ -144,30 +147,30 @@ impl ConnectionRecorder {
     }
 }
 
-/// `source` or `destination`.
-pub(crate) fn reporter_name(reporter: Reporter) -> &'static str {
-    match reporter {
+/// Records a flow event of the connection with `labels` (both ends from them, with the
+/// addresses given) in the tunnel's flows.
+pub(crate) fn record_flow(
+    metrics: &Metrics,
+    labels: &ConnectionLabels,
+    source_addr: Option<String>,
+    destination_addr: Option<String>,
+    kind: FlowKind,
+) {
+    let reporter = match labels.reporter {
         Reporter::source => "source",
         Reporter::destination => "destination",
-    }
-}
-
-/// The source end of a flow event, from a connection's labels.
-pub(crate) fn source_end(labels: &ConnectionLabels, addr: Option<String>) -> FlowEnd {
-    FlowEnd {
+    };
+    let source = FlowEnd {
         namespace: labels.source_workload_namespace.clone(),
         workload: labels.source_workload.clone(),
         identity: labels.source_principal.clone(),
-        addr,
-    }
-}
-
-/// The destination end of a flow event, from a connection's labels.
-pub(crate) fn destination_end(labels: &ConnectionLabels, addr: Option<String>) -> FlowEnd {
-    FlowEnd {
+        addr: source_addr,
+    };
+    let destination = FlowEnd {
         namespace: labels.destination_workload_namespace.clone(),
         workload: labels.destination_workload.clone(),
         identity: labels.destination_principal.clone(),
-        addr,
-    }
+        addr: destination_addr,
+    };
+    metrics.flows.record(reporter, source, destination, kind);
 }

@@ -4,8 +4,8 @@ mod connection;
 pub mod flows;
 mod metrics;
 
+pub(crate) use connection::record_flow;
 pub use connection::{ConnectionRecorder, Peer};
-pub(crate) use connection::{destination_end, reporter_name, source_end};
 pub use metrics::{
     ConnectionLabels, IdentityLabels, Metrics, PolicyDecisionLabels, RefusedLabels, RenewalLabels,
     Reporter, RequestLabels,

@@ -110,10 +110,11 @@ impl RequestRecord {
         series.request_bytes.observe(request_bytes as f64);
         series.response_bytes.observe(response_bytes as f64);
         let c = &t.labels;
-        t.metrics.flows.record(
-            crate::telemetry::reporter_name(c.reporter),
-            crate::telemetry::source_end(c, Some(t.source_addr.to_string())),
-            crate::telemetry::destination_end(c, None),
+        crate::telemetry::record_flow(
+            &t.metrics,
+            c,
+            Some(t.source_addr.to_string()),
+            None,
             crate::telemetry::flows::FlowKind::Http {
                 method: self.method.to_string(),
                 authority: self.authority.clone(),
