@@ -551,22 +551,11 @@ fn node_ca_token(i: usize) -> String {
 
 /// The HTTP readiness probes of `pod`: (container, port, path).
 fn http_probes(pod: &K8sPodSpec) -> Vec<(String, u16, String)> {
-    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
     pod.containers
         .iter()
         .filter_map(|c| {
-            let get = c.readiness_probe.as_ref()?.http_get.as_ref()?;
-            let port = match &get.port {
-                IntOrString::Int(p) => *p as u16,
-                IntOrString::String(name) => {
-                    c.ports
-                        .iter()
-                        .flatten()
-                        .find(|p| p.name.as_deref() == Some(name))?
-                        .container_port as u16
-                }
-            };
-            Some((c.name.clone(), port, get.path.clone().unwrap_or_default()))
+            let (port, path) = weft_install::readiness_probe(c)?;
+            Some((c.name.clone(), port, path))
         })
         .collect()
 }

@@ -9,10 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -181,6 +182,28 @@ fn strict<T: DeserializeOwned>(value: &Value) -> Result<Box<T>, InstallError> {
             keys: unknown,
         })
     }
+}
+
+/// The HTTP readiness probe of `container` as the kubelet would run it: (port, path), a named
+/// port resolved to the container's port of that name. `None` without an HTTP probe, or when
+/// the name is no port of the container.
+pub fn readiness_probe(container: &Container) -> Option<(u16, String)> {
+    let get = container.readiness_probe.as_ref()?.http_get.as_ref()?;
+    let port = match &get.port {
+        IntOrString::Int(port) => *port,
+        IntOrString::String(name) => {
+            container
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(name))?
+                .container_port
+        }
+    };
+    Some((
+        u16::try_from(port).ok()?,
+        get.path.clone().unwrap_or_default(),
+    ))
 }
 
 /// Renders `dir` and parses every object: the first problem, or all objects.

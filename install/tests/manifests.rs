@@ -334,16 +334,9 @@ fn with_environment<T>(c: &Container, parse: impl FnOnce() -> T) -> T {
 }
 
 fn probe_port(c: &Container) -> (i32, String) {
-    let get = c
-        .readiness_probe
-        .as_ref()
-        .and_then(|p| p.http_get.as_ref())
-        .unwrap_or_else(|| panic!("{} has an HTTP readiness probe", c.name));
-    let port = match &get.port {
-        IntOrString::Int(p) => *p,
-        IntOrString::String(name) => container_port(c, name),
-    };
-    (port, get.path.clone().unwrap_or_default())
+    let (port, path) = weft_install::readiness_probe(c)
+        .unwrap_or_else(|| panic!("{} has an HTTP readiness probe on one of its ports", c.name));
+    (i32::from(port), path)
 }
 
 fn mount_path(c: &Container, volume: &str) -> String {
