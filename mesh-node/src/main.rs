@@ -127,11 +127,8 @@ fn preflight(args: &PreflightArgs) -> std::process::ExitCode {
 }
 
 fn uninstall(pin_dir: Option<std::path::PathBuf>) -> anyhow::Result<()> {
-    let dir = match pin_dir {
-        Some(dir) => dir,
-        None => redirect_ebpf::default_pin_dir()?,
-    };
-    if redirect_ebpf::uninstall(&dir)? {
+    let (dir, removed) = redirect_ebpf::uninstall_from(pin_dir)?;
+    if removed {
         println!("capture removed from this node ({})", dir.display());
     } else {
         println!("no capture pinned at {}", dir.display());

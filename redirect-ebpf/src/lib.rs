@@ -29,7 +29,7 @@ pub use error::RedirectError;
 pub use inbound::InboundListeners;
 pub use mounts::{bpffs_mount, cgroup2_mount};
 pub use netns::{netns_cookie, netns_cookie_of, run_in_netns, socket_netns_cookie};
-pub use pins::{default_pin_dir, uninstall};
+pub use pins::{default_pin_dir, uninstall, uninstall_from};
 pub use preflight::{MIN_KERNEL, kernel_version, preflight};
 pub use redirect_common::{DEFAULT_TUNNEL_MARK, OUTBOUND_PORT};
 

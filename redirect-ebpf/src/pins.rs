@@ -107,6 +107,17 @@ pub(crate) fn detach_and_remove_pin(path: &Path) -> Result<(), RedirectError> {
     remove_pin(path)
 }
 
+/// [`uninstall`] of `dir`, or of the default pin directory ([`default_pin_dir`]): the
+/// directory looked at, and whether anything was pinned there.
+pub fn uninstall_from(dir: Option<PathBuf>) -> Result<(PathBuf, bool), RedirectError> {
+    let dir = match dir {
+        Some(dir) => dir,
+        None => default_pin_dir()?,
+    };
+    let removed = uninstall(&dir)?;
+    Ok((dir, removed))
+}
+
 /// Removes everything capture pinned under `dir`: every link (detaching its program) and map.
 /// Returns false if there was nothing to remove. Refuses a directory that is not on a BPF
 /// file system or does not look like a capture pin directory.

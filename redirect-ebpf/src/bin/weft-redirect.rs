@@ -11,8 +11,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 use redirect_ebpf::{
-    DEFAULT_TUNNEL_MARK, Exclusions, Options, Redirect, cgroup2_mount, default_pin_dir, parse_mark,
-    preflight, uninstall,
+    DEFAULT_TUNNEL_MARK, Exclusions, Options, Redirect, cgroup2_mount, parse_mark, preflight,
+    uninstall_from,
 };
 
 #[derive(Parser)]
@@ -148,11 +148,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 fn remove(pin_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    let dir = match pin_dir {
-        Some(dir) => dir,
-        None => default_pin_dir()?,
-    };
-    if uninstall(&dir)? {
+    let (dir, removed) = uninstall_from(pin_dir)?;
+    if removed {
         println!("capture removed from {}", dir.display());
     } else {
         println!("nothing pinned under {}", dir.display());
