@@ -122,6 +122,8 @@ pub struct Authorizer {
     deny: Vec<Compiled>,
     allow: Vec<Compiled>,
     audit: Vec<Compiled>,
+    /// The Allow policies' names joined by `,`, made once here rather than on each denial.
+    allow_names: Arc<str>,
 }
 
 #[derive(Clone, Debug)]
@@ -252,13 +254,15 @@ impl Authorizer {
                 PolicyAction::Audit => authorizer.audit.push(compiled),
             }
         }
+        let names: Vec<&str> = authorizer.allow.iter().map(|p| &*p.name).collect();
+        authorizer.allow_names = names.join(",").into();
         authorizer
     }
 
-    /// The Allow policies in force (`namespace/name`): when none of them matches, they are
-    /// what denied.
-    pub fn allow_policies(&self) -> impl Iterator<Item = &str> {
-        self.allow.iter().map(|p| &*p.name)
+    /// The Allow policies in force (`namespace/name`, joined by `,`): when none of them
+    /// matches, they are what denied.
+    pub fn allow_policies(&self) -> &str {
+        &self.allow_names
     }
 
     /// Whether no policy applies (everything is allowed and nothing audited).

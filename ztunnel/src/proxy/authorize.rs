@@ -170,7 +170,7 @@ fn decide(
             refused: Some(ProxyError::Denied(format!(
                 "no Allow MeshPolicy of {key} matches"
             ))),
-            policy: Some(authorizer.allow_policies().collect::<Vec<_>>().join(",")),
+            policy: Some(authorizer.allow_policies().to_owned()),
         },
     }
 }
