@@ -1,6 +1,9 @@
-//! The wire API between Weft's tunnels and the mesh CA: Istio's
+//! The wire APIs between Weft's tunnels and the controller: the mesh CA, Istio's
 //! `istio.v1.auth.IstioCertificateService/CreateCertificate` over gRPC, so that Weft's tunnels
-//! can use istiod as their CA and Istio's ztunnel can use Weft's.
+//! can use istiod as their CA and Istio's ztunnel can use Weft's; and the flow relay,
+//! `weft.flows.v1.FlowRelay/Offer`, which each tunnel calls to offer its flow events to
+//! `weft observe` through the controller (served on the CA's port, under the same TLS and the
+//! same node authentication).
 
 #![allow(clippy::doc_markdown, clippy::default_trait_access)]
 
@@ -8,6 +11,14 @@
 pub mod istio {
     tonic::include_proto!("istio.v1.auth");
 }
+
+/// The flow relay's messages, client and server.
+pub mod flows {
+    tonic::include_proto!("weft.flows.v1");
+}
+
+pub use flows::flow_relay_client::FlowRelayClient;
+pub use flows::flow_relay_server::{FlowRelay, FlowRelayServer};
 
 pub use istio::istio_certificate_service_client::IstioCertificateServiceClient;
 pub use istio::istio_certificate_service_server::{

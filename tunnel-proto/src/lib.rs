@@ -4,6 +4,7 @@
 //! pods' network namespaces ([`protocol`]).
 
 pub mod file_trust;
+pub mod flow_merge;
 pub mod flows;
 pub mod last_failure;
 pub mod peer;

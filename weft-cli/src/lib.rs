@@ -3,6 +3,5 @@
 //! filters where the events are made (`GET /flows` on its admin endpoint) and this command
 //! merges, orders and prints.
 
-pub mod merge;
 pub mod render;
 pub mod source;

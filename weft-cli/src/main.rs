@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::sync::mpsc;
+use tunnel_proto::flow_merge::Merger;
 use tunnel_proto::flows::{FlowFilter, FlowQuery};
-use weft::merge::Merger;
 use weft::render::{Output, text};
 use weft::source::{Line, Source};
 
@@ -151,7 +151,7 @@ async fn observe(args: ObserveArgs) -> anyhow::Result<()> {
                     if let Some(lost) = value["lost"].as_u64() {
                         eprintln!("weft: {} lost {lost} events: this command read too slowly", names[i]);
                     } else {
-                        merger.push(value);
+                        merger.push(value["time_ms"].as_u64().unwrap_or(0), value);
                     }
                 }
                 Some((i, Line::Ended(error))) => {
