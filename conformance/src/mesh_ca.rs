@@ -17,6 +17,9 @@ use crate::process::Process;
 /// The port the CA serves on (istiod's).
 pub const CA_PORT: u16 = 15012;
 
+/// The port of the flow relay's endpoint for users (the controller's default).
+pub const RELAY_PORT: u16 = 15010;
+
 /// The DNS name of the CA's serving certificate, as tunnels are told to expect it.
 pub const CA_SERVER_NAME: &str = "weft-ca.weft-system.svc";
 
@@ -44,6 +47,12 @@ impl Cluster {
     /// Where node `i`'s tunnel reaches the CA.
     pub fn ca_address(&self, i: usize) -> String {
         format!("10.255.{i}.1:{CA_PORT}")
+    }
+
+    /// The controller's flow relay endpoint, as `weft observe --relay` takes it (on the
+    /// router's loopback, where the controller runs).
+    pub fn relay_source(&self) -> String {
+        format!("127.0.0.1:{RELAY_PORT}@{}", self.router.path().display())
     }
 
     /// The manifests the CA authorizes against: with agents, the folder they follow (a pod
@@ -145,6 +154,8 @@ impl Cluster {
             CA_SERVER_NAME.into(),
             "--ca-token-file".into(),
             self.node_token(i).into(),
+            "--flow-relay".into(),
+            self.ca_address(i).into(),
         ]
     }
 }

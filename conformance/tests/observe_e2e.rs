@@ -173,7 +173,7 @@ fn the_servers_tunnel_streams_each_request_with_its_verdict_and_a_stuck_reader_l
         "{printed}"
     );
     // Both nodes' events of the shopper's flows, merged in time order.
-    let mut merged = weft(
+    last_ten_of_both_nodes_in_time_order(weft(
         &[
             "--from-pod",
             "shop/shopper",
@@ -183,31 +183,7 @@ fn the_servers_tunnel_streams_each_request_with_its_verdict_and_a_stuck_reader_l
             "json",
         ],
         "weft-merged",
-    );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while merged.exited().is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "weft observe without --follow ends"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let merged_events = events(&merged);
-    assert_eq!(merged_events.len(), 10, "{}", merged.output());
-    let times: Vec<u64> = merged_events
-        .iter()
-        .map(|e| e["time_ms"].as_u64().unwrap())
-        .collect();
-    assert!(
-        times.windows(2).all(|w| w[0] <= w[1]),
-        "in time order: {times:?}"
-    );
-    for node in ["node1", "node2"] {
-        assert!(
-            merged_events.iter().any(|e| e["node"] == node),
-            "{node}'s events are among them"
-        );
-    }
+    ));
     assert!(
         nothing.output().trim().is_empty(),
         "a filter that matches nothing prints nothing: {}",
@@ -293,6 +269,36 @@ fn the_servers_tunnel_streams_each_request_with_its_verdict_and_a_stuck_reader_l
     drop(observed);
 }
 
+/// `weft observe --last 10 --output json` (without `--follow`) ends with ten events in time
+/// order, of both nodes.
+fn last_ten_of_both_nodes_in_time_order(mut merged: Process) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while merged.exited().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "weft observe without --follow ends"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let merged_events = events(&merged);
+    assert_eq!(merged_events.len(), 10, "{}", merged.output());
+    let times: Vec<u64> = merged_events
+        .iter()
+        .map(|e| e["time_ms"].as_u64().unwrap())
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "in time order: {times:?}"
+    );
+    for node in ["node1", "node2"] {
+        assert!(
+            merged_events.iter().any(|e| e["node"] == node),
+            "{node}'s events are among them: {}",
+            merged.output()
+        );
+    }
+}
+
 /// Reads what `stream` has until it is quiet for its read timeout.
 fn drain(stream: &mut std::net::TcpStream, received: &mut Vec<u8>) {
     let mut buffer = [0u8; 65536];
@@ -302,4 +308,111 @@ fn drain(stream: &mut std::net::TcpStream, received: &mut Vec<u8>) {
         }
         received.extend_from_slice(&buffer[..n]);
     }
+}
+
+/// Through the controller's relay, as on a cluster: each node's tunnel offers its flows to the
+/// controller (authenticated by its node token); one `weft observe --relay` sees both nodes,
+/// merged in time order, a denied request with its policy within a second, and a filter that
+/// matches nothing prints nothing.
+#[test]
+fn one_command_through_the_controllers_relay_sees_every_nodes_flows() {
+    let cluster = Cluster::from_examples().expect("the demo's cluster starts");
+    let curl = |args: &[&str]| {
+        let out = cluster.run_in("shopper", "curl", args).unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(
+        curl(&["-sS", "http://10.96.0.10/echo/warm"]),
+        "web saw warm\n"
+    );
+    let relay_nodes = || {
+        let out = cluster
+            .router
+            .command("curl")
+            .args(["-sS", "http://127.0.0.1:15010/nodes"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while relay_nodes() != "node1\nnode2\n" {
+        assert!(
+            Instant::now() < deadline,
+            "both nodes offer their flows to the relay: {:?}\n{}",
+            relay_nodes(),
+            cluster.ca_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let relay = cluster.relay_source();
+    let weft = |args: &[&str], name: &str| {
+        let mut cmd = std::process::Command::new(conformance::binary("weft"));
+        cmd.args(["observe", "--relay", &relay]).args(args);
+        Process::spawn(name, cmd, cluster.dir.path().join(format!("{name}.log"))).unwrap()
+    };
+    let observed = weft(
+        &["--to-pod", "shop/web", "--type", "http", "--follow"],
+        "relay-observe",
+    );
+    let nothing = weft(
+        &["--to-pod", "legacy/visitor", "--follow", "--output", "json"],
+        "relay-nothing",
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let code = curl(&[
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-X",
+        "POST",
+        "http://10.96.0.10/echo/refused-through-relay",
+    ]);
+    assert_eq!(code, "403");
+    let refused_at = Instant::now();
+    while !observed.output().contains("/echo/refused-through-relay") {
+        assert!(
+            refused_at.elapsed() < Duration::from_secs(1),
+            "the relay passes the denied request on within a second:\n{}",
+            observed.output()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!(
+        "printed through the relay {:?} after the 403",
+        refused_at.elapsed()
+    );
+    let printed = observed.output();
+    let line = printed
+        .lines()
+        .find(|l| l.contains("/echo/refused-through-relay"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("shop/shopper → shop/web")
+            && line.contains("denied   POST")
+            && line.contains("403")
+            && line.contains("policy=shop/web-read-only"),
+        "{printed}"
+    );
+
+    // Both nodes' events, merged by the relay in time order.
+    last_ten_of_both_nodes_in_time_order(weft(
+        &[
+            "--from-pod",
+            "shop/shopper",
+            "--last",
+            "10",
+            "--output",
+            "json",
+        ],
+        "relay-merged",
+    ));
+    assert!(
+        nothing.output().trim().is_empty(),
+        "a filter that matches nothing prints nothing: {}",
+        nothing.output()
+    );
+    drop(observed);
+    drop(nothing);
 }

@@ -124,6 +124,11 @@ pub struct CaArgs {
         default_value = "system:serviceaccount:weft-system:weft-node"
     )]
     pub node_agent_accounts: Vec<String>,
+    /// Where the flow relay answers users (`GET /flows`, `GET /nodes`): a loopback address,
+    /// reached with `kubectl port-forward` (the endpoint has no authentication of its own).
+    /// The nodes' tunnels offer their flows on the CA's port.
+    #[arg(long, env = "WEFT_FLOWS_LISTEN", default_value = "127.0.0.1:15010")]
+    pub flows_listen: std::net::SocketAddr,
 }
 
 #[derive(clap::Args)]

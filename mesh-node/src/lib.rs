@@ -18,6 +18,7 @@ pub mod pod_netns;
 pub mod policies;
 pub mod preflight;
 pub mod readiness;
+pub mod relay;
 pub mod tunnel_link;
 pub mod tunnel_state;
 

@@ -305,6 +305,11 @@ fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot serve readiness on {}", args.readiness_addr))?;
         // Tells the CA to stop serving once the controller's own loop has ended.
         let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+        if let Some(ca) = &ca {
+            let flows =
+                mesh_node::relay::http::serve(args.ca.flows_listen, ca.relay.clone()).await?;
+            info!(endpoint = %flows, "flow relay answering on GET /flows and /nodes");
+        }
         let ca_task = ca.map(|ca| {
             let stop = stop.clone();
             tokio::spawn(async move { ca.run(async move { stop.notified().await }).await })

@@ -31,6 +31,11 @@ struct ObserveArgs {
     /// from inside a network namespace (one machine's simulated nodes); repeatable.
     #[arg(long = "tunnel", default_value = "127.0.0.1:15000")]
     tunnels: Vec<Source>,
+    /// The controller's flow relay instead, which merges every node's flows: HOST:PORT (on a
+    /// cluster, after `kubectl -n weft-system port-forward deploy/weft-controller 15010`,
+    /// 127.0.0.1:15010), or HOST:PORT@/run/netns/NAME.
+    #[arg(long, conflicts_with = "tunnels")]
+    relay: Option<Source>,
     /// Only flows with either end in this namespace.
     #[arg(long)]
     namespace: Option<String>,
@@ -124,8 +129,12 @@ async fn observe(args: ObserveArgs) -> anyhow::Result<()> {
     let question = question(&args)?;
     let query = question.to_query();
     let (tx, mut rx) = mpsc::channel(4096);
-    let names: Vec<String> = args.tunnels.iter().map(ToString::to_string).collect();
-    for (i, source) in args.tunnels.into_iter().enumerate() {
+    let sources = match args.relay {
+        Some(relay) => vec![relay],
+        None => args.tunnels,
+    };
+    let names: Vec<String> = sources.iter().map(ToString::to_string).collect();
+    for (i, source) in sources.into_iter().enumerate() {
         tokio::spawn(source.stream(query.clone(), tx.clone(), i));
     }
     drop(tx);
@@ -149,7 +158,9 @@ async fn observe(args: ObserveArgs) -> anyhow::Result<()> {
             line = rx.recv() => match line {
                 Some((i, Line::Json(value))) => {
                     if let Some(lost) = value["lost"].as_u64() {
-                        eprintln!("weft: {} lost {lost} events: this command read too slowly", names[i]);
+                        eprintln!("weft: {} lost {lost} events on the way: a reader (this command, or the relay) read too slowly", names[i]);
+                    } else if let Some(notice) = value["notice"].as_str() {
+                        eprintln!("weft: {}: {notice}", names[i]);
                     } else {
                         merger.push(value["time_ms"].as_u64().unwrap_or(0), value);
                     }

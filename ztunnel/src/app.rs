@@ -11,6 +11,7 @@ use tracing::{info, warn};
 
 use crate::admin::{self, AdminState, Endpoint};
 use crate::config::RunConfig;
+use crate::flows_relay::RelaySettings;
 use crate::identity::{CaClientSettings, CertificateManager, MeshCaClient};
 use crate::inbound_capture::InboundCapture;
 use crate::logging::SetLogFilter;
@@ -44,7 +45,7 @@ pub async fn run(config: RunConfig, set_log_filter: SetLogFilter) -> anyhow::Res
     let metrics = Metrics::new();
     metrics.flows.set_node(&config.node_name);
     let certs = CertificateManager::new(Arc::new(ca), metrics.clone());
-    let tls = TlsContext::new(crypto, bundle.clone(), &config.trust_domain);
+    let tls = TlsContext::new(crypto.clone(), bundle.clone(), &config.trust_domain);
     // The state source: a file (ready once loaded) or the node agent (ready at its first
     // snapshot, followed in the background once the pods loop runs).
     let (source_ready_tx, source_ready) = tokio::sync::watch::channel(false);
@@ -155,6 +156,20 @@ pub async fn run(config: RunConfig, set_log_filter: SetLogFilter) -> anyhow::Res
             synced: source_ready_tx,
         };
         tokio::spawn(follower.run(tunnel.shutdown.clone()));
+    }
+    if let Some(address) = &config.flow_relay {
+        // Stopped with the admin endpoints: flows of draining connections are still offered.
+        tokio::spawn(crate::flows_relay::offer(
+            RelaySettings {
+                address: address.clone(),
+                server_name: config.ca_server_name.clone(),
+                token_file: config.ca_token_file.clone(),
+            },
+            tunnel.metrics.clone(),
+            bundle.clone(),
+            crypto.clone(),
+            admin_stop.clone(),
+        ));
     }
     info!(node = %config.node_name, trust_domain = %config.trust_domain, "tunnel started");
 

@@ -74,6 +74,12 @@ pub struct RunConfig {
     /// projected service account token (audience weft-ca). Read at each request.
     #[arg(long, env = "WEFT_CA_TOKEN_FILE")]
     pub ca_token_file: PathBuf,
+    /// The controller's flow relay (`host:port`; every address the name resolves to, one per
+    /// controller replica): this tunnel offers its flow events there, authenticated with the
+    /// CA token, for `weft observe` through the controller. Unset: flows only on the admin
+    /// endpoint.
+    #[arg(long, env = "WEFT_FLOW_RELAY")]
+    pub flow_relay: Option<String>,
     /// Lifetime of workload certificates asked of the CA (it may give less); they are renewed
     /// at half life.
     #[arg(long, env = "WEFT_CERT_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]

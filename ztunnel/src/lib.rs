@@ -7,6 +7,7 @@ pub mod app;
 pub mod busy_poll;
 pub mod config;
 pub mod flows_http;
+pub mod flows_relay;
 pub mod identity;
 pub mod inbound_capture;
 mod log_writer;

@@ -14,6 +14,8 @@ use super::serve::{ServingCertificate, describe, serve};
 use super::service::CaService;
 use super::{CaError, Created, MeshCa};
 use crate::cluster::ClusterObjects;
+use crate::relay::Relay;
+use crate::relay::service::RelayService;
 
 /// How the CA is set up.
 #[derive(Clone, Debug)]
@@ -51,7 +53,10 @@ pub async fn start_ca(
     }
     let serving = ServingCertificate::new(&ca, settings.server_names.clone())?;
     let ca = Arc::new(ArcSwap::from_pointee(ca));
-    let service = CaService::new(ca.clone(), authenticator, cluster);
+    let authenticator = Arc::new(authenticator);
+    let service = CaService::new(ca.clone(), authenticator.clone(), cluster);
+    let relay = Relay::new();
+    let relay_service = RelayService::new(relay.clone(), authenticator);
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|source| CaError::Listen {
@@ -62,6 +67,8 @@ pub async fn start_ca(
     info!(endpoint = %describe(bound, &settings.server_names), "mesh CA serving CreateCertificate");
     Ok(RunningCa {
         bound,
+        relay,
+        relay_service,
         publish: None,
         ca,
         serving,
@@ -74,6 +81,9 @@ pub async fn start_ca(
 /// A CA ready to serve.
 pub struct RunningCa {
     pub bound: SocketAddr,
+    /// The flow relay served beside the CA, for its users' endpoint.
+    pub relay: Arc<Relay>,
+    relay_service: RelayService,
     /// Where the bundle is published besides `bundle_file`, if anywhere.
     publish: Option<super::publish::BundleConfigMap>,
     ca: Arc<ArcSwap<MeshCa>>,
@@ -116,7 +126,7 @@ impl RunningCa {
             }
         };
         tokio::select! {
-            served = serve(self.listener, self.serving, self.service, stop) => served,
+            served = serve(self.listener, self.serving, self.service, self.relay_service, stop) => served,
             () = renew => Ok(()),
             () = follow => Ok(()),
             () = publish => Ok(()),

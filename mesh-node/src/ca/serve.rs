@@ -14,6 +14,7 @@ use tracing::{debug, warn};
 
 use super::service::CaService;
 use super::{CaError, MeshCa};
+use crate::relay::service::RelayService;
 
 /// A caller must finish its TLS handshake within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -66,11 +67,12 @@ fn certified_key(ca: &MeshCa, names: &[String]) -> Result<CertifiedKey, CaError>
     Ok(CertifiedKey::new(chain, signing_key))
 }
 
-/// Serves `service` on `listener` over TLS with `certificate` until `stop`.
+/// Serves `service` (and the flow relay, which authenticates nodes as the CA does) on `listener` over TLS with `certificate` until `stop`.
 pub async fn serve(
     listener: TcpListener,
     certificate: Arc<ServingCertificate>,
     service: CaService,
+    relay: RelayService,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), CaError> {
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
@@ -113,6 +115,7 @@ pub async fn serve(
     let served = ca_api::tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(service.into_server())
+        .add_service(relay.into_server())
         .serve_with_incoming_shutdown(incoming, stop)
         .await;
     accepting.abort();

@@ -36,7 +36,7 @@ pub struct CaService {
 
 struct Inner {
     ca: Arc<ArcSwap<MeshCa>>,
-    authenticator: Authenticator,
+    authenticator: Arc<Authenticator>,
     cluster: tokio::sync::watch::Receiver<Arc<ClusterObjects>>,
     buckets: Mutex<HashMap<String, Bucket>>,
 }
@@ -50,7 +50,7 @@ impl CaService {
     /// Signs with whatever CA `ca` holds at each request, authorizing against `cluster`.
     pub fn new(
         ca: Arc<ArcSwap<MeshCa>>,
-        authenticator: Authenticator,
+        authenticator: Arc<Authenticator>,
         cluster: tokio::sync::watch::Receiver<Arc<ClusterObjects>>,
     ) -> CaService {
         CaService {
@@ -182,7 +182,7 @@ impl ca_api::IstioCertificateService for CaService {
 }
 
 /// The token of the request's `authorization: Bearer <token>` metadata.
-fn bearer<T>(request: &Request<T>) -> Option<String> {
+pub(crate) fn bearer<T>(request: &Request<T>) -> Option<String> {
     let value = request.metadata().get("authorization")?.to_str().ok()?;
     let token = value
         .strip_prefix("Bearer ")

@@ -57,39 +57,13 @@ impl MeshCaClient {
         bundle: Arc<TrustBundle>,
         crypto: Arc<rustls::crypto::CryptoProvider>,
     ) -> Result<MeshCaClient, CertificateError> {
-        let endpoint =
-            tonic::transport::Endpoint::from_shared(format!("https://{}", settings.address))
-                .map_err(|e| CertificateError::CaAddress {
-                    address: settings.address.clone(),
-                    reason: e.to_string(),
-                })?
-                .connect_timeout(REQUEST_TIMEOUT)
-                .timeout(REQUEST_TIMEOUT)
-                .http2_keep_alive_interval(Duration::from_secs(30));
-        let server_name = ServerName::try_from(settings.server_name.clone()).map_err(|e| {
-            CertificateError::CaAddress {
-                address: settings.server_name.clone(),
-                reason: format!("not a DNS name: {e}"),
-            }
-        })?;
-        let address = settings.address.clone();
-        let connector_crypto = crypto.clone();
-        let connector = tower::service_fn(move |_: http::Uri| {
-            let address = address.clone();
-            let server_name = server_name.clone();
-            let bundle = bundle.clone();
-            let crypto = connector_crypto.clone();
-            async move {
-                let config = ca_tls_config(&bundle, crypto)?;
-                let tcp = tokio::net::TcpStream::connect(&address).await?;
-                tcp.set_nodelay(true)?;
-                let tls = tokio_rustls::TlsConnector::from(config)
-                    .connect(server_name, tcp)
-                    .await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
-            }
-        });
-        let channel = endpoint.connect_with_connector_lazy(connector);
+        let channel = controller_channel(
+            &settings.address,
+            &settings.server_name,
+            Some(REQUEST_TIMEOUT),
+            bundle,
+            crypto.clone(),
+        )?;
         Ok(MeshCaClient {
             settings,
             client: IstioCertificateServiceClient::new(channel),
@@ -167,6 +141,51 @@ impl CertificateProvider for MeshCaClient {
     }
 }
 
+/// A gRPC channel to the controller at `address` (the CA, or the flow relay on its port),
+/// over TLS verified against `bundle`'s roots of the moment under `server_name`. Connects on
+/// first use, and again after the connection is lost. `timeout` bounds each call (none for a
+/// call that stays open).
+pub(crate) fn controller_channel(
+    address: &str,
+    server_name: &str,
+    timeout: Option<Duration>,
+    bundle: Arc<TrustBundle>,
+    crypto: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<tonic::transport::Channel, CertificateError> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("https://{address}"))
+        .map_err(|e| CertificateError::CaAddress {
+            address: address.to_owned(),
+            reason: e.to_string(),
+        })?
+        .connect_timeout(REQUEST_TIMEOUT)
+        .http2_keep_alive_interval(Duration::from_secs(30));
+    if let Some(timeout) = timeout {
+        endpoint = endpoint.timeout(timeout);
+    }
+    let server_name =
+        ServerName::try_from(server_name.to_owned()).map_err(|e| CertificateError::CaAddress {
+            address: server_name.to_owned(),
+            reason: format!("not a DNS name: {e}"),
+        })?;
+    let address = address.to_owned();
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let address = address.clone();
+        let server_name = server_name.clone();
+        let bundle = bundle.clone();
+        let crypto = crypto.clone();
+        async move {
+            let config = ca_tls_config(&bundle, crypto)?;
+            let tcp = tokio::net::TcpStream::connect(&address).await?;
+            tcp.set_nodelay(true)?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(server_name, tcp)
+                .await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    Ok(endpoint.connect_with_connector_lazy(connector))
+}
+
 /// TLS to the CA: its certificate must chain to the bundle and carry its DNS name.
 fn ca_tls_config(
     bundle: &TrustBundle,
@@ -203,7 +222,7 @@ fn csr_for(identity: &Identity) -> Result<(String, KeyPair), String> {
     Ok((csr, key))
 }
 
-fn read_token(path: &std::path::Path) -> Result<String, CertificateError> {
+pub(crate) fn read_token(path: &std::path::Path) -> Result<String, CertificateError> {
     use std::io::Read;
     let bad = |reason: String| CertificateError::BadToken {
         path: path.to_owned(),
@@ -228,7 +247,7 @@ fn not_after(leaf: &CertificateDer<'_>) -> Result<SystemTime, String> {
 }
 
 /// A gRPC failure as a log reads it: the CA's refusal, or why it could not be reached.
-fn describe_status(status: &tonic::Status) -> String {
+pub(crate) fn describe_status(status: &tonic::Status) -> String {
     use std::error::Error;
     let mut text = format!("{:?}: {}", status.code(), status.message());
     let mut source = status.source();
