@@ -4,131 +4,18 @@
 //! audience (TokenReview served by the list/watch test API server), a CSR with an extra SAN,
 //! a CSR asking to be a CA. The caller learns only that it was refused.
 
-use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
-use std::sync::Arc;
-use std::time::Duration;
+mod support;
 
 use ca_api::tonic::{self, Code};
-use ca_api::{IstioCertificateRequest, IstioCertificateServiceClient};
-use mesh_node::ca::authenticate::{Authenticator, NodeTokens, TokenReviewer, create_node_token};
-use mesh_node::ca::run::{CaSettings, start_ca};
-use mesh_node::cluster::{ClusterObjects, Object};
+use mesh_node::ca::authenticate::{Authenticator, NodeTokens, TokenReviewer};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
-use rustls::pki_types::ServerName;
+use support::TestCa;
 use test_apiserver::{ApiServer, IssuedToken};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-const TD: &str = "cluster.local";
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const DB: &str = "spiffe://cluster.local/ns/shop/sa/db";
-const SERVER_NAME: &str = "weft-ca.test";
 const NODE_AGENT: &str = "system:serviceaccount:weft-system:weft-node";
-
-/// The cluster: shop/web runs on node1, shop/db on node2.
-fn cluster() -> ClusterObjects {
-    let mut objects = ClusterObjects::default();
-    for (name, sa, node) in [("web-1", "web", "node1"), ("db-1", "db", "node2")] {
-        let pod = serde_json::json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": "shop"},
-            "spec": {"nodeName": node, "serviceAccountName": sa, "containers": [{"name": "app"}]},
-            "status": {"phase": "Running"},
-        });
-        objects.insert(Object::Pod(Arc::new(serde_json::from_value(pod).unwrap())));
-    }
-    objects
-}
-
-/// A CA serving on 127.0.0.1 with `authenticator`; its folder, address and trust bundle.
-struct TestCa {
-    dir: tempfile::TempDir,
-    addr: SocketAddr,
-    bundle: String,
-}
-
-impl TestCa {
-    async fn start(authenticator: impl FnOnce(&std::path::Path) -> Authenticator) -> TestCa {
-        let dir = tempfile::tempdir().unwrap();
-        let tokens = dir.path().join("tokens");
-        std::fs::create_dir(&tokens).unwrap();
-        std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o700)).unwrap();
-        create_node_token(&tokens, "node1").unwrap();
-        create_node_token(&tokens, "node2").unwrap();
-        let (_tx, rx) = tokio::sync::watch::channel(Arc::new(cluster()));
-        // The sender outlives the test: the CA reads the cluster it last sent.
-        std::mem::forget(_tx);
-        let settings = CaSettings {
-            dir: dir.path().join("ca"),
-            trust_domain: TD.into(),
-            lifetime: Duration::from_secs(3600),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            server_names: vec![SERVER_NAME.into()],
-            bundle_file: Some(dir.path().join("bundle.pem")),
-        };
-        std::fs::create_dir(&settings.dir).unwrap();
-        let running = start_ca(settings, authenticator(&tokens), rx)
-            .await
-            .unwrap();
-        let addr = running.bound;
-        tokio::spawn(running.run(std::future::pending()));
-        let bundle = std::fs::read_to_string(dir.path().join("bundle.pem")).unwrap();
-        TestCa { dir, addr, bundle }
-    }
-
-    fn node_token(&self, node: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("tokens/{node}.token")))
-            .unwrap()
-            .trim()
-            .to_owned()
-    }
-
-    /// Asks for `identity` with `csr`, authenticated by `token`: the PEM chain, or the status.
-    async fn ask(
-        &self,
-        token: &str,
-        identity: &str,
-        csr: String,
-    ) -> Result<Vec<String>, tonic::Status> {
-        let mut roots = rustls::RootCertStore::empty();
-        for root in rustls_pemfile::certs(&mut self.bundle.as_bytes()) {
-            roots.add(root.unwrap()).unwrap();
-        }
-        let mut config = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        let addr = self.addr;
-        let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-                let connector = connector.clone();
-                async move {
-                    let tcp = tokio::net::TcpStream::connect(addr).await?;
-                    let name = ServerName::try_from(SERVER_NAME).unwrap();
-                    let tls = connector.connect(name, tcp).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
-                }
-            }))
-            .await
-            .unwrap();
-        let mut request = tonic::Request::new(IstioCertificateRequest {
-            csr,
-            validity_duration: 0,
-            metadata: Some(ca_api::impersonating(identity)),
-        });
-        if !token.is_empty() {
-            request
-                .metadata_mut()
-                .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        }
-        IstioCertificateServiceClient::new(channel)
-            .create_certificate(request)
-            .await
-            .map(|r| r.into_inner().cert_chain)
-    }
-}
 
 /// A CSR as a node makes it: its own key, the SANs given.
 fn csr(sans: &[&str], tweak: impl FnOnce(&mut CertificateParams)) -> String {

@@ -19,6 +19,9 @@ use crate::ca::service::bearer;
 /// Largest message a node may send: a batch of events (each well under a kilobyte).
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
+/// What a refused caller is told (the controller's log says why).
+const REFUSED: &str = "flow relay call refused (the controller's log says why)";
+
 /// The gRPC service; cheap to clone.
 #[derive(Clone)]
 pub struct RelayService {
@@ -55,15 +58,13 @@ impl ca_api::FlowRelay for RelayService {
             .map_or_else(|| "an unknown address".to_owned(), |a| a.to_string());
         let Some(token) = bearer(&request) else {
             warn!(%peer, "flow relay call refused: no bearer token");
-            return Err(Status::unauthenticated("no bearer token"));
+            return Err(Status::unauthenticated(REFUSED));
         };
         let node = match self.authenticator.node(&token).await {
             Ok(node) => node,
             Err(error) => {
                 warn!(%peer, %error, "flow relay call refused: caller not authenticated");
-                return Err(Status::unauthenticated(
-                    "flow relay call refused (the controller's log says why)",
-                ));
+                return Err(Status::unauthenticated(REFUSED));
             }
         };
         let (tx, mut rx) = mpsc::channel(NODE_REQUESTS);
