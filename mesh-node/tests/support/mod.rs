@@ -97,7 +97,7 @@ impl TestCa {
         config.alpn_protocols = vec![b"h2".to_vec()];
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let addr = self.addr;
-        let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
             .unwrap()
             .connect_with_connector(tower::service_fn(move |_: http::Uri| {
                 let connector = connector.clone();
@@ -109,8 +109,7 @@ impl TestCa {
                 }
             }))
             .await
-            .unwrap();
-        channel
+            .unwrap()
     }
 
     /// Asks for `identity` with `csr`, authenticated by `token`: the PEM chain, or the status.
