@@ -217,8 +217,12 @@ impl Rehearsal {
                 api_ca_pem: api_ca.pem.clone(),
                 api_token: node_api_token(i),
                 // The Service weft-ca, as cluster DNS and kube-proxy would take the tunnel to
-                // the controller's pod.
-                hosts: vec![("weft-ca.weft-system.svc".into(), controller_ip)],
+                // the controller's pod, and the relay's headless Service, as DNS answers it.
+                hosts: vec![
+                    ("weft-ca.weft-system.svc".into(), controller_ip),
+                    // The headless Service weft-relay: its one replica.
+                    ("weft-relay.weft-system.svc".into(), controller_ip),
+                ],
                 state_dir,
             });
         }
@@ -333,6 +337,26 @@ impl Rehearsal {
         self.controller
             .as_ref()
             .map(|c| c.logs("controller"))
+            .unwrap_or_default()
+    }
+
+    /// The controller's flow relay endpoint as `weft observe --relay` takes it: its pod's
+    /// loopback, where `kubectl port-forward` would reach it.
+    pub fn relay_source(&self) -> String {
+        format!(
+            "127.0.0.1:15010@{}",
+            self.cluster.pod("weft-controller-1").netns.path().display()
+        )
+    }
+
+    /// The nodes whose tunnels offer their flows to the controller's relay (`GET /nodes`).
+    pub fn relay_nodes(&self) -> String {
+        self.cluster
+            .pod("weft-controller-1")
+            .command("curl")
+            .args(["-sS", "--max-time", "3", "http://127.0.0.1:15010/nodes"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default()
     }
 

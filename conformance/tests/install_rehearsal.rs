@@ -95,6 +95,39 @@ fn the_rendered_install_meshes_a_cluster_under_podman_and_the_node_pod_needs_eve
         "the request crossed as HBONE (15008)"
     );
 
+    // `weft observe` through the controller's relay, as a user reaches it with `kubectl
+    // port-forward`: both node pods offer their flows (authenticated by TokenReview of their
+    // projected tokens, as for the CA), and one command sees the request on both nodes.
+    let deadline = std::time::Instant::now() + READY;
+    while rehearsal.relay_nodes() != "node1\nnode2\n" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "both nodes offer their flows to the relay: {:?}\n{}",
+            rehearsal.relay_nodes(),
+            rehearsal.controller_log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let observed = std::process::Command::new(conformance::binary("weft"))
+        .args(["observe", "--relay", &rehearsal.relay_source()])
+        .args(["--to-pod", "default/server", "--output", "json"])
+        .output()
+        .unwrap();
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&observed.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    for node in ["node1", "node2"] {
+        assert!(
+            events.iter().any(|e| e["node"] == node
+                && e["source"]["workload"] == "client"
+                && e["type"] == "tcp_close"),
+            "the relay passes on {node}'s events of the client's connections: {}{}",
+            String::from_utf8_lossy(&observed.stdout),
+            String::from_utf8_lossy(&observed.stderr)
+        );
+    }
+
     // A rolling update: the pods go (SIGTERM) and capture stays pinned, so the client's
     // connections are refused rather than sent in clear; the new pods take over.
     rehearsal.stop_node_pods();

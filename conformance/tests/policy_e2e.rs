@@ -127,6 +127,25 @@ fn policies_written_while_traffic_runs_decide_who_reaches_the_server() {
         &[("client", true), ("other", false), ("outsider", false)],
     );
     assert!(denied(&cluster) >= 2.0, "refusals counted with DENY");
+    // The server's tunnel's flow events name the policy that refused `other`'s connection.
+    let (status, flows) = cluster
+        .node(2)
+        .http_get(
+            15000,
+            "/flows?from_pod=default%2Fother&verdict=denied&type=tcp",
+        )
+        .unwrap();
+    assert_eq!(status, 200);
+    let refusals: Vec<serde_json::Value> = flows
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(
+        refusals.iter().any(|e| e["type"] == "tcp_close"
+            && e["flags"] == "DENY"
+            && e["policy"] == "default/client-only"),
+        "the refusal names its policy: {flows}"
+    );
     // `settles` may have seen the client through before the policy reached the tunnel (it
     // asks the client first): one connection surely decided under the policy.
     assert!(reaches(&cluster, "client", "server"));

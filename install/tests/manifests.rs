@@ -251,6 +251,22 @@ fn rbac_rules_are_exactly_what_the_code_asks_of_the_api() {
             ("Role".to_owned(), "weft-controller".to_owned()),
         ])
     );
+    // The flows reader: port-forward to the controller and nothing else, bound to no one.
+    let reader: BTreeSet<(Access, bool)> = [
+        ("apps", "deployments", "get"),
+        ("", "pods", "get"),
+        ("", "pods", "list"),
+        ("", "pods/portforward", "create"),
+    ]
+    .into_iter()
+    .map(|(g, r, v)| ((g.to_owned(), r.to_owned(), v.to_owned()), false))
+    .collect();
+    assert_eq!(install.granted("weft-flows-reader"), reader);
+    assert!(
+        !install.objects.iter().any(|o| matches!(o,
+            Object::RoleBinding(b) if b.role_ref.name == "weft-flows-reader")),
+        "the install grants no one the flows"
+    );
 }
 
 fn pod_spec(ds: &DaemonSet) -> &PodSpec {
@@ -553,6 +569,23 @@ fn each_container_command_is_accepted_by_its_binary_and_agrees_with_the_manifest
         service.spec.as_ref().unwrap().selector,
         deployment.spec.selector.match_labels
     );
+    // The flow relay: every replica, on the CA's port; users reach it on loopback only.
+    let relay = install.service("weft-relay");
+    let relay_spec = relay.spec.as_ref().unwrap();
+    assert_eq!(
+        relay_spec.cluster_ip.as_deref(),
+        Some("None"),
+        "headless: a tunnel resolves every replica"
+    );
+    assert_eq!(relay_spec.selector, deployment.spec.selector.match_labels);
+    let relay_port = &relay_spec.ports.as_ref().unwrap()[0];
+    assert_eq!(relay_port.target_port, Some(IntOrString::Int(ca_port)));
+    assert_eq!(
+        config.flow_relay,
+        Some(format!("weft-relay.weft-system.svc:{}", relay_port.port)),
+        "the tunnel offers its flows to every replica"
+    );
+    assert!(settings.ca.flows_listen.ip().is_loopback());
 }
 
 #[test]

@@ -33,6 +33,9 @@ pub enum FlowKind {
         flags: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
+        /// The policy that refused it (flag `DENY`), when a policy did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        policy: Option<String>,
     },
     /// An HTTP request on a parsed port, with the verdict and the policy that decided.
     Http {

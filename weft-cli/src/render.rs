@@ -85,6 +85,9 @@ pub fn text(e: &Value, colour: bool) -> String {
             if s(e, "flags") != "-" {
                 d.push_str(&format!(" flags={}", s(e, "flags")));
             }
+            if let Some(policy) = e["policy"].as_str() {
+                d.push_str(&format!(" policy={policy}"));
+            }
             if let Some(error) = e["error"].as_str() {
                 d.push_str(&format!(" ({error})"));
             }
@@ -143,6 +146,16 @@ mod tests {
         assert!(line.contains("→ 10.1.2.3:80"), "{line}");
         assert!(
             line.contains("close none ↑10 B ↓2.0 KiB 5 ms flags=UF (refused)"),
+            "{line}"
+        );
+        let denied = json!({"time_ms": 0, "node": "node2", "source": {"namespace": "shop", "workload": "shopper"},
+            "destination": {"namespace": "shop", "workload": "db"},
+            "type": "tcp_close", "security": "mutual_tls", "bytes_sent": 0, "bytes_received": 0,
+            "duration_ms": 0, "flags": "DENY", "policy": "shop/db-from-web",
+            "error": "denied: no Allow MeshPolicy of shop/db matches"});
+        let line = text(&denied, false);
+        assert!(
+            line.contains("tcp   denied   close mutual_tls ↑0 B ↓0 B 0 ms flags=DENY policy=shop/db-from-web (denied:"),
             "{line}"
         );
     }

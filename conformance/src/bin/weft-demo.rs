@@ -216,6 +216,8 @@ fn main() -> Result<()> {
          \x20  ip netns exec {node1} curl -s localhost:15000/config_dump  # node1's tunnel state\n\
          \x20  {weft} observe {tunnels} --to-pod shop/web --type http --follow\n\
          \x20     # every request to web, live, from both tunnels (curl from a pod again to see it)\n\
+         \x20  {weft} observe --relay {relay} --namespace shop --last 20\n\
+         \x20     # the same through the controller's relay, as on a cluster: every node at once\n\
          \x20  Prometheus: http://localhost:9090  (try weft_tcp_connections_opened_total, weft_requests_total)\n\
          \x20  Change the cluster live: edit {manifests}/cluster.yaml (e.g. drop the shop label, or\n\
          \x20  edit the MeshPolicy), then read what the agents and tunnels said:\n\
@@ -224,6 +226,7 @@ fn main() -> Result<()> {
         node1 = cluster.node(1).netns.name,
         manifests = cluster.manifest_dir().display(),
         weft = conformance::binary("weft").display(),
+        relay = cluster.relay_source(),
         tunnels = cluster
             .nodes
             .iter()

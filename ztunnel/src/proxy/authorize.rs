@@ -104,9 +104,10 @@ fn decide(
     let workload = state.workload(&key);
     if inbound.identity.is_none() && workload.is_some_and(|w| w.mtls == MtlsMode::Strict) {
         return Ruling {
-            refused: Some(ProxyError::Denied(format!(
-                "the MeshAuthentication of {key} is Strict: plaintext is refused"
-            ))),
+            refused: Some(ProxyError::Denied {
+                reason: format!("the MeshAuthentication of {key} is Strict: plaintext is refused"),
+                policy: None,
+            }),
             policy: None,
         };
     }
@@ -161,15 +162,19 @@ fn decide(
         (Verdict::Deny, Some(policy)) => {
             counted(policy, "deny");
             Ruling {
-                refused: Some(ProxyError::Denied(format!("MeshPolicy {policy} denies it"))),
+                refused: Some(ProxyError::Denied {
+                    reason: format!("MeshPolicy {policy} denies it"),
+                    policy: Some(policy.to_owned()),
+                }),
                 policy: Some(policy.to_owned()),
             }
         }
         // Denied because none of the Allow policies allows it: they are what decided.
         (Verdict::Deny, None) => Ruling {
-            refused: Some(ProxyError::Denied(format!(
-                "no Allow MeshPolicy of {key} matches"
-            ))),
+            refused: Some(ProxyError::Denied {
+                reason: format!("no Allow MeshPolicy of {key} matches"),
+                policy: Some(authorizer.allow_policies().to_owned()),
+            }),
             policy: Some(authorizer.allow_policies().to_owned()),
         },
     }

@@ -57,8 +57,12 @@ pub enum ProxyError {
     Io(#[from] std::io::Error),
     #[error("{0}; the stream is refused")]
     Overflow(#[from] crate::proxy::admission::AdmissionRefused),
-    #[error("denied: {0}")]
-    Denied(String),
+    #[error("denied: {reason}")]
+    Denied {
+        reason: String,
+        /// The policy (or the Allow policies, joined) that decided; none for a mode's refusal.
+        policy: Option<String>,
+    },
     #[error(
         "bytes that are not HTTP on port {port}, which is served as HTTP: {reason}; the connection is refused"
     )]
@@ -68,6 +72,14 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// The policy that refused, for a refusal a policy decided.
+    pub fn policy(&self) -> Option<&str> {
+        match self {
+            ProxyError::Denied { policy, .. } => policy.as_deref(),
+            _ => None,
+        }
+    }
+
     /// Envoy-style short flag for the `response_flags` label and the access log.
     pub fn response_flags(&self) -> &'static str {
         match self {
@@ -84,7 +96,7 @@ impl ProxyError {
             ProxyError::Io(_) => "IO",
             // Envoy's flag for a limit reached (upstream overflow).
             ProxyError::Overflow(_) => "UO",
-            ProxyError::Denied(_) => "DENY",
+            ProxyError::Denied { .. } => "DENY",
             ProxyError::NotHttp { .. } => "DPE",
             ProxyError::HttpConnection(_) => "IO",
         }
@@ -97,7 +109,7 @@ impl ProxyError {
             ProxyError::BadMethod(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::Denied(_) => StatusCode::FORBIDDEN,
+            ProxyError::Denied { .. } => StatusCode::FORBIDDEN,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         }
     }

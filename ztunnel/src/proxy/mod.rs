@@ -20,12 +20,18 @@ use copy::Totals;
 /// Closes a connection's record from how its copy ended; `forward` went to the destination.
 fn finish(recorder: ConnectionRecorder, result: Result<Totals, ProxyError>) {
     match result {
-        Ok(totals) => recorder.close(totals.forward, totals.backward, None, None),
+        Ok(totals) => recorder.close(totals.forward, totals.backward, None, None, None),
         Err(error) => fail(recorder, &error),
     }
 }
 
 /// Closes the record of a connection that failed.
 fn fail(recorder: ConnectionRecorder, error: &ProxyError) {
-    recorder.close(0, 0, Some(error.response_flags()), Some(error));
+    recorder.close(
+        0,
+        0,
+        Some(error.response_flags()),
+        Some(error),
+        error.policy(),
+    );
 }

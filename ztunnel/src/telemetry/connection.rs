@@ -104,6 +104,7 @@ impl ConnectionRecorder {
         sent: u64,
         response_flags: Option<&str>,
         error: Option<&dyn std::fmt::Display>,
+        policy: Option<&str>,
     ) {
         let flags = response_flags.unwrap_or("-");
         self.labels.response_flags = flags.to_owned();
@@ -122,6 +123,7 @@ impl ConnectionRecorder {
                 duration_ms,
                 flags: flags.to_owned(),
                 error: error.clone(),
+                policy: policy.map(str::to_owned),
             },
         );
         info!(
