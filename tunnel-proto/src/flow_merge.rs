@@ -45,6 +45,20 @@ impl<T> Merger<T> {
         ready.into_values().collect()
     }
 
+    /// The oldest events past the `max` newest, in time order: let out before their window
+    /// has passed (a reader's memory is bounded), or dropped by a reader that wants only the
+    /// newest `max` (the result is exact: an event older than all `max` kept never makes it).
+    pub fn beyond(&mut self, max: usize) -> Vec<T> {
+        let mut out = Vec::new();
+        while self.held.len() > max {
+            match self.held.pop_first() {
+                Some((_, event)) => out.push(event),
+                None => break,
+            }
+        }
+        out
+    }
+
     /// Every event held, in time order; at most the last `last`.
     pub fn drain(&mut self, last: Option<usize>) -> Vec<T> {
         let all: Vec<T> = std::mem::take(&mut self.held).into_values().collect();
@@ -71,5 +85,16 @@ mod tests {
             merger.push(t, e);
         }
         assert_eq!(merger.drain(Some(2)), ["b", "c"]);
+    }
+
+    #[test]
+    fn past_a_bound_the_oldest_come_out_and_the_newest_stay() {
+        let mut merger = Merger::new(250);
+        for (t, e) in [(30, "c"), (10, "a"), (40, "d"), (20, "b")] {
+            merger.push(t, e);
+            merger.beyond(2);
+        }
+        assert_eq!(merger.len(), 2);
+        assert_eq!(merger.drain(None), ["c", "d"]);
     }
 }

@@ -30,6 +30,13 @@ pub const WINDOW_MS: u64 = 250;
 /// A question without `follow` waits at most this long for every node's answer.
 const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 
+/// A question without `follow` or `last` is answered with at most the newest this many of
+/// all nodes' events together (one tunnel's ring holds as many).
+const ANSWER_AT_MOST: usize = 4096;
+
+/// Most events a follower's merge holds: past it, the oldest are let out before their window.
+const MAX_HELD: usize = 16 * 1024;
+
 /// How often held events are let out while following.
 const TICK: Duration = Duration::from_millis(50);
 
@@ -157,13 +164,18 @@ fn no_nodes(subscription: &RelaySubscription) -> Option<Vec<u8>> {
 /// Every node's recent events, merged; the last `last` of them.
 async fn once(mut subscription: RelaySubscription, last: Option<usize>) -> Body {
     let mut merger = Merger::new(0);
+    let keep = last.unwrap_or(ANSWER_AT_MOST).min(MAX_HELD);
     let mut waiting: std::collections::BTreeSet<String> =
         subscription.nodes.iter().cloned().collect();
     let mut out = no_nodes(&subscription).unwrap_or_default();
     let deadline = Instant::now() + ANSWER_WITHIN;
     while !waiting.is_empty() {
         match tokio::time::timeout_at(deadline, subscription.events.recv()).await {
-            Ok(Some(RelayItem::Event(event))) => merger.push(event.time_ms, event),
+            Ok(Some(RelayItem::Event(event))) => {
+                merger.push(event.time_ms, event);
+                // Only the newest are answered: held memory stays bounded with many nodes.
+                merger.beyond(keep);
+            }
             Ok(Some(RelayItem::NodeEnded { node, error })) => {
                 waiting.remove(&node);
                 if let Some(error) = error {
@@ -217,7 +229,12 @@ fn following(subscription: RelaySubscription, last: Option<usize>) -> Body {
             }
             tokio::select! {
                 item = s.subscription.events.recv() => match item {
-                    Some(RelayItem::Event(event)) => s.merger.push(event.time_ms, event),
+                    Some(RelayItem::Event(event)) => {
+                        s.merger.push(event.time_ms, event);
+                        for early in s.merger.beyond(MAX_HELD) {
+                            s.pending.extend(line(&early));
+                        }
+                    }
                     Some(RelayItem::NodeEnded { node, error }) => {
                         let said = error.unwrap_or_else(|| "ended".into());
                         s.pending.extend(notice(&format!("{node}: {said}")));

@@ -14,7 +14,7 @@
 pub mod http;
 pub mod service;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -26,6 +26,10 @@ use tunnel_proto::flows::{FlowEvent, FlowQuery};
 /// Users' subscriptions a relay serves at once (each costs one on every node's tunnel, which
 /// has 16).
 pub const MAX_SUBSCRIPTIONS: usize = 8;
+
+/// Calls one node may hold open at once (a tunnel holds one per replica; a restarted one's old
+/// call may linger until its keepalive fails).
+pub const MAX_CALLS_PER_NODE: usize = 4;
 
 /// Events held for one subscription's reader before more are counted as lost.
 const QUEUE: usize = 4096;
@@ -44,11 +48,13 @@ pub enum RelayItem {
     },
 }
 
-/// Why a question could not be relayed.
+/// Why a question, or a node's call, was not taken.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     #[error("the relay serves {MAX_SUBSCRIPTIONS} subscriptions at once; try again when one ends")]
     TooManySubscriptions,
+    #[error("node {0} holds {MAX_CALLS_PER_NODE} calls to the relay already")]
+    TooManyCalls(String),
 }
 
 /// The nodes connected and the subscriptions served; shared by the gRPC service and the HTTP
@@ -76,6 +82,8 @@ struct Subscriber {
     query: FlowQuery,
     events: mpsc::Sender<RelayItem>,
     lost: Arc<AtomicU64>,
+    /// The node calls that ended this subscription: each end is passed on once.
+    ended: HashSet<u64>,
 }
 
 /// A user's subscription; dropping it ends it on every node.
@@ -139,9 +147,16 @@ impl Relay {
     /// Registers `node`'s call; `requests` carries what the relay asks of it. It is asked at
     /// once for the following subscriptions open now (new events only: their backlog was
     /// read from the nodes there when they started).
-    pub fn add_node(self: &Arc<Self>, node: &str, requests: mpsc::Sender<ToTunnel>) -> NodeHandle {
+    pub fn add_node(
+        self: &Arc<Self>,
+        node: &str,
+        requests: mpsc::Sender<ToTunnel>,
+    ) -> Result<NodeHandle, RelayError> {
         let id = self.next();
         let mut state = self.lock();
+        if state.nodes.values().filter(|s| s.node == node).count() >= MAX_CALLS_PER_NODE {
+            return Err(RelayError::TooManyCalls(node.to_owned()));
+        }
         for (sub, subscriber) in &state.subscriptions {
             if subscriber.query.follow {
                 let mut query = subscriber.query.clone();
@@ -157,10 +172,10 @@ impl Relay {
                 refused: 0,
             },
         );
-        NodeHandle {
+        Ok(NodeHandle {
             id,
             relay: self.clone(),
-        }
+        })
     }
 
     /// Asks every node connected for `query`'s events.
@@ -187,6 +202,7 @@ impl Relay {
                 query: query.clone(),
                 events: tx,
                 lost: lost.clone(),
+                ended: HashSet::new(),
             },
         );
         Ok(RelaySubscription {
@@ -220,7 +236,7 @@ impl Relay {
         let Some(session) = nodes.get_mut(&handle.id) else {
             return;
         };
-        let Some(subscriber) = subscriptions.get(&message.id) else {
+        let Some(subscriber) = subscriptions.get_mut(&message.id) else {
             // Ended here; the node has not had the unsubscribe yet.
             return;
         };
@@ -246,7 +262,8 @@ impl Relay {
             }
         }
         subscriber.lost.fetch_add(message.lost, Ordering::Relaxed);
-        if message.end {
+        // Once per node call: a node repeating its end makes no more work here.
+        if message.end && subscriber.ended.insert(handle.id) {
             let error = (!message.error.is_empty()).then(|| message.error.clone());
             let ended = RelayItem::NodeEnded {
                 node: session.node.clone(),
@@ -306,7 +323,7 @@ mod tests {
     async fn a_nodes_events_reach_the_subscription_and_events_naming_another_node_do_not() {
         let relay = Relay::new();
         let (tx, mut requests) = mpsc::channel(8);
-        let node1 = relay.add_node("node1", tx);
+        let node1 = relay.add_node("node1", tx).unwrap();
         let query = FlowQuery {
             follow: true,
             ..FlowQuery::default()
@@ -352,7 +369,7 @@ mod tests {
         let _following = relay.subscribe(&follow).unwrap();
         let _once = relay.subscribe(&FlowQuery::default()).unwrap();
         let (tx, mut requests) = mpsc::channel(8);
-        let _node = relay.add_node("node2", tx);
+        let _node = relay.add_node("node2", tx).unwrap();
         let (_, query) = subscribed_id(requests.recv().await.unwrap());
         let parsed = FlowQuery::parse(&query).unwrap();
         assert!(parsed.follow);
@@ -362,6 +379,41 @@ mod tests {
             "the one-off question is not sent"
         );
         assert_eq!(relay.nodes(), ["node2"]);
+    }
+
+    #[tokio::test]
+    async fn a_node_repeating_its_end_is_passed_on_once_and_its_calls_are_bounded() {
+        let relay = Relay::new();
+        let (tx, _requests) = mpsc::channel(8);
+        let node = relay.add_node("node1", tx).unwrap();
+        let mut subscription = relay.subscribe(&FlowQuery::default()).unwrap();
+        for _ in 0..1000 {
+            relay.deliver(
+                &node,
+                FromTunnel {
+                    id: subscription.id,
+                    end: true,
+                    ..FromTunnel::default()
+                },
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(matches!(
+            subscription.events.try_recv(),
+            Ok(RelayItem::NodeEnded { .. })
+        ));
+        assert!(subscription.events.try_recv().is_err(), "one end only");
+        let mut held = Vec::new();
+        for _ in 1..MAX_CALLS_PER_NODE {
+            held.push(relay.add_node("node1", mpsc::channel(1).0).unwrap());
+        }
+        assert!(matches!(
+            relay.add_node("node1", mpsc::channel(1).0),
+            Err(RelayError::TooManyCalls(_))
+        ));
+        assert!(relay.add_node("node2", mpsc::channel(1).0).is_ok());
+        drop(held);
+        assert!(relay.add_node("node1", mpsc::channel(1).0).is_ok());
     }
 
     #[test]

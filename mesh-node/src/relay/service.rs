@@ -68,7 +68,13 @@ impl ca_api::FlowRelay for RelayService {
             }
         };
         let (tx, mut rx) = mpsc::channel(NODE_REQUESTS);
-        let handle = self.relay.add_node(&node, tx);
+        let handle = match self.relay.add_node(&node, tx) {
+            Ok(handle) => handle,
+            Err(error) => {
+                warn!(%peer, %node, %error, "flow relay call refused");
+                return Err(Status::resource_exhausted(error.to_string()));
+            }
+        };
         info!(%node, %peer, "node offers its flows to the relay");
         let mut inbound = request.into_inner();
         let relay = self.relay.clone();
