@@ -129,6 +129,7 @@ async fn observe(args: ObserveArgs) -> anyhow::Result<()> {
     let question = question(&args)?;
     let query = question.to_query();
     let (tx, mut rx) = mpsc::channel(4096);
+    let through_relay = args.relay.is_some();
     let sources = match args.relay {
         Some(relay) => vec![relay],
         None => args.tunnels,
@@ -195,7 +196,12 @@ async fn observe(args: ObserveArgs) -> anyhow::Result<()> {
     }
     anyhow::ensure!(
         failures.len() < names.len(),
-        "no tunnel answered ({})",
+        "{} ({})",
+        if through_relay {
+            "the relay did not answer: on a cluster, is `kubectl -n weft-system port-forward deploy/weft-controller 15010` running?"
+        } else {
+            "no tunnel answered"
+        },
         failures.join(", ")
     );
     Ok(())

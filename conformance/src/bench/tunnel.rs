@@ -70,12 +70,21 @@ struct Lane {
     source: (Path, SocketAddr),
     /// The client pod is captured (eBPF) while this lane runs.
     captured: bool,
-    /// A subscriber that takes every flow event of both tunnels is attached while this lane
-    /// runs (`/flows?follow=true`).
-    observed: bool,
+    /// Who takes every flow event of both tunnels while this lane runs.
+    observed: Observer,
     /// The processes that carry the lane's bytes, whose CPU time is read.
     proxies: Vec<u32>,
     figures: Figures,
+}
+
+/// A subscriber of every flow event, attached while a lane runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Observer {
+    None,
+    /// One on each tunnel's admin endpoint (`/flows?follow=true`).
+    Tunnels,
+    /// One on the controller's relay, which subscribes on both tunnels and merges.
+    Relay,
 }
 
 /// Clients making new connections at once, and for how long, in the connection-rate measure.
@@ -129,7 +138,7 @@ pub fn run(args: &TunnelBench) -> Result<String> {
         echo,
         source,
         captured: false,
-        observed: false,
+        observed: Observer::None,
         proxies: proxies.to_vec(),
         figures: Figures::default(),
     };
@@ -148,9 +157,20 @@ pub fn run(args: &TunnelBench) -> Result<String> {
         ),
         // Weft again, with a subscriber of every flow event on each tunnel.
         Lane {
-            observed: true,
+            observed: Observer::Tunnels,
             ..lane(
                 "observed",
+                (Path::Weft, at(server, ECHO)),
+                (Path::Weft, at(server, SOURCE)),
+                &tunnels,
+            )
+        },
+        // Weft again, with a subscriber of every flow event through the controller's relay
+        // (both tunnels stream to the controller, which merges): the cluster's way.
+        Lane {
+            observed: Observer::Relay,
+            ..lane(
+                "relayed",
                 (Path::Weft, at(server, ECHO)),
                 (Path::Weft, at(server, SOURCE)),
                 &tunnels,
@@ -216,8 +236,9 @@ pub fn run(args: &TunnelBench) -> Result<String> {
                 false => None,
             };
             let observers = match lane.observed {
-                true => Some(observe_all(&cluster, round)?),
-                false => None,
+                Observer::None => None,
+                Observer::Tunnels => Some(observe_all(&cluster, round)?),
+                Observer::Relay => Some(observe_through_relay(&cluster, round)?),
             };
             let meshed_before = meshed_from_client(&cluster)?;
             let proxies = lane.proxies.clone();
@@ -256,10 +277,12 @@ pub fn run(args: &TunnelBench) -> Result<String> {
                 let (events, lost) = stop_observers(observers)?;
                 anyhow::ensure!(
                     events > 0,
-                    "observed lane: the subscribers received no event"
+                    "{} lane: the subscribers received no event",
+                    lane.name
                 );
                 eprintln!(
-                    "  round {round} observed: the subscribers received {events} events, lost {lost}"
+                    "  round {round} {}: the subscribers received {events} events, lost {lost}",
+                    lane.name
                 );
             }
             let cpu_s_per_gb = cpu_ns as f64 / 1e9 / (bytes as f64 / 1e9);
@@ -292,7 +315,8 @@ pub fn run(args: &TunnelBench) -> Result<String> {
             lane.name, m.gbps, m.rr_p50, m.rr_p99, m.cpu_s_per_gb, m.rr_cpu_us, m.conn_per_s
         );
     }
-    let [direct, weft, observed, capture, stunnel, relay] = [0, 1, 2, 3, 4, 5].map(|i| medians[i]);
+    let [direct, weft, observed, relayed, capture, stunnel, relay] =
+        [0, 1, 2, 3, 4, 5, 6].map(|i| medians[i]);
     let weft_added = weft.rr_p50 - direct.rr_p50;
     let stunnel_added = stunnel.rr_p50 - direct.rr_p50;
     let crypto_weft = weft_crypto(&cluster);
@@ -341,6 +365,11 @@ pub fn run(args: &TunnelBench) -> Result<String> {
         100.0 * observed.gbps / weft.gbps,
         observed.rr_p50 - weft.rr_p50
     );
+    println!(
+        "  relayed (a subscriber of every flow event through the controller's relay): throughput {:.1}% of weft's, added p50 {:+.1} us over weft's",
+        100.0 * relayed.gbps / weft.gbps,
+        relayed.rr_p50 - weft.rr_p50
+    );
     println!("  crypto: weft {crypto_weft}; stunnel {CRYPTO_STUNNEL}");
     let json = serde_json::json!({
         "bench": "tunnel",
@@ -363,6 +392,8 @@ pub fn run(args: &TunnelBench) -> Result<String> {
         "observed_gbps": round2(observed.gbps),
         "observed_rr_p50_us": round2(observed.rr_p50),
         "observed_conn_per_s": round2(observed.conn_per_s),
+        "relayed_gbps": round2(relayed.gbps),
+        "relayed_rr_p50_us": round2(relayed.rr_p50),
         "capture_rr_p50_us": round2(capture.rr_p50),
         "weft_cpu_s_per_gb": round2(weft.cpu_s_per_gb),
         "stunnel_cpu_s_per_gb": round2(stunnel.cpu_s_per_gb),
@@ -370,7 +401,7 @@ pub fn run(args: &TunnelBench) -> Result<String> {
         "weft_rr_cpu_us": round2(weft.rr_cpu_us),
         "capture_rr_cpu_us": round2(capture.rr_cpu_us),
         "stunnel_rr_cpu_us": round2(stunnel.rr_cpu_us),
-        "crypto": {"weft": crypto_weft, "observed": crypto_weft, "capture": crypto_weft, "stunnel": CRYPTO_STUNNEL},
+        "crypto": {"weft": crypto_weft, "observed": crypto_weft, "relayed": crypto_weft, "capture": crypto_weft, "stunnel": CRYPTO_STUNNEL},
     });
     drop(cluster);
     serde_json::to_string(&json).context("JSON")
@@ -400,6 +431,44 @@ fn observe_all(cluster: &Cluster, round: usize) -> Result<Vec<(Process, std::pat
     Ok(observers)
 }
 
+/// Attaches one subscriber of every flow event to the controller's relay (`curl -sN` of its
+/// `/flows?follow=true&last=0` on the router's loopback), once both nodes offer their flows.
+fn observe_through_relay(
+    cluster: &Cluster,
+    round: usize,
+) -> Result<Vec<(Process, std::path::PathBuf)>> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let nodes = cluster
+            .router
+            .command("curl")
+            .args(["-sS", "http://127.0.0.1:15010/nodes"])
+            .output()?;
+        if String::from_utf8_lossy(&nodes.stdout).lines().count() == cluster.nodes.len() {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the nodes do not all offer their flows to the relay: {}",
+            String::from_utf8_lossy(&nodes.stdout)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let file = cluster
+        .dir
+        .path()
+        .join(format!("flows-relay-{round}.jsonl"));
+    let mut cmd = cluster.router.command("curl");
+    cmd.args(["-sN", "-o"])
+        .arg(&file)
+        .arg("http://127.0.0.1:15010/flows?follow=true&last=0");
+    let log = cluster.dir.path().join(format!("flows-relay-{round}.log"));
+    let process = Process::spawn("flows-relay", cmd, log)?;
+    // Subscribed on both tunnels before the lane starts.
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(vec![(process, file)])
+}
+
 /// Stops the subscribers: the events they received, and the events they were told they lost.
 fn stop_observers(observers: Vec<(Process, std::path::PathBuf)>) -> Result<(usize, u64)> {
     let (mut events, mut lost) = (0, 0);
@@ -408,8 +477,8 @@ fn stop_observers(observers: Vec<(Process, std::path::PathBuf)>) -> Result<(usiz
         for line in std::fs::read_to_string(&file).unwrap_or_default().lines() {
             match serde_json::from_str::<serde_json::Value>(line) {
                 Ok(v) if v["lost"].is_u64() => lost += v["lost"].as_u64().unwrap_or(0),
-                Ok(_) => events += 1,
-                Err(_) => {}
+                Ok(v) if v["time_ms"].is_u64() => events += 1,
+                _ => {}
             }
         }
     }

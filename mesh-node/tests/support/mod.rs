@@ -45,6 +45,8 @@ pub struct TestCa {
 
 impl TestCa {
     pub async fn start(authenticator: impl FnOnce(&std::path::Path) -> Authenticator) -> TestCa {
+        // The workspace builds rustls with two providers: the process must choose one.
+        mesh_node::install_default_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let tokens = dir.path().join("tokens");
         std::fs::create_dir(&tokens).unwrap();
