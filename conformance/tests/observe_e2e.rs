@@ -396,6 +396,45 @@ fn one_command_through_the_controllers_relay_sees_every_nodes_flows() {
         "{printed}"
     );
 
+    // An Audit policy written while the cluster runs: the requests it matches carry its name,
+    // and `--verdict audited` asks for exactly those.
+    let audit = "apiVersion: weft.dev/v1alpha1\nkind: MeshPolicy\nmetadata: {name: web-audit, namespace: shop}\nspec: {selector: {matchLabels: {app: web}}, action: Audit, rules: [{to: [{operation: {paths: [/echo/audited]}}]}]}\n";
+    let staged = cluster.dir.path().join("audit.yaml.tmp");
+    std::fs::write(&staged, audit).unwrap();
+    std::fs::rename(&staged, cluster.manifest_dir().join("audit.yaml")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let audited = loop {
+        assert_eq!(
+            curl(&["-sS", "http://10.96.0.10/echo/audited"]),
+            "web saw audited\n"
+        );
+        let out = std::process::Command::new(conformance::binary("weft"))
+            .args(["observe", "--relay", &relay])
+            .args(["--verdict", "audited", "--output", "json"])
+            .output()
+            .unwrap();
+        let found: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        if !found.is_empty() {
+            break found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "an audited request is shown within 10 s of the policy"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for event in &audited {
+        assert_eq!(event["path"], "/echo/audited", "{event}");
+        assert_eq!(event["audit"], "shop/web-audit", "{event}");
+        assert_eq!(
+            event["verdict"], "allow",
+            "an Audit policy decides nothing: {event}"
+        );
+    }
+
     // Both nodes' events, merged by the relay in time order.
     last_ten_of_both_nodes_in_time_order(weft(
         &[

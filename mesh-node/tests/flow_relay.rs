@@ -42,6 +42,7 @@ fn event(node: &str, time_ms: u64, path: &str) -> String {
             duration_ms: 1.0,
             verdict: "allow".into(),
             policy: None,
+            audit: None,
         },
     })
     .unwrap()

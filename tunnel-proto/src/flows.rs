@@ -47,6 +47,9 @@ pub enum FlowKind {
         verdict: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         policy: Option<String>,
+        /// The Audit policy that matched the request, if one did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        audit: Option<String>,
     },
 }
 
@@ -74,6 +77,11 @@ impl FlowEvent {
             FlowKind::Http { verdict, .. } => verdict == "deny",
         };
         if denied { "denied" } else { "allowed" }
+    }
+
+    /// Whether an Audit policy matched it.
+    pub fn audited(&self) -> bool {
+        matches!(&self.kind, FlowKind::Http { audit: Some(_), .. })
     }
 
     /// `tcp` or `http`.
@@ -105,7 +113,7 @@ pub struct FlowFilter {
     pub from_identity: Option<String>,
     /// `tcp` or `http`.
     pub protocol: Option<String>,
-    /// `allowed` or `denied`.
+    /// `allowed`, `denied`, or `audited` (an Audit policy matched, whatever the verdict).
     pub verdict: Option<String>,
     /// Only events at or after this time (ms since the epoch).
     pub since_ms: Option<u64>,
@@ -156,8 +164,8 @@ impl FlowFilter {
                 _ => return Err(bad("tcp or http")),
             },
             "verdict" => match value.as_str() {
-                "allowed" | "denied" => self.verdict = Some(value),
-                _ => return Err(bad("allowed or denied")),
+                "allowed" | "denied" | "audited" => self.verdict = Some(value),
+                _ => return Err(bad("allowed, denied or audited")),
             },
             "since" => {
                 self.since_ms = Some(
@@ -189,7 +197,10 @@ impl FlowFilter {
                 .as_ref()
                 .is_none_or(|id| event.source.identity == *id)
             && self.protocol.as_ref().is_none_or(|p| event.protocol() == p)
-            && self.verdict.as_ref().is_none_or(|v| event.verdict() == v)
+            && self.verdict.as_ref().is_none_or(|v| match v.as_str() {
+                "audited" => event.audited(),
+                v => event.verdict() == v,
+            })
             && self.since_ms.is_none_or(|since| event.time_ms >= since)
     }
 }

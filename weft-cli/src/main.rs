@@ -51,8 +51,8 @@ struct ObserveArgs {
     /// Only TCP connection events or only HTTP requests.
     #[arg(long = "type", value_parser = ["tcp", "http"])]
     protocol: Option<String>,
-    /// Only flows allowed or only flows denied.
-    #[arg(long, value_parser = ["allowed", "denied"])]
+    /// Only flows allowed, only flows denied, or only requests an Audit policy matched.
+    #[arg(long, value_parser = ["allowed", "denied", "audited"])]
     verdict: Option<String>,
     /// Only events this recent (e.g. 30s, 5m).
     #[arg(long, value_parser = humantime::parse_duration)]

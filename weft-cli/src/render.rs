@@ -71,6 +71,9 @@ pub fn text(e: &Value, colour: bool) -> String {
             if let Some(policy) = e["policy"].as_str() {
                 d.push_str(&format!(" policy={policy}"));
             }
+            if let Some(audit) = e["audit"].as_str() {
+                d.push_str(&format!(" audit={audit}"));
+            }
             d
         }
         "tcp_open" => format!("open {}", s(e, "security")),
@@ -134,6 +137,13 @@ mod tests {
             "{line}"
         );
         assert!(text(&e, true).contains("\x1b[31mdenied"));
+        let mut audited = e.clone();
+        audited["audit"] = json!("shop/web-audit");
+        assert!(
+            text(&audited, false).ends_with("policy=shop/web-read-only audit=shop/web-audit"),
+            "{}",
+            text(&audited, false)
+        );
     }
 
     #[test]

@@ -61,6 +61,8 @@ fn connection_view(handling: PortHandling) -> Http<'static> {
 pub struct Ruling {
     pub refused: Option<ProxyError>,
     pub policy: Option<String>,
+    /// The Audit policy that matched a request, if one did.
+    pub audited: Option<String>,
 }
 
 /// Decides one HTTP request on an allowed connection, with the state as it is now; counted.
@@ -109,12 +111,14 @@ fn decide(
                 policy: None,
             }),
             policy: None,
+            audited: None,
         };
     }
     let Some(authorizer) = state.authorizer(&key) else {
         return Ruling {
             refused: None,
             policy: None,
+            audited: None,
         };
     };
     let principal = inbound.identity.as_deref().map(Identity::principal);
@@ -145,10 +149,14 @@ fn decide(
     };
     // A parsed connection's Audit policies are reported with each request.
     let audits = count == Count::Every && !matches!(http, Http::Connection);
-    if let (Some(audit), true) = (decision.audited, audits) {
-        debug!(policy = audit, verdict = ?decision.verdict, to = %key, "audited");
-        counted(audit, "audit");
-    }
+    let audited = match (decision.audited, audits) {
+        (Some(audit), true) => {
+            debug!(policy = audit, verdict = ?decision.verdict, to = %key, "audited");
+            counted(audit, "audit");
+            Some(audit.to_owned())
+        }
+        _ => None,
+    };
     match (decision.verdict, decision.policy) {
         (Verdict::Allow, policy) => {
             if let (Some(policy), Count::Every) = (policy, count) {
@@ -157,6 +165,7 @@ fn decide(
             Ruling {
                 refused: None,
                 policy: policy.map(str::to_owned),
+                audited,
             }
         }
         (Verdict::Deny, Some(policy)) => {
@@ -167,6 +176,7 @@ fn decide(
                     policy: Some(policy.to_owned()),
                 }),
                 policy: Some(policy.to_owned()),
+                audited,
             }
         }
         // Denied because none of the Allow policies allows it: they are what decided.
@@ -176,6 +186,7 @@ fn decide(
                 policy: Some(authorizer.allow_policies().to_owned()),
             }),
             policy: Some(authorizer.allow_policies().to_owned()),
+            audited,
         },
     }
 }

@@ -187,6 +187,7 @@ mod tests {
                 duration_ms: 1.0,
                 verdict: verdict.into(),
                 policy: (verdict == "deny").then(|| "shop/web-reads-only".into()),
+                audit: (status == 404).then(|| "shop/web-audit".into()),
             },
         }
     }
@@ -211,6 +212,10 @@ mod tests {
         assert!(!filter(&[("type", "tcp")]).matches(&allowed));
         assert!(filter(&[("verdict", "denied")]).matches(&denied));
         assert!(!filter(&[("verdict", "denied")]).matches(&allowed));
+        let audited = http(3, 404, "allow");
+        assert!(filter(&[("verdict", "audited")]).matches(&audited));
+        assert!(filter(&[("verdict", "allowed")]).matches(&audited));
+        assert!(!filter(&[("verdict", "audited")]).matches(&allowed));
         assert!(
             filter(&[("from_identity", "spiffe://cluster.local/ns/shop/sa/shopper")])
                 .matches(&allowed)

@@ -41,6 +41,8 @@ struct Ruled {
     /// `allow` or `deny`.
     verdict: &'static str,
     policy: Option<String>,
+    /// The Audit policy that matched, if one did.
+    audit: Option<String>,
 }
 
 /// Normalizes the path, counts the request body, and reports the request once its response
@@ -85,6 +87,7 @@ where
             protocol: protocol_of(&request),
             verdict: "allow",
             policy: None,
+            audit: None,
             request_bytes: request_bytes.clone(),
         };
         let request = request.map(|body| CountedBody::request(body, request_bytes).boxed());
@@ -95,6 +98,7 @@ where
             if let Some(ruled) = response.extensions_mut().remove::<Ruled>() {
                 record.verdict = ruled.verdict;
                 record.policy = ruled.policy;
+                record.audit = ruled.audit;
             }
             Ok(response.map(|body| CountedBody::response(body, record).boxed()))
         })
@@ -149,6 +153,7 @@ where
                 "allow"
             },
             policy: ruling.policy,
+            audit: ruling.audited,
         };
         if let Some(refused) = &ruling.refused {
             debug!(pod = %c.pod.workload.key(), method = %request.method(), path = request.uri().path(), reason = %refused, "refused a request");

@@ -93,6 +93,8 @@ pub struct RequestRecord {
     pub verdict: &'static str,
     /// The policy that decided, if one did.
     pub policy: Option<String>,
+    /// The Audit policy that matched, if one did.
+    pub audit: Option<String>,
     /// The request body's bytes, counted as it is forwarded.
     pub request_bytes: Arc<AtomicU64>,
 }
@@ -123,6 +125,7 @@ impl RequestRecord {
                 duration_ms: duration.as_secs_f64() * 1000.0,
                 verdict: self.verdict.to_owned(),
                 policy: self.policy.clone(),
+                audit: self.audit.clone(),
             },
         );
         info!(
