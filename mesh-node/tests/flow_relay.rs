@@ -241,3 +241,26 @@ async fn only_nodes_may_offer_and_a_node_speaks_only_for_itself() {
         .collect();
     assert_eq!(paths, ["/c", "/d"], "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_stops_promptly_with_nodes_connected_and_they_are_told() {
+    let mut ca = TestCa::start(local_tokens).await;
+    let (_node1, mut asked) = offer(&ca, &ca.node_token("node1")).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ca.relay.nodes() != ["node1"] {
+        assert!(Instant::now() < deadline, "node1 is listed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stopped = Instant::now();
+    let ended = ca.shut_down(Duration::from_secs(5)).await;
+    assert!(
+        matches!(ended, Some(Ok(()))),
+        "the CA stops within 5 s with a node's call open: {ended:?}"
+    );
+    eprintln!("stopped in {:?}", stopped.elapsed());
+    // The node's call ends (it calls again, elsewhere or later), rather than hanging.
+    let message = tokio::time::timeout(Duration::from_secs(5), asked.message())
+        .await
+        .expect("the node's call ends with the controller");
+    assert!(!matches!(message, Ok(Some(_))), "{message:?}");
+}

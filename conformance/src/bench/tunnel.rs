@@ -118,7 +118,10 @@ pub fn run(args: &TunnelBench) -> Result<String> {
     // closed first by the client, whose side then waits in TIME_WAIT for 60 s: without reuse,
     // the next lane to the same address searches a port range full of them, and measures that
     // search (rounds after a fast one were 5 to 10 times slower, by round, not by lane).
-    cluster.pod("client").netns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+    cluster
+        .pod("client")
+        .netns
+        .sysctl("net.ipv4.tcp_tw_reuse", "1")?;
     let server = cluster.pod("server").ip;
     let plain = cluster.pod("plain").ip;
     let stunnel = super::stunnel::start(&mut cluster, "client", "server", server, &[ECHO, SOURCE])?;

@@ -125,6 +125,13 @@ impl RunningCa {
                 }
             }
         };
+        // The relay's calls never end by themselves: they are ended first, or the server's
+        // graceful stop would wait for them for ever.
+        let relay = self.relay.clone();
+        let stop = async move {
+            stop.await;
+            relay.close();
+        };
         tokio::select! {
             served = serve(self.listener, self.serving, self.service, self.relay_service, stop) => served,
             () = renew => Ok(()),

@@ -55,20 +55,35 @@ pub enum RelayError {
     TooManySubscriptions,
     #[error("node {0} holds {MAX_CALLS_PER_NODE} calls to the relay already")]
     TooManyCalls(String),
+    #[error("the controller is stopping")]
+    Closed,
 }
 
 /// The nodes connected and the subscriptions served; shared by the gRPC service and the HTTP
 /// endpoint.
-#[derive(Default)]
 pub struct Relay {
     state: Mutex<State>,
     next_id: AtomicU64,
+    /// Becomes true when the controller stops: each call's reader stops reading then.
+    closing: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Relay {
+    fn default() -> Self {
+        Relay {
+            state: Mutex::default(),
+            next_id: AtomicU64::new(0),
+            closing: tokio::sync::watch::Sender::new(false),
+        }
+    }
 }
 
 #[derive(Default)]
 struct State {
     nodes: HashMap<u64, NodeSession>,
     subscriptions: HashMap<u64, Subscriber>,
+    /// The controller is stopping: calls are ended and no new one is taken.
+    closed: bool,
 }
 
 struct NodeSession {
@@ -154,6 +169,9 @@ impl Relay {
     ) -> Result<NodeHandle, RelayError> {
         let id = self.next();
         let mut state = self.lock();
+        if state.closed {
+            return Err(RelayError::Closed);
+        }
         if state.nodes.values().filter(|s| s.node == node).count() >= MAX_CALLS_PER_NODE {
             return Err(RelayError::TooManyCalls(node.to_owned()));
         }
@@ -176,6 +194,24 @@ impl Relay {
             id,
             relay: self.clone(),
         })
+    }
+
+    /// Ends every node's call (their streams of requests end, so each call completes and the
+    /// server can stop gracefully; the tunnels call again, elsewhere or later) and takes no
+    /// new one. Readers' subscriptions end with them.
+    pub fn close(&self) {
+        let mut state = self.lock();
+        state.closed = true;
+        state.nodes.clear();
+        state.subscriptions.clear();
+        self.closing.send_replace(true);
+    }
+
+    /// Resolves once [`Relay::close`] was called: a call's reader stops reading the node's
+    /// stream then (dropping it resets the stream, which the node may never end itself).
+    pub async fn closed(&self) {
+        let mut closing = self.closing.subscribe();
+        let _ = closing.wait_for(|closed| *closed).await;
     }
 
     /// Asks every node connected for `query`'s events.
@@ -232,6 +268,7 @@ impl Relay {
         let State {
             nodes,
             subscriptions,
+            ..
         } = &mut *state;
         let Some(session) = nodes.get_mut(&handle.id) else {
             return;

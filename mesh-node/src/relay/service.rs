@@ -80,7 +80,11 @@ impl ca_api::FlowRelay for RelayService {
         let relay = self.relay.clone();
         tokio::spawn(async move {
             loop {
-                match inbound.message().await {
+                let message = tokio::select! {
+                    message = inbound.message() => message,
+                    () = relay.closed() => break,
+                };
+                match message {
                     Ok(Some(message)) => relay.deliver(&handle, message),
                     Ok(None) => break,
                     Err(status) => {

@@ -41,6 +41,9 @@ pub struct TestCa {
     pub bundle: String,
     /// The flow relay served on the CA's port.
     pub relay: Arc<Relay>,
+    /// Stops the CA (SIGTERM's way), and its serving task.
+    stop: Arc<tokio::sync::Notify>,
+    served: Option<tokio::task::JoinHandle<Result<(), mesh_node::ca::CaError>>>,
 }
 
 impl TestCa {
@@ -70,14 +73,33 @@ impl TestCa {
             .unwrap();
         let addr = running.bound;
         let relay = running.relay.clone();
-        tokio::spawn(running.run(std::future::pending()));
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let stopping = stop.clone();
+        let served = Some(tokio::spawn(
+            running.run(async move { stopping.notified().await }),
+        ));
         let bundle = std::fs::read_to_string(dir.path().join("bundle.pem")).unwrap();
         TestCa {
             dir,
             addr,
             bundle,
             relay,
+            stop,
+            served,
         }
+    }
+
+    /// Stops the CA as SIGTERM does; how it ended, or `None` if it did not within `within`.
+    pub async fn shut_down(
+        &mut self,
+        within: Duration,
+    ) -> Option<Result<(), mesh_node::ca::CaError>> {
+        self.stop.notify_one();
+        let served = self.served.take()?;
+        tokio::time::timeout(within, served)
+            .await
+            .ok()
+            .map(|joined| joined.unwrap())
     }
 
     pub fn node_token(&self, node: &str) -> String {
