@@ -19,6 +19,9 @@ use crate::telemetry::flows::{FlowEvent, FlowQuery, RING};
 
 pub type Body = BoxBody<Bytes, Infallible>;
 
+/// Most events written in one frame.
+const BATCH: usize = 256;
+
 fn line(event: &FlowEvent) -> Bytes {
     let mut text = serde_json::to_vec(event).unwrap_or_default();
     text.push(b'\n');
@@ -71,6 +74,14 @@ pub fn flows(query: &str, metrics: &Arc<Metrics>) -> Response<Body> {
                     bytes.extend_from_slice(format!("{{\"lost\":{lost}}}\n").as_bytes());
                 }
                 bytes.extend_from_slice(&line(&event));
+                // What else is queued goes in the same frame: one write for a burst, not one
+                // per event (a subscriber of a busy tunnel cost it a write and a wake-up each).
+                for _ in 1..BATCH {
+                    match s.events.try_recv() {
+                        Ok(event) => bytes.extend_from_slice(&line(&event)),
+                        Err(_) => break,
+                    }
+                }
                 Some((Ok::<_, Infallible>(Frame::data(Bytes::from(bytes))), s))
             });
             StreamBody::new(futures_util::StreamExt::chain(head, tail)).boxed()
