@@ -347,7 +347,7 @@ mod tests {
         assert!(
             FlowQuery::parse("verdict=maybe")
                 .unwrap_err()
-                .contains("allowed or denied")
+                .contains("allowed, denied or audited")
         );
         assert!(
             FlowQuery::parse("colour=red")
