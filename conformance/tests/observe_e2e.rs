@@ -173,22 +173,8 @@ fn the_servers_tunnel_streams_each_request_with_its_verdict_and_a_stuck_reader_l
         "{printed}"
     );
     // Both nodes' events of the shopper's flows, merged in time order.
-    last_ten_of_both_nodes_in_time_order(weft(
-        &[
-            "--from-pod",
-            "shop/shopper",
-            "--last",
-            "10",
-            "--output",
-            "json",
-        ],
-        "weft-merged",
-    ));
-    assert!(
-        nothing.output().trim().is_empty(),
-        "a filter that matches nothing prints nothing: {}",
-        nothing.output()
-    );
+    last_ten_of_both_nodes_in_time_order(weft, "weft-merged");
+    nothing_matches(&nothing);
 
     // A subscriber that never reads: its queue fills and it loses events; the requests all go
     // through meanwhile. Small send buffers in node 2's namespace (where the admin endpoint
@@ -269,9 +255,29 @@ fn the_servers_tunnel_streams_each_request_with_its_verdict_and_a_stuck_reader_l
     drop(observed);
 }
 
-/// `weft observe --last 10 --output json` (without `--follow`) ends with ten events in time
-/// order, of both nodes.
-fn last_ten_of_both_nodes_in_time_order(mut merged: Process) {
+/// A follower whose filter matches nothing has printed nothing.
+fn nothing_matches(nothing: &Process) {
+    assert!(
+        nothing.output().trim().is_empty(),
+        "a filter that matches nothing prints nothing: {}",
+        nothing.output()
+    );
+}
+
+/// `weft observe --from-pod shop/shopper --last 10 --output json` (without `--follow`), run by
+/// `weft`, ends with ten events in time order, of both nodes.
+fn last_ten_of_both_nodes_in_time_order(weft: impl Fn(&[&str], &str) -> Process, name: &str) {
+    let mut merged = weft(
+        &[
+            "--from-pod",
+            "shop/shopper",
+            "--last",
+            "10",
+            "--output",
+            "json",
+        ],
+        name,
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while merged.exited().is_none() {
         assert!(
@@ -436,22 +442,8 @@ fn one_command_through_the_controllers_relay_sees_every_nodes_flows() {
     }
 
     // Both nodes' events, merged by the relay in time order.
-    last_ten_of_both_nodes_in_time_order(weft(
-        &[
-            "--from-pod",
-            "shop/shopper",
-            "--last",
-            "10",
-            "--output",
-            "json",
-        ],
-        "relay-merged",
-    ));
-    assert!(
-        nothing.output().trim().is_empty(),
-        "a filter that matches nothing prints nothing: {}",
-        nothing.output()
-    );
+    last_ten_of_both_nodes_in_time_order(weft, "relay-merged");
+    nothing_matches(&nothing);
     drop(observed);
     drop(nothing);
 }
