@@ -18,6 +18,23 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
+/// `curl` from the demo's `shopper` pod: what it printed.
+fn curl_from_shopper(cluster: &Cluster, args: &[&str]) -> String {
+    let out = cluster.run_in("shopper", "curl", args).unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The demo's cluster, meshed: a first request went through (the agents and tunnels settled)
+/// before anything is watched.
+fn meshed_demo() -> Cluster {
+    let cluster = Cluster::from_examples().expect("the demo's cluster starts");
+    assert_eq!(
+        curl_from_shopper(&cluster, &["-sS", "http://10.96.0.10/echo/warm"]),
+        "web saw warm\n"
+    );
+    cluster
+}
+
 /// `curl -sN` of node 2's `/flows` with `query`, left running.
 fn follow(cluster: &Cluster, query: &str, name: &str) -> Process {
     let mut cmd = cluster.node(2).netns.command("curl");
@@ -36,16 +53,8 @@ fn events(process: &Process) -> Vec<serde_json::Value> {
 #[test]
 fn the_servers_tunnel_streams_each_request_with_its_verdict_and_a_stuck_reader_loses_only_its_own()
 {
-    let cluster = Cluster::from_examples().expect("the demo's cluster starts");
-    let curl = |args: &[&str]| {
-        let out = cluster.run_in("shopper", "curl", args).unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    // Meshed first (the agents and tunnels settle), then watched.
-    assert_eq!(
-        curl(&["-sS", "http://10.96.0.10/echo/warm"]),
-        "web saw warm\n"
-    );
+    let cluster = meshed_demo();
+    let curl = |args: &[&str]| curl_from_shopper(&cluster, args);
 
     let web = follow(
         &cluster,
@@ -322,15 +331,8 @@ fn drain(stream: &mut std::net::TcpStream, received: &mut Vec<u8>) {
 /// matches nothing prints nothing.
 #[test]
 fn one_command_through_the_controllers_relay_sees_every_nodes_flows() {
-    let cluster = Cluster::from_examples().expect("the demo's cluster starts");
-    let curl = |args: &[&str]| {
-        let out = cluster.run_in("shopper", "curl", args).unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    assert_eq!(
-        curl(&["-sS", "http://10.96.0.10/echo/warm"]),
-        "web saw warm\n"
-    );
+    let cluster = meshed_demo();
+    let curl = |args: &[&str]| curl_from_shopper(&cluster, args);
     let relay_nodes = || {
         let out = cluster
             .router
