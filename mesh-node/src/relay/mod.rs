@@ -15,7 +15,7 @@ pub mod http;
 pub mod service;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ca_api::flows::{FromTunnel, Subscribe, ToTunnel, Unsubscribe, to_tunnel};
@@ -89,8 +89,6 @@ struct State {
 struct NodeSession {
     node: String,
     requests: mpsc::Sender<ToTunnel>,
-    /// Events refused from this session (for one warning, not one per event).
-    refused: u64,
 }
 
 struct Subscriber {
@@ -128,6 +126,10 @@ impl Drop for RelaySubscription {
 /// A node's call, registered; dropping it removes the node.
 pub struct NodeHandle {
     id: u64,
+    /// The node the call proved: the only one its events may name.
+    node: String,
+    /// A dropped event of this call was logged (one line per call, not one per event).
+    warned: AtomicBool,
     relay: Arc<Relay>,
 }
 
@@ -187,11 +189,12 @@ impl Relay {
             NodeSession {
                 node: node.to_owned(),
                 requests,
-                refused: 0,
             },
         );
         Ok(NodeHandle {
             id,
+            node: node.to_owned(),
+            warned: AtomicBool::new(false),
             relay: self.clone(),
         })
     }
@@ -262,34 +265,36 @@ impl Relay {
     }
 
     /// Takes what `node`'s call sent: its events go to the subscription they are for, unless
-    /// they do not parse or name another node.
+    /// they do not parse or name another node. Parsed before the relay's lock is taken.
     pub fn deliver(&self, handle: &NodeHandle, message: FromTunnel) {
+        let mut first_refusal = None;
+        let events: Vec<FlowEvent> = message
+            .events
+            .iter()
+            .filter_map(|line| {
+                let refusal = match serde_json::from_str::<FlowEvent>(line) {
+                    Ok(event) if event.node == handle.node => return Some(event),
+                    Ok(event) => format!("it names node {:?}", event.node),
+                    Err(e) => format!("it is not a flow event: {e}"),
+                };
+                first_refusal.get_or_insert(refusal);
+                None
+            })
+            .collect();
+        if let Some(reason) = first_refusal
+            && !handle.warned.swap(true, Ordering::Relaxed)
+        {
+            warn!(node = %handle.node, %reason, "a flow event from this node was dropped (further drops on this call are not logged)");
+        }
         let mut state = self.lock();
-        let State {
-            nodes,
-            subscriptions,
-            ..
-        } = &mut *state;
-        let Some(session) = nodes.get_mut(&handle.id) else {
+        if !state.nodes.contains_key(&handle.id) {
             return;
-        };
-        let Some(subscriber) = subscriptions.get_mut(&message.id) else {
+        }
+        let Some(subscriber) = state.subscriptions.get_mut(&message.id) else {
             // Ended here; the node has not had the unsubscribe yet.
             return;
         };
-        let mut refused = Vec::new();
-        for line in &message.events {
-            let event = match serde_json::from_str::<FlowEvent>(line) {
-                Ok(event) if event.node == session.node => event,
-                Ok(event) => {
-                    refused.push(format!("it names node {:?}", event.node));
-                    continue;
-                }
-                Err(e) => {
-                    refused.push(format!("it is not a flow event: {e}"));
-                    continue;
-                }
-            };
+        for event in events {
             if subscriber
                 .events
                 .try_send(RelayItem::Event(Box::new(event)))
@@ -303,7 +308,7 @@ impl Relay {
         if message.end && subscriber.ended.insert(handle.id) {
             let error = (!message.error.is_empty()).then(|| message.error.clone());
             let ended = RelayItem::NodeEnded {
-                node: session.node.clone(),
+                node: handle.node.clone(),
                 error,
             };
             // Waited for by the reader: sent even past a full queue.
@@ -311,12 +316,6 @@ impl Relay {
             tokio::spawn(async move {
                 let _ = events.send(ended).await;
             });
-        }
-        if let Some(reason) = refused.first() {
-            if session.refused == 0 {
-                warn!(node = %session.node, %reason, "a flow event from this node was dropped (further drops from it are counted, not logged)");
-            }
-            session.refused += refused.len() as u64;
         }
     }
 }
