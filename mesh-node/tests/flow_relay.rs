@@ -68,6 +68,19 @@ async fn offer(
     Ok((tx, inbound))
 }
 
+/// Waits (5 s at most) until the relay lists exactly `nodes` as connected.
+async fn listed(ca: &TestCa, nodes: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ca.relay.nodes() != nodes {
+        assert!(
+            Instant::now() < deadline,
+            "the relay lists {nodes:?}: {:?}",
+            ca.relay.nodes()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The next subscribe the relay sends: its id and query.
 async fn subscribed(inbound: &mut Streaming<ToTunnel>) -> (u64, String) {
     let message = tokio::time::timeout(Duration::from_secs(5), inbound.message())
@@ -124,11 +137,7 @@ async fn only_nodes_may_offer_and_a_node_speaks_only_for_itself() {
 
     // node1 offers, with its own token.
     let (node1, mut asked) = offer(&ca, &ca.node_token("node1")).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while ca.relay.nodes() != ["node1"] {
-        assert!(Instant::now() < deadline, "node1 is listed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    listed(&ca, &["node1"]).await;
 
     // A reader follows; node1 is asked for it, and answers with its own event, one naming
     // node2 and one that is not an event: only its own reaches the reader.
@@ -192,11 +201,7 @@ async fn only_nodes_may_offer_and_a_node_speaks_only_for_itself() {
     // node2 offers too; a question without follow is answered once both have ended it,
     // merged in time order and cut to the last 2.
     let (node2, mut asked2) = offer(&ca, &ca.node_token("node2")).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while ca.relay.nodes() != ["node1", "node2"] {
-        assert!(Instant::now() < deadline, "both nodes are listed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    listed(&ca, &["node1", "node2"]).await;
     let answer = tokio::spawn(async move {
         tokio::task::spawn_blocking(move || {
             let mut stream = get(endpoint, "/flows?last=2");
@@ -246,11 +251,7 @@ async fn only_nodes_may_offer_and_a_node_speaks_only_for_itself() {
 async fn the_controller_stops_promptly_with_nodes_connected_and_they_are_told() {
     let mut ca = TestCa::start(local_tokens).await;
     let (_node1, mut asked) = offer(&ca, &ca.node_token("node1")).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while ca.relay.nodes() != ["node1"] {
-        assert!(Instant::now() < deadline, "node1 is listed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    listed(&ca, &["node1"]).await;
     let stopped = Instant::now();
     let ended = ca.shut_down(Duration::from_secs(5)).await;
     assert!(

@@ -93,6 +93,18 @@ impl FlowEvent {
     }
 }
 
+/// `event` as a line of `/flows` (JSON and a newline), as the tunnel and the relay write it.
+pub fn event_line(event: &FlowEvent) -> Vec<u8> {
+    let mut text = serde_json::to_vec(event).unwrap_or_default();
+    text.push(b'\n');
+    text
+}
+
+/// The line of `/flows` that tells a reader it lost `lost` events before the next one.
+pub fn lost_line(lost: u64) -> Vec<u8> {
+    format!("{{\"lost\":{lost}}}\n").into_bytes()
+}
+
 /// Now, in milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()

@@ -1,13 +1,13 @@
 //! `weft observe`: the mesh's flows, live, from every node's tunnel.
 
 use std::io::{IsTerminal, Write};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::sync::mpsc;
 use tunnel_proto::flow_merge::Merger;
-use tunnel_proto::flows::{FlowFilter, FlowQuery};
+use tunnel_proto::flows::{FlowFilter, FlowQuery, now_ms};
 use weft::render::{Output, text};
 use weft::source::{Line, Source};
 
@@ -96,12 +96,6 @@ fn question(args: &ObserveArgs) -> anyhow::Result<FlowQuery> {
         last: args.last,
         follow: args.follow,
     })
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn main() -> std::process::ExitCode {

@@ -15,72 +15,48 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 
 use crate::telemetry::Metrics;
-use crate::telemetry::flows::{FlowEvent, FlowQuery, RING};
+use crate::telemetry::flows::FlowQuery;
+use tunnel_proto::flows::{event_line, lost_line};
 
 pub type Body = BoxBody<Bytes, Infallible>;
 
 /// Most events written in one frame.
 const BATCH: usize = 256;
 
-fn line(event: &FlowEvent) -> Bytes {
-    let mut text = serde_json::to_vec(event).unwrap_or_default();
-    text.push(b'\n');
-    Bytes::from(text)
-}
-
 /// Answers a `/flows` request with `query`.
 pub fn flows(query: &str, metrics: &Arc<Metrics>) -> Response<Body> {
+    let text = |status, body: String| {
+        let mut response = Response::new(Full::new(Bytes::from(body)).boxed());
+        *response.status_mut() = status;
+        response
+    };
     let query = match FlowQuery::parse(query) {
         Ok(q) => q,
-        Err(e) => {
-            let mut response = Response::new(Full::new(Bytes::from(format!("{e}\n"))).boxed());
-            *response.status_mut() = StatusCode::BAD_REQUEST;
-            return response;
-        }
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
     };
-    let flows = &metrics.flows;
-    // Subscribed before the ring is read, so nothing falls between the two (an event may come
-    // twice; the client can tell by its time).
-    let subscription = if query.follow {
-        match flows.subscribe(query.filter.clone()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                let mut response = Response::new(Full::new(Bytes::from(format!("{e}\n"))).boxed());
-                *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-                return response;
-            }
-        }
-    } else {
-        None
+    let opened = match metrics.flows.open(&query) {
+        Ok(opened) => opened,
+        Err(e) => return text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
     };
-    let recent: Vec<Bytes> = flows
-        .recent(&query.filter, query.last.unwrap_or(RING))
-        .iter()
-        .map(|e| line(e))
-        .collect();
     let head = futures_util::stream::iter(
-        recent
+        opened
+            .recent
             .into_iter()
-            .map(|b| Ok::<_, Infallible>(Frame::data(b))),
+            .map(|e| Ok::<_, Infallible>(Frame::data(Bytes::from(event_line(&e))))),
     );
-    let body = match subscription {
+    let body = match opened.subscription {
         None => StreamBody::new(head).boxed(),
         Some(subscription) => {
+            // What is queued goes in one frame: one write for a burst, not one per event.
             let tail = futures_util::stream::unfold(subscription, |mut s| async move {
-                let event = s.events.recv().await?;
-                let lost = s.take_lost();
-                let mut bytes = Vec::new();
-                if lost > 0 {
-                    bytes.extend_from_slice(format!("{{\"lost\":{lost}}}\n").as_bytes());
-                }
-                bytes.extend_from_slice(&line(&event));
-                // What else is queued goes in the same frame: one write for a burst, not one
-                // per event (a subscriber of a busy tunnel cost it a write and a wake-up each).
-                for _ in 1..BATCH {
-                    match s.events.try_recv() {
-                        Ok(event) => bytes.extend_from_slice(&line(&event)),
-                        Err(_) => break,
-                    }
+                let (events, lost) = s.next_batch(BATCH).await?;
+                let mut bytes = if lost > 0 {
+                    lost_line(lost)
+                } else {
+                    Vec::new()
+                };
+                for event in &events {
+                    bytes.extend_from_slice(&event_line(event));
                 }
                 Some((Ok::<_, Infallible>(Frame::data(Bytes::from(bytes))), s))
             });

@@ -24,9 +24,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use tunnel_proto::flows::{FlowEvent, FlowQuery};
 
-use crate::identity::{controller_channel, describe_status, read_token};
+use crate::identity::{bearer, controller_channel, describe_status};
 use crate::telemetry::Metrics;
-use crate::telemetry::flows::RING;
 use crate::tls::TrustBundle;
 
 /// The relay's name is resolved again this often (replicas come and go).
@@ -150,13 +149,10 @@ async fn call(
         crypto,
     )
     .map_err(|e| e.to_string())?;
-    let token = read_token(&settings.token_file).map_err(|e| e.to_string())?;
+    let bearer = bearer(&settings.token_file).map_err(|e| e.to_string())?;
     let (out, mut out_rx) = mpsc::channel::<FromTunnel>(OUTBOUND);
     let outbound = futures_util::stream::poll_fn(move |cx| out_rx.poll_recv(cx));
     let mut request = tonic::Request::new(outbound);
-    let bearer = format!("Bearer {token}")
-        .parse()
-        .map_err(|_| "the node's token is not a valid header value".to_owned())?;
     request.metadata_mut().insert("authorization", bearer);
     let mut inbound = FlowRelayClient::new(channel)
         .offer(request)
@@ -212,22 +208,14 @@ async fn serve(id: u64, query: String, metrics: Arc<Metrics>, out: mpsc::Sender<
             return;
         }
     };
-    // Subscribed before the ring is read, as the admin endpoint does.
-    let subscription = if query.follow {
-        match metrics.flows.subscribe(query.filter.clone()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                let _ = out.send(refuse(e.to_string())).await;
-                return;
-            }
+    let opened = match metrics.flows.open(&query) {
+        Ok(opened) => opened,
+        Err(e) => {
+            let _ = out.send(refuse(e.to_string())).await;
+            return;
         }
-    } else {
-        None
     };
-    let recent = metrics
-        .flows
-        .recent(&query.filter, query.last.unwrap_or(RING));
-    for chunk in recent.chunks(BATCH) {
+    for chunk in opened.recent.chunks(BATCH) {
         let events = chunk.iter().map(|e| json(e)).collect();
         let message = FromTunnel {
             id,
@@ -238,7 +226,7 @@ async fn serve(id: u64, query: String, metrics: Arc<Metrics>, out: mpsc::Sender<
             return;
         }
     }
-    let Some(mut subscription) = subscription else {
+    let Some(mut subscription) = opened.subscription else {
         let _ = out
             .send(FromTunnel {
                 id,
@@ -248,18 +236,11 @@ async fn serve(id: u64, query: String, metrics: Arc<Metrics>, out: mpsc::Sender<
             .await;
         return;
     };
-    while let Some(event) = subscription.events.recv().await {
-        let mut events = vec![json(&event)];
-        while events.len() < BATCH {
-            match subscription.events.try_recv() {
-                Ok(event) => events.push(json(&event)),
-                Err(_) => break,
-            }
-        }
+    while let Some((events, lost)) = subscription.next_batch(BATCH).await {
         let message = FromTunnel {
             id,
-            events,
-            lost: subscription.take_lost(),
+            events: events.iter().map(|e| json(e)).collect(),
+            lost,
             ..FromTunnel::default()
         };
         if out.send(message).await.is_err() {

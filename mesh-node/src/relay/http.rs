@@ -20,7 +20,7 @@ use hyper::{Request, Response, StatusCode};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 use tunnel_proto::flow_merge::Merger;
-use tunnel_proto::flows::{FlowEvent, FlowQuery, now_ms};
+use tunnel_proto::flows::{FlowEvent, FlowQuery, event_line, lost_line, now_ms};
 
 use super::{Relay, RelayItem, RelaySubscription};
 
@@ -135,12 +135,6 @@ async fn answer<B>(request: &Request<B>, relay: &Arc<Relay>) -> Response<Body> {
     }
 }
 
-fn line(event: &FlowEvent) -> Vec<u8> {
-    let mut text = serde_json::to_vec(event).unwrap_or_default();
-    text.push(b'\n');
-    text
-}
-
 /// A line telling the reader about the relay itself (not an event): `weft observe` prints it
 /// on standard error.
 fn notice(message: &str) -> Vec<u8> {
@@ -148,10 +142,6 @@ fn notice(message: &str) -> Vec<u8> {
         serde_json::to_vec(&serde_json::json!({ "notice": message })).unwrap_or_default();
     text.push(b'\n');
     text
-}
-
-fn lost_line(lost: u64) -> Vec<u8> {
-    format!("{{\"lost\":{lost}}}\n").into_bytes()
 }
 
 fn no_nodes(subscription: &RelaySubscription) -> Option<Vec<u8>> {
@@ -198,7 +188,7 @@ async fn once(mut subscription: RelaySubscription, last: Option<usize>) -> Body 
         out.extend(lost_line(lost));
     }
     for event in merger.drain(last) {
-        out.extend(line(&event));
+        out.extend(event_line(&event));
     }
     Full::new(Bytes::from(out)).boxed()
 }
@@ -232,7 +222,7 @@ fn following(subscription: RelaySubscription, last: Option<usize>) -> Body {
                     Some(RelayItem::Event(event)) => {
                         s.merger.push(event.time_ms, event);
                         for early in s.merger.beyond(MAX_HELD) {
-                            s.pending.extend(line(&early));
+                            s.pending.extend(event_line(&early));
                         }
                     }
                     Some(RelayItem::NodeEnded { node, error }) => {
@@ -255,7 +245,7 @@ fn following(subscription: RelaySubscription, last: Option<usize>) -> Body {
                         s.pending.extend(lost_line(lost));
                     }
                     for event in ready {
-                        s.pending.extend(line(&event));
+                        s.pending.extend(event_line(&event));
                     }
                 }
             }

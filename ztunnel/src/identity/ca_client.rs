@@ -83,18 +83,12 @@ impl MeshCaClient {
             .await
             .map_err(|_| failed("the CA client is closed".into()))?;
         let (csr, key) = csr_for(identity).map_err(failed)?;
-        let token = read_token(&self.settings.token_file)?;
+        let bearer = bearer(&self.settings.token_file)?;
         let mut request = tonic::Request::new(IstioCertificateRequest {
             csr,
             validity_duration: i64::try_from(self.settings.lifetime.as_secs()).unwrap_or(i64::MAX),
             metadata: Some(ca_api::impersonating(&identity.to_string())),
         });
-        let bearer = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| CertificateError::BadToken {
-                path: self.settings.token_file.clone(),
-                reason: "not a valid header value".into(),
-            })?;
         request.metadata_mut().insert("authorization", bearer);
         let issued_at = SystemTime::now();
         let response = self
@@ -222,7 +216,21 @@ fn csr_for(identity: &Identity) -> Result<(String, KeyPair), String> {
     Ok((csr, key))
 }
 
-pub(crate) fn read_token(path: &std::path::Path) -> Result<String, CertificateError> {
+/// The `authorization` value proving the node: `Bearer` and the token read from `path` now
+/// (a rotated projected token is picked up).
+pub(crate) fn bearer(
+    path: &std::path::Path,
+) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>, CertificateError> {
+    let token = read_token(path)?;
+    format!("Bearer {token}")
+        .parse()
+        .map_err(|_| CertificateError::BadToken {
+            path: path.to_owned(),
+            reason: "not a valid header value".into(),
+        })
+}
+
+fn read_token(path: &std::path::Path) -> Result<String, CertificateError> {
     use std::io::Read;
     let bad = |reason: String| CertificateError::BadToken {
         path: path.to_owned(),

@@ -8,7 +8,7 @@ mod provider;
 mod spiffe;
 
 pub use ca_client::{CaClientSettings, MeshCaClient};
-pub(crate) use ca_client::{controller_channel, describe_status, read_token};
+pub(crate) use ca_client::{bearer, controller_channel, describe_status};
 pub use local_ca::LocalCa;
 pub use manager::{CertificateManager, CertificateSlot};
 pub use provider::{CertificateProvider, WorkloadCertificate};

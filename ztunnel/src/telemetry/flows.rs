@@ -37,6 +37,28 @@ impl Subscription {
     pub fn take_lost(&self) -> u64 {
         self.lost.swap(0, Ordering::Relaxed)
     }
+
+    /// The next event, waited for, with what else is queued behind it (at most `max` in
+    /// all), and the events lost before them; `None` once the tunnel is gone.
+    pub async fn next_batch(&mut self, max: usize) -> Option<(Vec<Arc<FlowEvent>>, u64)> {
+        let first = self.events.recv().await?;
+        let lost = self.take_lost();
+        let mut batch = vec![first];
+        while batch.len() < max {
+            match self.events.try_recv() {
+                Ok(event) => batch.push(event),
+                Err(_) => break,
+            }
+        }
+        Some((batch, lost))
+    }
+}
+
+/// What a reader of `query` gets at once: the ring's matching events, and the subscription to
+/// the new ones when it follows.
+pub struct Opened {
+    pub recent: Vec<Arc<FlowEvent>>,
+    pub subscription: Option<Subscription>,
 }
 
 struct Subscriber {
@@ -149,6 +171,20 @@ impl Flows {
         });
         self.watched.store(true, Ordering::Relaxed);
         Ok(Subscription { events, lost })
+    }
+
+    /// Answers `query`: subscribed first when it follows, then the ring read, so no event
+    /// falls between the two (one may come twice; its time tells).
+    pub fn open(&self, query: &FlowQuery) -> Result<Opened, TooManySubscribers> {
+        let subscription = match query.follow {
+            true => Some(self.subscribe(query.filter.clone())?),
+            false => None,
+        };
+        let recent = self.recent(&query.filter, query.last.unwrap_or(RING));
+        Ok(Opened {
+            recent,
+            subscription,
+        })
     }
 
     /// Subscribers connected now.
